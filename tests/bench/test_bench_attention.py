@@ -174,6 +174,7 @@ def test_write_results_tag_and_no_matplotlib(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_run_row_on_gpu():
     table = bench.Table("bf16", 64, True, ((2, 4, 2, 512, 512),))
     row = bench.run_row(table, table.shapes[0], bench.PROVIDERS)

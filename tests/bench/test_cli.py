@@ -37,7 +37,8 @@ def test_bench_attention_without_gpu_runs_interpreter_selfcheck():
     assert "No CUDA GPU found" in proc.stdout
     assert "Triton interpreter" in proc.stdout
     assert "FAIL" not in proc.stdout
-    assert proc.stdout.count("PASS") >= 5
+    # The fp16 cases always run; bf16 ones only where the interpreter supports bf16 dots.
+    assert proc.stdout.count("PASS") >= 4
 
 
 def test_selfcheck_refuses_to_run_without_interpreter():

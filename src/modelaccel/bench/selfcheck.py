@@ -8,7 +8,8 @@ machines without a GPU.
 Each case compares `modelaccel.flash_attn_func` on small fp16/bf16 CPU tensors with
 `attention_ref` computed in float64, and also counts interpreted Triton kernel launches:
 a case that produced the right numbers without launching a kernel ran the PyTorch
-fallback, not the kernel, and fails.
+fallback, not the kernel, and fails. bf16 cases are skipped, with a line saying so, where
+the interpreter cannot multiply bf16 matrices (see `interpreter_bf16_dot_works`).
 """
 
 import os
@@ -20,10 +21,11 @@ import torch
 # the interpreter runs every program instance in numpy: at most 2 x 2 heads x 64 tokens.
 CASES = (
     ("fp16", 1, 2, 2, 64, 64, 64, False),
-    ("bf16", 2, 2, 2, 64, 64, 64, True),
-    ("fp16", 1, 2, 1, 37, 53, 40, True),  # GQA, odd lengths, head dim not a power of two
-    ("bf16", 2, 2, 1, 53, 37, 40, False),
+    ("fp16", 2, 2, 1, 53, 37, 40, False),  # GQA, odd lengths, head dim not a power of two
+    ("fp16", 1, 2, 1, 37, 53, 40, True),
     ("fp16", 1, 2, 2, 53, 37, 64, True),  # seqlen_q > seqlen_k: the first 16 rows see no key
+    ("bf16", 2, 2, 2, 64, 64, 64, True),
+    ("bf16", 2, 2, 1, 53, 37, 40, False),
 )
 
 # A correct kernel rounds P to the input dtype before the PV matmul and rounds the output
@@ -51,6 +53,29 @@ def _count_interpreted_launches():
 
     InterpretedFunction.run = run
     return lambda: launches[0]
+
+
+def interpreter_bf16_dot_works():
+    """Whether the Triton interpreter computes tl.dot on bfloat16 operands correctly.
+
+    It does not in the Triton releases this was written against: it keeps bfloat16 as raw
+    uint16 and multiplies the bit patterns (triton-lang/triton#11584, not supported yet
+    per the maintainers). bf16 cases are skipped while that holds, since they would fail
+    whatever the kernel does; on a GPU the benchmark checks bf16 against SDPA.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dot_kernel(A, B, C, N: tl.constexpr):
+        idx = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+        tl.store(C + idx, tl.dot(tl.load(A + idx), tl.load(B + idx)))
+
+    # Small integers are exact in bf16 and in the fp32 product.
+    a = torch.arange(256, dtype=torch.float32).remainder(5).sub(2).reshape(16, 16)
+    c = torch.empty(16, 16)
+    dot_kernel[(1,)](a.bfloat16(), a.t().contiguous().bfloat16(), c, N=16)
+    return torch.equal(c, a @ a.t())
 
 
 def check_case(flash_attn_func, attention_ref, dtype, batch, nheads_q, nheads_k, seqlen_q, seqlen_k, headdim,
@@ -84,9 +109,15 @@ def main():
     from modelaccel.attention.reference import attention_ref
 
     print("modelaccel self-check: Triton kernel in the Triton interpreter (CPU) vs float64 reference")
-    failures = 0
+    bf16_ok = interpreter_bf16_dot_works()
+    failures = skipped = 0
     for case in CASES:
         dtype, batch, hq, hk, sq, sk, d, causal = case
+        if dtype == "bf16" and not bf16_ok:
+            skipped += 1
+            print(f"SKIP {dtype} batch={batch} heads={hq}/{hk} seqlen_q={sq} seqlen_k={sk} headdim={d} "
+                  f"causal={causal}: this Triton's interpreter computes bf16 tl.dot wrongly (triton#11584)")
+            continue
         before = launches()
         err = check_case(flash_attn_func, attention_ref, *case)
         ran_kernel = launches() > before
@@ -95,7 +126,7 @@ def main():
         note = "" if ran_kernel else " (no Triton kernel launched: the PyTorch fallback ran)"
         print(f"{'PASS' if ok else 'FAIL'} {dtype} batch={batch} heads={hq}/{hk} seqlen_q={sq} seqlen_k={sk} "
               f"headdim={d} causal={causal}: max abs err {err:.2e} (tol {ATOL[dtype]:g}){note}")
-    print(f"{len(CASES) - failures} passed, {failures} failed")
+    print(f"{len(CASES) - failures - skipped} passed, {failures} failed, {skipped} skipped")
     return 1 if failures else 0
 
 
