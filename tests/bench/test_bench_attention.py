@@ -181,3 +181,9 @@ def test_run_row_on_gpu():
     assert row["check"]["status"] == "ok", row
     assert row["tflops"]["modelaccel"] > 0
     assert math.isfinite(row["check"]["max_abs_err"])
+
+
+def test_git_commit_falls_back_to_env_outside_a_checkout(monkeypatch):
+    monkeypatch.setattr(bench, "__file__", "/nonexistent/modelaccel/bench/attention.py")
+    monkeypatch.setenv("MODELACCEL_COMMIT", "0123abcd")
+    assert bench._git_commit() == ("0123abcd", None)

@@ -299,7 +299,11 @@ def geomean_ratios(rows, provider, baseline):
 
 
 def _git_commit():
-    """(commit, dirty) of the checkout modelaccel is imported from, or (None, None)."""
+    """(commit, dirty) of the checkout modelaccel is imported from.
+
+    A copy of the tree without .git (as shipped to a remote GPU box) can name its commit in
+    MODELACCEL_COMMIT; dirty is then unknown (None). (None, None) if neither is available.
+    """
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -307,7 +311,7 @@ def _git_commit():
         status = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
                                 capture_output=True, text=True, check=True, timeout=10).stdout
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return os.environ.get("MODELACCEL_COMMIT"), None
     return commit, bool(status.strip())
 
 
@@ -341,11 +345,12 @@ def run_benchmark(tables, providers=PROVIDERS, log=print):
     modelaccel's throughput over each SDPA provider's. Progress goes to `log`, one line per
     row, so a long run shows where it is.
     """
-    from modelaccel.bench.report import format_row
+    from modelaccel.bench.report import format_header, format_row
 
     result = {"metadata": collect_metadata(), "providers": list(providers), "tables": []}
     for table in tables:
         log(f"== {table.title}")
+        log(format_header(providers))
         rows = []
         for shape in table.shapes:
             row = run_row(table, shape, providers, log=log)
