@@ -1,0 +1,7 @@
+"""modelaccel: fast transformer attention, decoding and GEMM tuning for NVIDIA Hopper GPUs."""
+
+__version__ = "0.1.0"
+
+from .attention import flash_attn_func
+
+__all__ = ["flash_attn_func", "__version__"]

@@ -1,0 +1,50 @@
+"""Comparison helpers shared by the test suite, the GPU checks and the CLI self-check."""
+
+import torch
+
+# Bounds for fp16/bf16 attention against a float64 (or float32) reference. The kernel rounds
+# the softmax probabilities to the input dtype before the second matmul and rounds the
+# output once more; bf16 keeps 8 mantissa bits, fp16 11.
+ATTENTION_TOLERANCE = {
+    torch.float16: {"rel": 3e-3, "abs": 1e-2},
+    torch.bfloat16: {"rel": 2e-2, "abs": 6e-2},
+}
+LSE_ABS_TOLERANCE = 1e-3
+
+
+def attention_errors(out, lse, ref_out, ref_lse):
+    """Errors of (out, lse) against a reference; compares in float64 on out's device.
+
+    Returns a dict: rel (||out - ref|| / ||ref||), abs (max |out - ref|), lse_abs (max error
+    over rows that see keys), nonfinite (count of NaN/inf in out), lse_inf_mismatch (rows
+    whose +inf/finite status differs).
+    """
+    o = out.double()
+    r = ref_out.to(o.device).double()
+    rl = ref_lse.to(o.device).double()
+    errors = {
+        "rel": ((o - r).norm() / r.norm().clamp_min(1e-30)).item(),
+        "abs": (o - r).abs().max().item() if o.numel() else 0.0,
+        "nonfinite": int((~torch.isfinite(o)).sum().item()),
+        "lse_abs": 0.0,
+        "lse_inf_mismatch": 0,
+    }
+    if lse is not None:
+        l = lse.double()
+        finite = torch.isfinite(rl)
+        if finite.any():
+            errors["lse_abs"] = (l[finite] - rl[finite]).abs().max().item()
+        errors["lse_inf_mismatch"] = int((torch.isposinf(l) != torch.isposinf(rl)).sum().item()
+                                         + torch.isnan(l).sum().item())
+    return errors
+
+
+def assert_attention_close(out, lse, ref_out, ref_lse, dtype):
+    """Raise AssertionError (with the numbers) unless out/lse match the reference for `dtype`."""
+    errors = attention_errors(out, lse, ref_out, ref_lse)
+    tol = ATTENTION_TOLERANCE[dtype]
+    ok = (errors["nonfinite"] == 0 and errors["lse_inf_mismatch"] == 0
+          and errors["rel"] <= tol["rel"] and errors["abs"] <= tol["abs"]
+          and errors["lse_abs"] <= LSE_ABS_TOLERANCE)
+    assert ok, f"attention mismatch for {dtype}: {errors} (tolerance {tol}, lse {LSE_ABS_TOLERANCE})"
+    return errors
