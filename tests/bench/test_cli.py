@@ -13,11 +13,15 @@ from modelaccel.cli import build_parser
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(modelaccel.__file__)))
 
 
-def run_cli(*args, timeout=300):
+def child_env(**extra):
     # The child must import the same modelaccel as this process, installed or not.
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [SRC_DIR, os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [SRC_DIR, os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def run_cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "modelaccel", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+                          env=child_env(), timeout=timeout)
 
 
 def test_info_prints_versions():
@@ -37,15 +41,12 @@ def test_bench_attention_without_gpu_runs_interpreter_selfcheck():
     assert "No CUDA GPU found" in proc.stdout
     assert "Triton interpreter" in proc.stdout
     assert "FAIL" not in proc.stdout
-    # The fp16 cases always run; bf16 ones only where the interpreter supports bf16 dots.
-    assert proc.stdout.count("PASS") >= 4
+    assert proc.stdout.count("PASS") == 6
 
 
 def test_selfcheck_refuses_to_run_without_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [SRC_DIR, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "-m", "modelaccel.bench.selfcheck"], capture_output=True, text=True,
-                          env=env, timeout=120)
+                          env=child_env(TRITON_INTERPRET="0"), timeout=120)
     assert proc.returncode == 1
     assert "TRITON_INTERPRET=1" in proc.stdout
 
@@ -67,3 +68,17 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
     assert exc.value.code == 2
+
+
+def test_selfcheck_fails_when_the_pytorch_fallback_answers():
+    # Right numbers from the reference must not pass: the check is that the kernel ran.
+    script = ("import sys, modelaccel\n"
+              "from modelaccel.attention.reference import attention_ref\n"
+              "modelaccel.flash_attn_func = lambda q, k, v, causal: attention_ref(q, k, v, causal=causal)[0]\n"
+              "from modelaccel.bench import selfcheck\n"
+              "sys.exit(selfcheck.main())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=child_env(TRITON_INTERPRET="1"), timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "PASS" not in proc.stdout
+    assert "no Triton kernel launched" in proc.stdout
