@@ -125,7 +125,7 @@ def cmd_bench_attention(args):
         print(format_table(table, result["providers"]))
         print()
     paths = write_results(result, args.out, tag=_result_tag(args))
-    for kind, path in paths.items():
+    for path in paths.values():
         if path:
             print(f"wrote {path}")
     statuses = [row["check"]["status"] for t in result["tables"] for row in t["rows"] if row["check"]]
