@@ -15,7 +15,8 @@ are not a power of two. Elsewhere (older GPUs, misaligned strides) the same kern
 with masked pointer loads.
 """
 
-import math
+import functools
+import json
 import os
 
 import torch
@@ -125,7 +126,6 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, ALIBI,
                      stride_alibi_b,
                      NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
                      window_left, window_right, qk_scale, softcap_scale,
-                     QBUCKET, KBUCKET,  # autotuning keys only: tuned once per size class
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -211,7 +211,7 @@ def _tma_usable(*tensors):
     if TensorDescriptor is None:
         return False
     if tensors[0].is_cuda:
-        if torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+        if _capability(tensors[0].device.index)[0] < 9:
             return False
     elif not _interpreting():
         return False
@@ -224,42 +224,81 @@ def _tma_usable(*tensors):
 
 # Block shapes for Hopper by padded head dim: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # Larger head dims need smaller key tiles to fit K and V stages in shared memory.
-# Measured on an H100 (benchmarks/tune_attention_fwd.py): BLOCK_M=128 tiles want 8 warps at
-# head dim 128 (4 warps spill), small 64x64 tiles win on short and causal rows.
+# Measured on an H100 (benchmarks/tune_attention_fwd.py, results in benchmarks/results/tuning):
+# BLOCK_M=128 tiles want 8 warps at head dim 128 (4 warps spill), small 64x64 tiles win on
+# short and causal rows; 256-row tiles and warp specialization gained nothing.
 _GPU_CONFIGS = {
     64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
     128: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2)],
 }
-_TUNE_KEYS = ["QBUCKET", "KBUCKET", "HEADDIM", "HAS_LEFT", "HAS_RIGHT", "HAS_SOFTCAP", "HAS_ALIBI",
-              "USE_TMA"]
-_tuned_kernels = {}
-
-
-def _set_tma_blocks(nargs):
-    """Descriptor block shapes follow the chosen config; the autotuner calls this per config."""
-    bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
-    if nargs["USE_TMA"]:
-        nargs["Q"].block_shape = [1, bm, 1, bd]
-        nargs["O"].block_shape = [1, bm, 1, bd]
-        nargs["K"].block_shape = [1, bn, 1, bd]
-        nargs["V"].block_shape = [1, bn, 1, bd]
-
-
-def _tuned_kernel(block_d):
-    """The autotuned kernel for one head-dim class, built once and kept."""
-    key = min(c for c in _GPU_CONFIGS if c >= block_d)
-    if key not in _tuned_kernels:
-        configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
-                                 pre_hook=_set_tma_blocks)
-                   for bm, bn, w, s in _GPU_CONFIGS[key]]
-        _tuned_kernels[key] = triton.autotune(configs, key=_TUNE_KEYS)(_attn_fwd_kernel)
-    return _tuned_kernels[key]
 
 
 def _size_bucket(n):
-    """Lengths tune by power-of-two class, so a new prompt length does not retune."""
+    """Sizes tune by power-of-two class, so a new prompt length does not retune."""
     return 1 << max(n - 1, 0).bit_length()
+
+
+class _LaunchTuner:
+    """Chooses the launch (block shape, warps, stages, TMA or pointers) per problem class.
+
+    Each candidate is timed once per class with do_bench on the real call, host work
+    included: on small problems the four TMA descriptors cost more host time per call
+    (measured ~80 us with triton 3.6, benchmarks/launch_overhead.py) than the GPU spends,
+    and the pointer path wins. Choices persist in a JSON file per device and triton
+    version ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once.
+    """
+
+    def __init__(self):
+        self.choices = None
+        self.path = None
+
+    def _load(self, device):
+        name = torch.cuda.get_device_name(device).replace(" ", "-")
+        folder = os.environ.get("MODELACCEL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "modelaccel"))
+        self.path = os.path.join(folder, f"attention_fwd_{name}_triton-{triton.__version__}.json")
+        try:
+            with open(self.path) as f:
+                self.choices = {k: tuple(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            self.choices = {}
+
+    def _save(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.choices, f, indent=0)
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home only costs re-tuning in the next process
+            pass
+
+    def choose(self, key, block_d, tma_ok, launch):
+        """The best (bm, bn, warps, stages, use_tma) for `key`; `launch(config)` runs one."""
+        if self.choices is None:
+            self._load(torch.cuda.current_device())
+        if key not in self.choices:
+            candidates = [(*c, t) for c in _GPU_CONFIGS[min(c for c in _GPU_CONFIGS if c >= block_d)]
+                          for t in ((True, False) if tma_ok else (False,))]
+            timings = {}
+            for config in candidates:
+                try:
+                    timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+                except triton.runtime.errors.OutOfResources:  # too much shared memory here
+                    continue
+            if not timings:
+                raise RuntimeError(f"no attention kernel configuration fits this GPU for {key}")
+            self.choices[key] = min(timings, key=timings.get)
+            self._save()
+        return self.choices[key]
+
+
+_tuner = _LaunchTuner()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
 
 
 def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -271,9 +310,9 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         q: [batch, seqlen_q, nheads, headdim]; k, v: [batch, seqlen_k, nheads_k, headdim];
             fp16 or bf16, same device, last dim contiguous, headdim a multiple of 8 <= 256.
         alibi_slopes: float32 [nheads] or [batch, nheads], or None.
-        use_tma / block_m / block_n / num_warps / num_stages: overrides
-            for tests and tuning experiments; by default TMA is used where possible and
-            block shapes are autotuned on the GPU (fixed small blocks in the interpreter).
+        use_tma / block_m / block_n / num_warps / num_stages: overrides for tests and
+            tuning experiments. By default the GPU launch is tuned per problem class
+            (`_LaunchTuner`); the interpreter uses 16x16 blocks and TMA.
         out, lse: optional preallocated outputs (tests poison them to prove every element
             is written).
     Returns:
@@ -293,48 +332,41 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
     if causal:
         right = 0
     block_d = max(triton.next_power_of_2(headdim), 16)
-    if use_tma is None:
-        use_tma = _tma_usable(q, k, v, out)
-    if alibi_slopes is not None:
-        alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes.dim() == 2 else 0
-    else:
-        alibi_stride_b = 0
+    tma_ok = _tma_usable(q, k, v, out) if use_tma is not False else False
+    alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    interpreting = _interpreting()
 
-    def descriptor(t, rows):
-        return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
+    def launch(config):
+        bm, bn, warps, stages, tma = config
+        if tma:
+            Q, K, V, O = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
+                          for t, rows in ((q, bm), (k, bn), (v, bn), (out, bm)))
+        else:
+            Q, K, V, O = q, k, v, out
+        extra = {} if interpreting else {"num_warps": warps, "num_stages": stages}
+        _attn_fwd_kernel[(triton.cdiv(seqlen_q, bm), batch * nheads)](
+            Q, K, V, O, lse, alibi_slopes if alibi_slopes is not None else lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            alibi_stride_b,
+            nheads, nheads // nheads_k, seqlen_q, seqlen_k,
+            left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
+            softmax_scale / softcap if softcap > 0 else 1.0,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim,
+            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None, USE_TMA=tma,
+            UPCAST_DOT=interpreting and q.dtype == torch.bfloat16, **extra,
+        )
 
-    def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
-
-    fixed_blocks = block_m is not None or _interpreting()
-    if fixed_blocks:
-        bm = block_m or 16
-        bn = block_n or 16
-        kernel, config = _attn_fwd_kernel, {"BLOCK_M": bm, "BLOCK_N": bn}
-        if num_warps is not None:
-            config["num_warps"] = num_warps
-        if num_stages is not None:
-            config["num_stages"] = num_stages
+    if interpreting or block_m is not None:
+        config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,
+                  tma_ok if use_tma is None else use_tma)
     else:
-        kernel, config, bm, bn = _tuned_kernel(block_d), {}, 64, 64
-    if use_tma:
-        # The autotuner's pre-hook resets these block shapes per config.
-        Q, K, V, O = descriptor(q, bm), descriptor(k, bn), descriptor(v, bn), descriptor(out, bm)
-    else:
-        Q, K, V, O = q, k, v, out
-    kernel[grid](
-        Q, K, V, O, lse, alibi_slopes if alibi_slopes is not None else lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        alibi_stride_b,
-        nheads, nheads // nheads_k, seqlen_q, seqlen_k,
-        left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
-        softmax_scale / softcap if softcap > 0 else 1.0,
-        _size_bucket(seqlen_q), _size_bucket(seqlen_k),
-        BLOCK_D=block_d, HEADDIM=headdim, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
-        HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        USE_TMA=use_tma, UPCAST_DOT=_interpreting() and q.dtype == torch.bfloat16, **config,
-    )
+        key = "|".join(map(str, (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
+                                 tma_ok, _size_bucket(seqlen_q), _size_bucket(seqlen_k),
+                                 _size_bucket(batch * nheads))))
+        config = _tuner.choose(key, block_d, tma_ok, launch)
+    launch(config)
     return out, lse

@@ -73,16 +73,18 @@ def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    if _use_triton(q):
+        return flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
+    out, lse = attention_ref(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             compute_dtype=torch.float32)
+    return out.to(q.dtype), lse
+
+
 class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
-        if _use_triton(q):
-            out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
-        else:
-            out, lse = attention_ref(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                     compute_dtype=torch.float32)
-            out = out.to(q.dtype)
-        return out, lse
+        return _forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -119,8 +121,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = FlashAttnFunc.apply(q, k, v, float(softmax_scale), bool(causal), tuple(window_size),
-                                   float(softcap), alibi_slopes)
+    args = (q, k, v, float(softmax_scale), bool(causal), tuple(window_size), float(softcap), alibi_slopes)
+    # The autograd node costs host time on every call; inference does without it.
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out, lse = FlashAttnFunc.apply(*args)
+    else:
+        out, lse = _forward(*args)
     if return_attn_probs:
         return out, lse, None
     return out
