@@ -6,7 +6,10 @@ launch work per call decides their speed. This times back-to-back calls on a tin
 Usage: python benchmarks/launch_overhead.py [OUT_JSON]
 """
 
+import cProfile
+import io
 import json
+import pstats
 import sys
 import time
 
@@ -51,6 +54,15 @@ def main(out_path):
     results = {name: round(host_us_per_call(fn), 1) for name, fn in cases.items()}
     for name, us in results.items():
         print(f"{name:45s} {us:8.1f} us/call")
+    # Where flash_attn_func's host time goes, by function (cProfile's own cost inflates it).
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(500):
+        modelaccel.flash_attn_func(q, k, v)
+    profiler.disable()
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(15)
+    print(report.getvalue()[-3500:])
     with open(out_path, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "us_per_call": results}, f, indent=1)

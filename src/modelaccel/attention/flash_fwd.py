@@ -242,11 +242,12 @@ def _size_bucket(n):
 class _LaunchTuner:
     """Chooses the launch (block shape, warps, stages, TMA or pointers) per problem class.
 
-    Each candidate is timed once per class with do_bench on the real call, host work
-    included: on small problems the four TMA descriptors cost more host time per call
-    (measured ~80 us with triton 3.6, benchmarks/launch_overhead.py) than the GPU spends,
-    and the pointer path wins. Choices persist in a JSON file per device and triton
-    version ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once.
+    Each candidate is timed once per class with do_bench on the real call. TMA is a
+    candidate only for problems big enough to hide its host cost: the four host-side
+    descriptors add ~60-80 us to every call with triton 3.6 (benchmarks/launch_overhead.py),
+    more than a small problem spends on the GPU. Choices persist in a JSON file per device
+    and triton version ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning
+    happens once.
     """
 
     def __init__(self):
@@ -277,6 +278,7 @@ class _LaunchTuner:
         """The best (bm, bn, warps, stages, use_tma) for `key`; `launch(config)` runs one."""
         if self.choices is None:
             self._load(torch.cuda.current_device())
+        key = "|".join(map(str, key))
         if key not in self.choices:
             candidates = [(*c, t) for c in _GPU_CONFIGS[min(c for c in _GPU_CONFIGS if c >= block_d)]
                           for t in ((True, False) if tma_ok else (False,))]
@@ -294,6 +296,9 @@ class _LaunchTuner:
 
 
 _tuner = _LaunchTuner()
+# Below this many FLOPs (~0.2 ms of GPU work at 400 TFLOPS) the host-side TMA descriptors
+# cost more time per call than TMA saves on the GPU.
+_TMA_MIN_FLOPS = 8e10
 
 
 @functools.lru_cache(maxsize=None)
@@ -333,6 +338,8 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         right = 0
     block_d = max(triton.next_power_of_2(headdim), 16)
     tma_ok = _tma_usable(q, k, v, out) if use_tma is not False else False
+    if use_tma is None and q.is_cuda and 4 * batch * nheads * seqlen_q * seqlen_k * headdim < _TMA_MIN_FLOPS:
+        tma_ok = False
     alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     interpreting = _interpreting()
 
@@ -364,9 +371,8 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,
                   tma_ok if use_tma is None else use_tma)
     else:
-        key = "|".join(map(str, (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
-                                 tma_ok, _size_bucket(seqlen_q), _size_bucket(seqlen_k),
-                                 _size_bucket(batch * nheads))))
+        key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
+               tma_ok, _size_bucket(seqlen_q), _size_bucket(seqlen_k), _size_bucket(batch * nheads))
         config = _tuner.choose(key, block_d, tma_ok, launch)
     launch(config)
     return out, lse
