@@ -3,6 +3,10 @@
     modelaccel info                 versions, GPU and SDPA backend facts
     modelaccel bench attention      forward attention benchmark on a GPU; without one, the
                                     Triton-interpreter self-check on CPU
+        --mode bwd                  the backward pass instead
+        --varlen                    variable-length batches (flash_attn_varlen_func)
+    modelaccel bench train          train a small GPT with SDPA and with modelaccel attention,
+                                    compare loss curves and step times (CPU: a tiny version)
 """
 
 import argparse
@@ -90,36 +94,77 @@ def run_selfcheck():
 
 
 def _providers(text):
-    from modelaccel.bench.attention import PROVIDERS
+    from modelaccel.bench.attention import ALL_PROVIDERS
 
     providers = [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in providers if p not in PROVIDERS]
+    unknown = [p for p in providers if p not in ALL_PROVIDERS]
     if unknown or not providers:
-        raise argparse.ArgumentTypeError(f"providers must be a comma list of {', '.join(PROVIDERS)}; got {text!r}")
+        raise argparse.ArgumentTypeError(f"providers must be a comma list of {', '.join(ALL_PROVIDERS)}; "
+                                         f"got {text!r}")
     return providers
+
+
+def resolve_providers(args):
+    """The providers a bench run uses: --providers, else every provider of the mode.
+
+    Raises ValueError for flash_varlen outside --varlen (it has no fixed-length form).
+    """
+    from modelaccel.bench.attention import PROVIDERS, VARLEN_PROVIDERS
+
+    mode = _bench_mode(args)
+    if args.providers is None:
+        return list(VARLEN_PROVIDERS if mode == "varlen" else PROVIDERS)
+    if mode != "varlen" and "flash_varlen" in args.providers:
+        raise ValueError("the flash_varlen provider exists only with --varlen")
+    return list(args.providers)
 
 
 def _result_tag(args):
     """File-name tag so a quick or narrowed run does not overwrite the day's full results."""
     parts = [] if args.suite == "default" else [args.suite]
-    if args.dtype or args.causal or args.headdim:
-        parts += [args.dtype or "fp16", f"d{args.headdim or 128}", "causal" if args.causal else "noncausal"]
+    mode = _bench_mode(args)
+    if mode == "fwd":
+        if args.dtype or args.causal or args.headdim:
+            parts += [args.dtype or "fp16", f"d{args.headdim or 128}", "causal" if args.causal else "noncausal"]
+    else:
+        # The backward and varlen files have their own prefix; their default table is bf16 d128.
+        if args.dtype or args.headdim:
+            parts += [args.dtype or "bf16", f"d{args.headdim or 128}"]
+        if mode == "varlen" and args.causal:
+            parts.append("causal")
     return "_".join(parts)
+
+
+def _bench_mode(args):
+    """"fwd", "bwd" or "varlen" from --mode and --varlen (namespaces without them: "fwd")."""
+    return "varlen" if getattr(args, "varlen", False) else getattr(args, "mode", "fwd")
 
 
 def cmd_bench_attention(args):
     import torch
 
+    mode = _bench_mode(args)
+    if args.varlen and args.mode == "bwd":
+        print("--varlen times the forward pass only; run --mode bwd and --varlen separately", flush=True)
+        return 2
+    try:
+        providers = resolve_providers(args)
+    except ValueError as e:
+        print(e, flush=True)
+        return 2
+    if mode == "bwd" and args.causal:
+        print("--causal has no effect with --mode bwd: the backward tables are always causal", flush=True)
     if not torch.cuda.is_available():
-        print("No CUDA GPU found: skipping the benchmark and running the Triton-interpreter self-check on CPU.",
-              flush=True)
+        what = {"fwd": "the benchmark", "bwd": "the backward benchmark", "varlen": "the varlen benchmark"}[mode]
+        print(f"No CUDA GPU found: skipping {what} and running the Triton-interpreter self-check on CPU "
+              "(it checks the forward kernel).", flush=True)
         return run_selfcheck()
 
     from modelaccel.bench.attention import make_tables, run_benchmark
     from modelaccel.bench.report import format_table, write_results
 
-    tables = make_tables(args.suite, args.dtype, args.causal, args.headdim)
-    result = run_benchmark(tables, args.providers, log=lambda line: print(line, flush=True))
+    tables = make_tables(args.suite, args.dtype, args.causal, args.headdim, mode=mode)
+    result = run_benchmark(tables, providers, log=lambda line: print(line, flush=True))
     print()
     for table in result["tables"]:
         print(format_table(table, result["providers"]))
@@ -135,6 +180,12 @@ def cmd_bench_attention(args):
     return 0
 
 
+def cmd_bench_train(args):
+    from modelaccel.bench import train_check
+
+    return train_check.main(steps=args.steps, out_dir=args.out)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="modelaccel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,21 +197,40 @@ def build_parser():
     bench = commands.add_parser("bench", help="run a benchmark")
     targets = bench.add_subparsers(dest="target", required=True)
     attn = targets.add_parser(
-        "attention", help="forward attention: modelaccel vs SDPA flash/cuDNN (CPU: interpreter self-check)",
-        description="Forward attention benchmark on a CUDA GPU. Without --dtype/--causal/--headdim the "
-                    "suite's tables run (default: fp16 d128, bf16 d128 causal, fp16 d64); with any of them, "
-                    "one table with that setting over the suite's shapes. Without a GPU, runs the "
-                    "Triton-interpreter self-check instead.")
+        "attention", help="attention: modelaccel vs SDPA flash/cuDNN (CPU: interpreter self-check)",
+        description="Attention benchmark on a CUDA GPU. Forward (default): without --dtype/--causal/--headdim "
+                    "the suite's tables run (default: fp16 d128, bf16 d128 causal, fp16 d64); with any of them, "
+                    "one table with that setting over the suite's shapes. --mode bwd: the backward pass, "
+                    "causal, bf16 d128 unless --dtype/--headdim. --varlen: batches of random-length sequences "
+                    "through flash_attn_varlen_func, causal and non-causal tables (--causal: causal only). "
+                    "Without a GPU, runs the Triton-interpreter self-check instead.")
     attn.add_argument("--dtype", choices=("fp16", "bf16"), help="one table in this dtype (default fp16)")
     attn.add_argument("--causal", action="store_true", help="one causal table (square and GQA shapes)")
     attn.add_argument("--headdim", type=int, help="one table with this head dim (default 128)")
+    attn.add_argument("--mode", choices=("fwd", "bwd"), default="fwd",
+                      help="fwd: the forward pass (default); bwd: the backward pass alone")
+    attn.add_argument("--varlen", action="store_true",
+                      help="variable-length batches: flash_attn_varlen_func against SDPA on the padded batch")
     attn.add_argument("--suite", choices=("default", "quick"), default="default",
                       help="default: the full tables; quick: a few rows for smoke tests")
     attn.add_argument("--out", default=os.path.join("benchmarks", "results"),
                       help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
-    attn.add_argument("--providers", type=_providers, default=["modelaccel", "flash", "cudnn"],
-                      help="comma list of modelaccel, flash, cudnn (default: all three)")
+    attn.add_argument("--providers", type=_providers, default=None,
+                      help="comma list of modelaccel, flash, cudnn, and with --varlen flash_varlen "
+                           "(default: all of the mode's)")
     attn.set_defaults(func=cmd_bench_attention)
+
+    train = targets.add_parser(
+        "train", help="train a small GPT with SDPA and with modelaccel attention; compare losses and step times",
+        description="Trains the same small GPT-style decoder twice from the same seed (same init, same "
+                    "synthetic Markov-chain data), once with SDPA attention and once with "
+                    "modelaccel.flash_attn_func, and compares the loss curves and step times. Needs a CUDA "
+                    "GPU for the real run; without one, says so and runs a tiny version on CPU with the "
+                    "Triton interpreter.")
+    train.add_argument("--steps", type=int, default=None, help="training steps per run (GPU default 300)")
+    train.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                       help="directory for the JSON and PNG results (default: benchmarks/results)")
+    train.set_defaults(func=cmd_bench_train)
     return parser
 
 

@@ -187,3 +187,115 @@ def test_git_commit_falls_back_to_env_outside_a_checkout(monkeypatch):
     monkeypatch.setattr(bench, "__file__", "/nonexistent/modelaccel/bench/attention.py")
     monkeypatch.setenv("MODELACCEL_COMMIT", "0123abcd")
     assert bench._git_commit() == ("0123abcd", None)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward and varlen modes
+
+
+def test_bwd_and_varlen_tables():
+    (bwd,) = bench.make_tables("default", mode="bwd")
+    assert (bwd.mode, bwd.dtype, bwd.headdim, bwd.causal) == ("bwd", "bf16", 128, True)
+    assert bwd.shapes == bench.BWD_SHAPES and len(set(bwd.shapes)) == len(bwd.shapes) == 7
+    assert all(sq == sk for _, _, _, sq, sk in bwd.shapes) and (2, 32, 8, 8192, 8192) in bwd.shapes
+    causal, noncausal = bench.make_tables("default", mode="varlen")
+    assert (causal.mode, causal.causal, noncausal.causal) == ("varlen", True, False)
+    assert causal.shapes == bench.VARLEN_SHAPES
+    (only_causal,) = bench.make_tables("quick", causal=True, mode="varlen")
+    assert only_causal.causal and len(only_causal.shapes) <= 2
+    assert len(bench.make_tables("quick", mode="bwd")[0].shapes) <= 2
+    assert "backward" in bwd.title and "varlen" in causal.title
+    with pytest.raises(ValueError):
+        bench.make_tables("default", mode="both")
+
+
+def test_varlen_seqlens():
+    for batch, _, _, max_len in bench.VARLEN_SHAPES:
+        lens = bench.varlen_seqlens(batch, max_len)
+        assert lens == bench.varlen_seqlens(batch, max_len)  # fixed seed
+        assert len(lens) == batch and max(lens) == max_len and min(lens) >= max_len // 4
+    assert bench.varlen_seqlens(8, 2048) != bench.varlen_seqlens(8, 2048, seed=1)
+
+
+def test_varlen_flops_count_each_sequence():
+    assert bench.varlen_flops([1024, 512], 16, 128, causal=False) == 4 * 16 * 128 * (1024**2 + 512**2)
+    assert bench.varlen_flops([1024, 512], 16, 128, causal=True) == 4 * 16 * 128 * (1024**2 + 512**2) // 2
+
+
+def test_compare_grads():
+    ref = tuple(torch.randn(2, 16, 4, 32) for _ in range(3))
+    assert bench.compare_grads(tuple(r.bfloat16() for r in ref), ref)["ok"]
+    wrong = (ref[0], ref[1] * 1.1, ref[2])
+    cmp = bench.compare_grads(wrong, ref)
+    assert not cmp["ok"] and cmp["rel_err"]["dk"] == pytest.approx(0.1, rel=1e-3) and cmp["rel_err"]["dq"] == 0
+
+
+@pytest.fixture
+def cpu_bench(monkeypatch):
+    """Rows on CPU with a timer stub: exercises checks and bookkeeping, not speed. The
+    kernels run in the Triton interpreter (fp16: it cannot do bf16 dots)."""
+    import triton.testing
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kwargs: (fn(), 1.0)[1])
+
+
+def _has_training_api():
+    import modelaccel
+
+    return hasattr(modelaccel, "flash_attn_varlen_func")
+
+
+@pytest.mark.skipif(not _has_training_api(), reason="flash_attn_varlen_func has not landed yet")
+@pytest.mark.parametrize("causal", [True, False])
+def test_run_varlen_row_on_cpu(cpu_bench, causal):
+    table = bench.Table("fp16", 32, causal, ((3, 2, 1, 48),), mode="varlen")
+    row = bench.run_varlen_row(table, table.shapes[0], bench.VARLEN_PROVIDERS, log=print)
+    assert row["check"]["status"] == "ok", row
+    assert row["total_tokens"] == sum(row["seqlens"]) and max(row["seqlens"]) == 48
+    assert row["ms"]["modelaccel"] == 1.0 and row["tokens_per_s"]["modelaccel"] == pytest.approx(row["total_tokens"] * 1e3)
+    if causal:
+        # The padded SDPA flash peer, run without a padding mask, is exact on the real rows.
+        assert row["peer_check"]["ok"], row["peer_check"]
+        assert row["ms"]["flash"] == 1.0
+    assert set(row["errors"]) <= {"flash", "cudnn", "flash_varlen"}  # peers CPU torch lacks are recorded
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 1, 40, 40), (2, 2, 2, 33, 33)])
+def test_run_bwd_row_on_cpu(cpu_bench, shape):
+    table = bench.Table("fp16", 32, True, (shape,), mode="bwd")
+    row = bench.run_bwd_row(table, shape, bench.PROVIDERS, log=print)
+    assert row["flops"] == int(2.5 * bench.attention_flops(shape[0], shape[1], shape[3], shape[4], 32, True))
+    assert row["ms"]["flash"] == 1.0  # CPU SDPA flash backward ran under the stub timer
+    assert "cudnn" in row["errors"]
+    assert row["check"]["status"] == "ok", row
+    assert set(row["check"]["rel_err"]) == {"dq", "dk", "dv"} and row["ms"]["modelaccel"] == 1.0
+
+
+def test_write_results_bwd_and_varlen(tmp_path):
+    result = make_result()
+    result["mode"] = "bwd"
+    paths = report.write_results(result, str(tmp_path))
+    assert paths["json"].endswith("attention_bwd_nvidia-h100-80gb-hbm3_2026-11-25.json")
+    assert "# Attention backward pass, NVIDIA H100" in (tmp_path / "attention_bwd_nvidia-h100-80gb-hbm3_2026-11-25.md").read_text()
+
+    row = {"batch": 2, "nheads_q": 16, "nheads_k": 4, "max_seqlen": 1024, "seqlens": [1024, 300],
+           "total_tokens": 1324, "flops": 10**9, "check": {"status": "ok", "reference": "flash per sequence",
+                                                           "max_abs_err": 2e-3, "rel_err": 1e-3, "detail": None},
+           "peer_check": None, "ms": {"modelaccel": 0.5, "flash": 1.0, "cudnn": None, "flash_varlen": 0.5},
+           "tflops": {"modelaccel": 2e-3, "flash": 1e-3, "cudnn": None, "flash_varlen": 2e-3},
+           "tokens_per_s": {"modelaccel": 2.648e6, "flash": 1.324e6, "cudnn": None, "flash_varlen": 2.648e6},
+           "errors": {"cudnn": "refused"}}
+    providers = list(bench.VARLEN_PROVIDERS)
+    table = {"title": "varlen, bf16, headdim 128, causal", "mode": "varlen", "dtype": "bf16", "headdim": 128,
+             "causal": True, "rows": [row], "geomean": {"vs_flash": {"geomean": 2.0, "rows": 1}}}
+    varlen = {"metadata": make_result()["metadata"], "mode": "varlen", "providers": providers, "tables": [table]}
+    text = report.format_table(table, providers)
+    assert text.splitlines()[1].split()[:5] == ["BATCH", "HQ", "HK", "MAX_LEN", "TOKENS"]
+    assert text.splitlines()[2].split()[:5] == ["2", "16", "4", "1024", "1324"]
+    paths = report.write_results(varlen, str(tmp_path), tag="quick")
+    assert paths["json"].endswith("attention_varlen_nvidia-h100-80gb-hbm3_2026-11-25_quick.json")
+    md = open(paths["md"]).read()
+    assert "| BATCH | HQ | HK | MAX_LEN | TOKENS |" in md and "modelaccel Mtok/s" in md
+    assert "| 2.6 | 1.3 | - | 2.6 |" in md and "sequence lengths: [1024, 300]" in md
+    assert open(paths["png"], "rb").read(4) == b"\x89PNG"

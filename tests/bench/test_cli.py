@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modelaccel
-from modelaccel.cli import build_parser
+from modelaccel.cli import _result_tag, build_parser, resolve_providers
 
 SRC_DIR = os.path.dirname(os.path.dirname(os.path.abspath(modelaccel.__file__)))
 
@@ -57,12 +57,36 @@ def test_bench_attention_arguments():
     assert (args.dtype, args.causal, args.headdim, args.suite, args.out) == ("bf16", True, 64, "quick", "x")
     assert args.providers == ["modelaccel", "cudnn"]
     defaults = build_parser().parse_args(["bench", "attention"])
-    assert defaults.providers == ["modelaccel", "flash", "cudnn"]
+    assert resolve_providers(defaults) == ["modelaccel", "flash", "cudnn"]
+    assert (defaults.mode, defaults.varlen) == ("fwd", False)
     assert defaults.out == os.path.join("benchmarks", "results")
+
+
+def test_bench_attention_modes_and_providers():
+    bwd = build_parser().parse_args(["bench", "attention", "--mode", "bwd", "--suite", "quick"])
+    assert (bwd.mode, bwd.varlen, bwd.suite) == ("bwd", False, "quick")
+    assert resolve_providers(bwd) == ["modelaccel", "flash", "cudnn"]
+    varlen = build_parser().parse_args(["bench", "attention", "--varlen"])
+    assert resolve_providers(varlen) == ["modelaccel", "flash", "cudnn", "flash_varlen"]
+    narrowed = build_parser().parse_args(["bench", "attention", "--varlen", "--providers", "modelaccel,flash_varlen"])
+    assert resolve_providers(narrowed) == ["modelaccel", "flash_varlen"]
+    wrong = build_parser().parse_args(["bench", "attention", "--providers", "flash_varlen"])
+    with pytest.raises(ValueError, match="only with --varlen"):
+        resolve_providers(wrong)
+
+
+def test_result_tags_do_not_collide():
+    tag = lambda *argv: _result_tag(build_parser().parse_args(["bench", "attention", *argv]))
+    assert tag() == "" and tag("--mode", "bwd") == "" and tag("--varlen") == ""
+    assert tag("--suite", "quick", "--mode", "bwd") == "quick"
+    assert tag("--varlen", "--causal") == "causal"
+    assert tag("--mode", "bwd", "--dtype", "fp16") == "fp16_d128"
+    assert tag("--causal") == "fp16_d128_causal"
 
 
 @pytest.mark.parametrize("argv", [["bench", "attention", "--providers", "modelaccel,xformers"],
                                   ["bench", "attention", "--dtype", "fp32"],
+                                  ["bench", "attention", "--mode", "both"],
                                   ["bench"], []])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:

@@ -1,13 +1,24 @@
-"""Forward attention benchmark: modelaccel against PyTorch SDPA's flash and cuDNN backends.
+"""Attention benchmarks: modelaccel against PyTorch SDPA's flash and cuDNN backends.
 
-Every row builds fresh random inputs, checks modelaccel's output against SDPA's flash
-backend, then times each provider on the same tensors with `triton.testing.do_bench`
-(median of the timed runs). Throughput is reported in TFLOPS counting only the score and
-output matmuls over the keys each query can see.
+Three modes, each a list of tables (`Table.mode`):
 
-A row is one (BATCH, HQ, HK, N_CTX_Q, N_CTX_K) shape; a table is a list of rows sharing
-dtype, head dim and causality. `run_benchmark` returns plain dicts and lists so the
-results serialise to JSON as they are (see `modelaccel.bench.report`).
+- "fwd": the forward pass. Every row builds fresh random inputs, checks modelaccel's output
+  against SDPA's flash backend, then times each provider on the same tensors with
+  `triton.testing.do_bench` (median of the timed runs).
+- "bwd": the backward pass alone. Each provider runs its forward once on inputs that require
+  grad; `torch.autograd.grad(out, (q, k, v), dout)` is what is timed. modelaccel's dq, dk,
+  dv are checked against SDPA flash's first.
+- "varlen": the forward pass over a batch of sequences of different lengths. modelaccel
+  runs `flash_attn_varlen_func` on the packed tokens; the SDPA peers run the same batch
+  padded to its longest sequence (causal) or as nested jagged tensors (non-causal), and
+  `torch.nn.attention.varlen.varlen_attn` ("flash_varlen") runs the packed tokens.
+
+Throughput is in TFLOPS counting only the score and output matmuls over the keys each
+query can see (the backward counts 2.5x the forward: five matmuls to the forward's two).
+A row is one (BATCH, HQ, HK, N_CTX_Q, N_CTX_K) shape, or (BATCH, HQ, HK, MAX_LEN) for
+varlen; a table is a list of rows sharing mode, dtype, head dim and causality.
+`run_benchmark` returns plain dicts and lists so the results serialise to JSON as they are
+(see `modelaccel.bench.report`).
 """
 
 import contextlib
@@ -23,7 +34,15 @@ import torch
 import torch.nn.functional as F
 
 PROVIDERS = ("modelaccel", "flash", "cudnn")
+# Varlen tables have one more peer: torch.nn.attention.varlen.varlen_attn, the FA2 varlen
+# kernel on the packed batch (no padding), where this torch has it.
+VARLEN_PROVIDERS = PROVIDERS + ("flash_varlen",)
+ALL_PROVIDERS = VARLEN_PROVIDERS
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+# Where rows run. Always CUDA for real numbers; the tests point it at the CPU (with a stub
+# timer) to exercise the checking and bookkeeping without a GPU.
+DEVICE = "cuda"
 
 # do_bench settings: warmup and rep are in milliseconds of GPU time, not iterations.
 WARMUP_MS = 25
@@ -59,6 +78,30 @@ CAUSAL_SHAPES = tuple(s for s in NONCAUSAL_SHAPES if s[3] == s[4]) + GQA_SHAPES
 QUICK_NONCAUSAL_SHAPES = ((4, 16, 16, 1024, 1024), (2, 48, 48, 1021, 1020), (4, 16, 16, 4097, 163))
 QUICK_CAUSAL_SHAPES = ((4, 16, 16, 1024, 1024), (4, 32, 8, 2048, 2048))
 
+# Backward rows: the forward's square shapes plus GQA 32/8 at 8K (all causal, so square).
+BWD_SHAPES = (
+    (16, 16, 16, 1024, 1024),
+    (8, 16, 16, 2048, 2048),
+    (4, 16, 16, 4096, 4096),
+    (2, 16, 16, 8192, 8192),
+    (1, 16, 16, 16384, 16384),
+    (2, 48, 48, 1024, 1024),
+    (2, 32, 8, 8192, 8192),
+)
+QUICK_BWD_SHAPES = ((4, 16, 16, 1024, 1024), (2, 32, 8, 2048, 2048))
+# The backward does 5 matmuls (S = QK^T recomputed, dV, dP, dQ, dK) to the forward's 2.
+BWD_FLOPS_FACTOR = 2.5
+
+# Varlen rows: (BATCH, HQ, HK, MAX_LEN). Lengths are drawn by `varlen_seqlens`.
+VARLEN_SHAPES = ((2, 16, 4, 1024), (8, 16, 2, 2048), (4, 16, 8, 4096), (2, 48, 12, 1024), (4, 64, 8, 4096))
+QUICK_VARLEN_SHAPES = ((2, 16, 4, 1024), (4, 16, 8, 2048))
+VARLEN_SEED = 0
+
+# Backward check: relative (Frobenius) error of each of dq, dk, dv against SDPA flash's.
+# Both accumulate in fp32 and round once to bf16 (2^-8 relative per element), so a correct
+# kernel lands near 3e-3; a wrong mask or a missing rescale gives errors of O(0.1).
+BWD_CHECK_RTOL = 2e-2
+
 # Largest acceptable difference between modelaccel and SDPA flash. Both round P to the
 # input dtype before the PV matmul and round the output once, so a correct kernel lands
 # around 1e-3 (fp16) / 1e-2 (bf16) in max-abs and well under these in relative terms;
@@ -70,16 +113,26 @@ CHECK_RTOL = {"fp16": 5e-3, "bf16": 2.5e-2}
 
 @dataclass(frozen=True)
 class Table:
-    """One benchmark table: `shapes` are (BATCH, HQ, HK, N_CTX_Q, N_CTX_K) tuples."""
+    """One benchmark table: `shapes` are (BATCH, HQ, HK, N_CTX_Q, N_CTX_K) tuples, or
+    (BATCH, HQ, HK, MAX_LEN) for mode "varlen"; mode is "fwd", "bwd" or "varlen"."""
 
     dtype: str
     headdim: int
     causal: bool
     shapes: tuple
+    mode: str = "fwd"
 
     @property
     def title(self):
-        return f"{self.dtype}, headdim {self.headdim}, {'causal' if self.causal else 'non-causal'}"
+        title = f"{self.dtype}, headdim {self.headdim}, {'causal' if self.causal else 'non-causal'}"
+        if self.mode == "bwd":
+            title = "backward, " + title
+        elif self.mode == "varlen":
+            peers = ("flash/cudnn: SDPA padded to the longest sequence" if self.causal
+                     else "flash/cudnn: SDPA on nested jagged tensors")
+            peers += "; flash_varlen: torch varlen_attn, packed"
+            title = f"varlen, {title} (peers: {peers})"
+        return title
 
 
 SUITES = {
@@ -100,13 +153,27 @@ _SUITE_SHAPES = {
 }
 
 
-def make_tables(suite="default", dtype=None, causal=False, headdim=None):
+def make_tables(suite="default", dtype=None, causal=False, headdim=None, mode="fwd"):
     """Tables to run for a suite, optionally narrowed to one dtype/causal/headdim setting.
 
-    With no override the suite's own tables are returned. With any of `dtype` ("fp16" or
-    "bf16", default fp16), `causal` or `headdim` (default 128) given, a single table with
-    that setting over the suite's shapes (its square + GQA shapes when causal).
+    mode "fwd": with no override the suite's own tables are returned. With any of `dtype`
+    ("fp16" or "bf16", default fp16), `causal` or `headdim` (default 128) given, a single
+    table with that setting over the suite's shapes (its square + GQA shapes when causal).
+    mode "bwd": one causal table (default bf16, headdim 128) over the backward shapes.
+    mode "varlen": a causal and a non-causal table (default bf16, headdim 128) over the
+    varlen shapes; `causal=True` keeps only the causal one.
     """
+    if mode == "bwd":
+        shapes = BWD_SHAPES if suite == "default" else QUICK_BWD_SHAPES
+        return [Table(dtype or "bf16", headdim or 128, True, shapes, mode="bwd")]
+    if mode == "varlen":
+        shapes = VARLEN_SHAPES if suite == "default" else QUICK_VARLEN_SHAPES
+        tables = [Table(dtype or "bf16", headdim or 128, True, shapes, mode="varlen")]
+        if not causal:
+            tables.append(Table(dtype or "bf16", headdim or 128, False, shapes, mode="varlen"))
+        return tables
+    if mode != "fwd":
+        raise ValueError(f"mode must be 'fwd', 'bwd' or 'varlen', got {mode!r}")
     if dtype is None and not causal and headdim is None:
         return list(SUITES[suite])
     noncausal_shapes, causal_shapes = _SUITE_SHAPES[suite]
@@ -185,7 +252,7 @@ def _run_capturing(fn, ctx):
         warnings.simplefilter("always")
         try:
             return fn(), None
-        except (RuntimeError, ValueError, NotImplementedError) as e:  # OOM is a RuntimeError
+        except (RuntimeError, ValueError, NotImplementedError, TypeError, ImportError) as e:  # OOM: RuntimeError
             reasons = [str(e).strip().splitlines()[0]] + [str(w.message).strip().splitlines()[0] for w in caught]
             return None, "; ".join(reasons)
 
@@ -251,9 +318,9 @@ def run_row(table, shape, providers, log=print):
         raise ValueError(f"causal rows must be square (SDPA's causal mask is top-left aligned): {shape}")
     dtype = DTYPES[table.dtype]
     torch.manual_seed(0)
-    q = torch.randn(batch, sq, hq, table.headdim, device="cuda", dtype=dtype)
-    k = torch.randn(batch, sk, hk, table.headdim, device="cuda", dtype=dtype)
-    v = torch.randn(batch, sk, hk, table.headdim, device="cuda", dtype=dtype)
+    q = torch.randn(batch, sq, hq, table.headdim, device=DEVICE, dtype=dtype)
+    k = torch.randn(batch, sk, hk, table.headdim, device=DEVICE, dtype=dtype)
+    v = torch.randn(batch, sk, hk, table.headdim, device=DEVICE, dtype=dtype)
 
     flops = attention_flops(batch, hq, sq, sk, table.headdim, table.causal)
     row = {"batch": batch, "nheads_q": hq, "nheads_k": hk, "seqlen_q": sq, "seqlen_k": sk, "flops": flops,
@@ -286,6 +353,323 @@ def run_row(table, shape, providers, log=print):
     del q, k, v
     torch.cuda.empty_cache()
     return row
+
+
+# ---------------------------------------------------------------------------------------
+# Backward pass
+
+
+def compare_grads(grads, ref_grads, rtol=BWD_CHECK_RTOL):
+    """Relative (Frobenius) errors of (dq, dk, dv) against reference gradients.
+
+    grads, ref_grads: 3-tuples of tensors of matching shapes. Returns {"rel_err": {"dq":
+    ..., "dk": ..., "dv": ...}, "ok": every error finite and below rtol}.
+    """
+    errs = {}
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        r = r.float()
+        errs[name] = ((g.float() - r).norm() / r.norm().clamp_min(1e-30)).item()
+    ok = all(math.isfinite(e) and e < rtol for e in errs.values())
+    return {"rel_err": errs, "ok": ok}
+
+
+def _forward_with_graph(provider, q, k, v, causal):
+    """Run provider's forward on leaf tensors that require grad; output in [b, s, h, d].
+
+    The SDPA backend is pinned only for the forward: the backward kernel is whichever one
+    matches the forward that recorded the graph.
+    """
+    fn, ctx = _provider_call(provider, q, k, v, causal)
+    out, reason = _run_capturing(fn, ctx)
+    if out is not None and provider != "modelaccel":
+        out = out.transpose(1, 2)  # SDPA's [b, h, s, d] -> [b, s, h, d], a view
+    return out, reason
+
+
+def _reference_grads(q, k, v, dout, causal):
+    """dq, dk, dv from SDPA (flash, else cuDNN) with K/V heads repeated for GQA; the repeat
+    is differentiable, so dk/dv come back summed over each group as GQA's are."""
+    from torch.nn.attention import SDPBackend
+
+    group = q.shape[2] // k.shape[2]
+    reasons = []
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        k_full, v_full = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        out, reason = _run_capturing(*_sdpa_call(backend, q, k_full, v_full, causal))
+        if out is None:
+            reasons.append(f"{name}: {reason}")
+            continue
+        grads = torch.autograd.grad(out.transpose(1, 2), (q, k, v), dout)
+        return grads, name
+    return None, "; ".join(reasons)
+
+
+def _check_modelaccel_bwd(q, k, v, dout, causal):
+    """Compare modelaccel's dq, dk, dv with SDPA's; returns the row's "check" dict.
+
+    "max_abs_err" holds the largest of the three relative errors (what the report prints);
+    "rel_err" holds all three.
+    """
+    out, reason = _forward_with_graph("modelaccel", q, k, v, causal)
+    grads = None
+    if out is not None:
+        try:
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+        except (RuntimeError, ValueError, NotImplementedError) as e:
+            reason = str(e).strip().splitlines()[0]
+    if grads is None:
+        return {"status": "error", "reference": None, "max_abs_err": None, "rel_err": None, "detail": reason}
+    ref, ref_name = _reference_grads(q, k, v, dout, causal)
+    if ref is None:
+        return {"status": "unchecked", "reference": None, "max_abs_err": None, "rel_err": None, "detail": ref_name}
+    cmp = compare_grads(grads, ref)
+    return {"status": "ok" if cmp["ok"] else "mismatch", "reference": ref_name,
+            "max_abs_err": max(cmp["rel_err"].values()), "rel_err": cmp["rel_err"], "detail": None}
+
+
+def run_bwd_row(table, shape, providers, log=print):
+    """Check and time the backward pass of one shape on the current CUDA device.
+
+    q [BATCH, N_CTX_Q, HQ, headdim] and k, v [BATCH, N_CTX_K, HK, headdim] are fresh
+    `torch.randn` leaves that require grad, dout a fresh `torch.randn` like the output. Each
+    provider runs its forward once; `torch.autograd.grad(out, (q, k, v), dout,
+    retain_graph=True)` is timed. modelaccel is timed only if its gradients matched SDPA's.
+    Returns a row dict like `run_row`'s, flops being the backward's (2.5x the forward's).
+    """
+    from triton.testing import do_bench
+
+    batch, hq, hk, sq, sk = shape
+    if table.causal and sq != sk:
+        raise ValueError(f"causal rows must be square (SDPA's causal mask is top-left aligned): {shape}")
+    dtype = DTYPES[table.dtype]
+    torch.manual_seed(0)
+    q = torch.randn(batch, sq, hq, table.headdim, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(batch, sk, hk, table.headdim, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(batch, sk, hk, table.headdim, device=DEVICE, dtype=dtype, requires_grad=True)
+    dout = torch.randn(batch, sq, hq, table.headdim, device=DEVICE, dtype=dtype)
+
+    flops = int(BWD_FLOPS_FACTOR * attention_flops(batch, hq, sq, sk, table.headdim, table.causal))
+    row = {"batch": batch, "nheads_q": hq, "nheads_k": hk, "seqlen_q": sq, "seqlen_k": sk, "flops": flops,
+           "check": None, "ms": {}, "tflops": {}, "errors": {}}
+    if "modelaccel" in providers:
+        row["check"] = check = _check_modelaccel_bwd(q, k, v, dout, table.causal)
+        if check["status"] == "mismatch":
+            log(f"WARNING: modelaccel gradients differ from SDPA {check['reference']} for {shape} "
+                f"({table.title}): relative errors {check['rel_err']}; not timing it")
+        elif check["status"] != "ok":
+            log(f"WARNING: {shape} ({table.title}): modelaccel {check['status']}: {check['detail']}")
+
+    for provider in providers:
+        ms, reason = None, None
+        check = row["check"]
+        if provider == "modelaccel" and check["status"] in ("mismatch", "error"):
+            reason = (f"not timed: gradients differ from SDPA {check['reference']} (relative errors "
+                      f"{check['rel_err']})" if check["status"] == "mismatch" else f"not timed: {check['detail']}")
+        else:
+            out, reason = _forward_with_graph(provider, q, k, v, table.causal)
+            if out is not None:
+                ms, reason = _run_capturing(
+                    lambda: do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
+                                     warmup=WARMUP_MS, rep=REP_MS, return_mode="median"),
+                    contextlib.nullcontext())
+            del out
+        row["ms"][provider] = ms
+        row["tflops"][provider] = tflops(flops, ms)
+        if reason is not None:
+            row["errors"][provider] = reason
+
+    del q, k, v, dout
+    torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# Variable-length batches
+
+
+def varlen_seqlens(batch, max_len, seed=VARLEN_SEED):
+    """Sequence lengths of one varlen row: uniform in [max_len // 4, max_len], one at max_len.
+
+    Drawn from a CPU generator seeded with `seed`, so every run and every machine gets the
+    same batch. Returns a list of `batch` python ints.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(max(max_len // 4, 1), max_len + 1, (batch,), generator=gen)
+    lens[torch.randint(0, batch, (1,), generator=gen)] = max_len
+    return lens.tolist()
+
+
+def varlen_flops(seqlens, nheads_q, headdim, causal):
+    """Useful FLOPs of a varlen batch: each sequence's own attention, nothing for padding."""
+    return sum(attention_flops(1, nheads_q, n, n, headdim, causal) for n in seqlens)
+
+
+def _varlen_reference(q, k, v, seqlens, causal):
+    """Packed [total, hq, d] output of SDPA flash run on each sequence alone (no padding, no
+    mask needed), K/V heads repeated for GQA; (None, reason) if SDPA refused."""
+    from torch.nn.attention import SDPBackend
+
+    group = q.shape[1] // k.shape[1]
+    k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    outs, start = [], 0
+    for n in seqlens:
+        sl = slice(start, start + n)
+        qi, ki, vi = q[sl][None], k_full[sl][None], v_full[sl][None]
+        out, reason = _run_capturing(*_sdpa_call(SDPBackend.FLASH_ATTENTION, qi, ki, vi, causal))
+        if out is None:
+            return None, f"flash: {reason}"
+        outs.append(out.transpose(1, 2)[0])
+        start += n
+    return torch.cat(outs), "flash per sequence"
+
+
+def _padded_sdpa_call(backend, q_pad, k_pad, v_pad):
+    # Causal only. No padding mask is passed, because an explicit attn_mask would rule out
+    # the flash and cuDNN backends. It is not needed: sequences are right-padded, so every
+    # pad key sits after the last real query of its sequence, and the causal mask (top-left
+    # aligned, equal to bottom-right on the padded square) already hides it from every real
+    # query. The pad rows compute garbage that is never read. The peers still do the padded
+    # square's work, which is the cost of not having a varlen kernel.
+    return _sdpa_call(backend, q_pad, k_pad, v_pad, causal=True)
+
+
+def _nested_sdpa_call(backend, q, k, v, offsets):
+    """SDPA on nested jagged tensors [b, heads, j, d]: a true varlen call, no padding; SDPA
+    does not take is_causal on nested tensors, so this is for non-causal rows."""
+    from torch.nn.attention import sdpa_kernel
+
+    qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
+    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+    return (lambda: F.scaled_dot_product_attention(qn, kn, vn, **gqa)), sdpa_kernel(backend)
+
+
+def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal):
+    """torch.nn.attention.varlen.varlen_attn on the packed tokens: PyTorch's own FA2 varlen
+    path. Its causal switch moved between releases (is_causal, later window_size=(-1, 0)),
+    so the keyword is picked from the signature."""
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn  # ImportError on torch < 2.9
+
+    params = inspect.signature(varlen_attn).parameters
+    kwargs = {}
+    if causal:
+        kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
+    if q.shape[1] != k.shape[1]:
+        kwargs["enable_gqa"] = True
+    return (lambda: varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)), \
+        contextlib.nullcontext()
+
+
+def _varlen_provider_call(provider, q, k, v, cu_seqlens, max_seqlen, padded, causal):
+    from torch.nn.attention import SDPBackend
+
+    if provider == "flash_varlen":
+        return _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal)
+    if provider == "modelaccel":
+        import modelaccel
+
+        return ((lambda: modelaccel.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                                          causal=causal)), contextlib.nullcontext())
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[provider]
+    if causal:
+        return _padded_sdpa_call(backend, *padded)
+    return _nested_sdpa_call(backend, q, k, v, cu_seqlens.long())
+
+
+def run_varlen_row(table, shape, providers, log=print):
+    """Check and time one varlen batch (BATCH, HQ, HK, MAX_LEN) on the current CUDA device.
+
+    Lengths come from `varlen_seqlens`; q [total, HQ, headdim] and k, v [total, HK, headdim]
+    are fresh `torch.randn` packed tensors. modelaccel's output is checked against SDPA flash
+    run on each sequence alone; for causal tables the padded SDPA flash output's real rows
+    are checked the same way ("peer_check"), which confirms that leaving out the padding
+    mask is exact. Returns a row dict with batch, nheads_q, nheads_k, max_seqlen, seqlens,
+    total_tokens, flops (useful FLOPs of the real tokens), check, peer_check, ms, tflops,
+    tokens_per_s and errors per provider.
+    """
+    from triton.testing import do_bench
+
+    from modelaccel.attention.padding import pad_input
+
+    batch, hq, hk, max_len = shape
+    dtype = DTYPES[table.dtype]
+    seqlens = varlen_seqlens(batch, max_len)
+    total = sum(seqlens)
+    torch.manual_seed(0)
+    q = torch.randn(total, hq, table.headdim, device=DEVICE, dtype=dtype)
+    k = torch.randn(total, hk, table.headdim, device=DEVICE, dtype=dtype)
+    v = torch.randn(total, hk, table.headdim, device=DEVICE, dtype=dtype)
+    lens = torch.tensor(seqlens, device=DEVICE, dtype=torch.int32)
+    cu_seqlens = torch.zeros(batch + 1, device=DEVICE, dtype=torch.int32)
+    cu_seqlens[1:] = torch.cumsum(lens, 0)
+    # Right padding: token t of sequence b sits at flat position b * max_len + t.
+    pos = torch.arange(max_len, device=DEVICE)
+    indices = (torch.arange(batch, device=DEVICE)[:, None] * max_len + pos[None, :])[pos[None, :] < lens[:, None]]
+    padded = tuple(pad_input(t, indices, batch, max_len) for t in (q, k, v)) if table.causal else None
+
+    flops = varlen_flops(seqlens, hq, table.headdim, table.causal)
+    row = {"batch": batch, "nheads_q": hq, "nheads_k": hk, "max_seqlen": max_len, "seqlens": seqlens,
+           "total_tokens": total, "flops": flops, "check": None, "peer_check": None,
+           "ms": {}, "tflops": {}, "tokens_per_s": {}, "errors": {}}
+    ref, ref_name = _varlen_reference(q, k, v, seqlens, table.causal)
+    if "modelaccel" in providers:
+        out, reason = _run_capturing(*_varlen_provider_call("modelaccel", q, k, v, cu_seqlens, max_len, padded,
+                                                            table.causal))
+        if out is None:
+            check = {"status": "error", "reference": None, "max_abs_err": None, "rel_err": None, "detail": reason}
+        elif ref is None:
+            check = {"status": "unchecked", "reference": None, "max_abs_err": None, "rel_err": None,
+                     "detail": ref_name}
+        else:
+            cmp = compare_outputs(out, ref, table.dtype)
+            check = {"status": "ok" if cmp["ok"] else "mismatch", "reference": ref_name,
+                     "max_abs_err": cmp["max_abs_err"], "rel_err": cmp["rel_err"], "detail": None}
+        row["check"] = check
+        if check["status"] == "mismatch":
+            log(f"WARNING: modelaccel varlen output differs from SDPA {check['reference']} for {shape} "
+                f"({table.title}): max abs err {check['max_abs_err']:.3e}, rel err {check['rel_err']:.3e}; "
+                "not timing it")
+        elif check["status"] != "ok":
+            log(f"WARNING: {shape} ({table.title}): modelaccel {check['status']}: {check['detail']}")
+    if table.causal and ref is not None and "flash" in providers:
+        out, reason = _run_capturing(*_varlen_provider_call("flash", q, k, v, cu_seqlens, max_len, padded, True))
+        if out is not None:
+            real_rows = out.transpose(1, 2).reshape(batch * max_len, hq, table.headdim)[indices]
+            row["peer_check"] = compare_outputs(real_rows, ref, table.dtype)
+            if not row["peer_check"]["ok"]:
+                log(f"WARNING: padded SDPA flash differs from per-sequence SDPA flash on real tokens for {shape}: "
+                    f"{row['peer_check']}")
+
+    for provider in providers:
+        ms, reason = None, None
+        check = row["check"]
+        if provider == "modelaccel" and check["status"] in ("mismatch", "error"):
+            reason = (f"not timed: output differs from SDPA {check['reference']} (max abs err "
+                      f"{check['max_abs_err']:.3e}, rel err {check['rel_err']:.3e})" if check["status"] == "mismatch"
+                      else f"not timed: {check['detail']}")
+        else:
+            try:
+                fn, ctx = _varlen_provider_call(provider, q, k, v, cu_seqlens, max_len, padded, table.causal)
+            except ImportError as e:  # varlen_attn on an older torch
+                fn, ctx = None, str(e)
+            if fn is None:
+                reason = ctx
+            else:
+                ms, reason = _run_capturing(
+                    lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx)
+        row["ms"][provider] = ms
+        row["tflops"][provider] = tflops(flops, ms)
+        row["tokens_per_s"][provider] = None if ms is None else total / (ms * 1e-3)
+        if reason is not None:
+            row["errors"][provider] = reason
+
+    del q, k, v, padded
+    torch.cuda.empty_cache()
+    return row
+
+
+ROW_RUNNERS = {"fwd": run_row, "bwd": run_bwd_row, "varlen": run_varlen_row}
 
 
 def geomean_ratios(rows, provider, baseline):
@@ -347,13 +731,17 @@ def run_benchmark(tables, providers=PROVIDERS, log=print):
     """
     from modelaccel.bench.report import format_header, format_row
 
-    result = {"metadata": collect_metadata(), "providers": list(providers), "tables": []}
+    modes = {table.mode for table in tables}
+    if len(modes) != 1:
+        raise ValueError(f"one run_benchmark call runs tables of one mode, got {sorted(modes)}")
+    (mode,) = modes
+    result = {"metadata": collect_metadata(), "mode": mode, "providers": list(providers), "tables": []}
     for table in tables:
         log(f"== {table.title}")
-        log(format_header(providers))
+        log(format_header(providers, varlen=mode == "varlen"))
         rows = []
         for shape in table.shapes:
-            row = run_row(table, shape, providers, log=log)
+            row = ROW_RUNNERS[mode](table, shape, providers, log=log)
             log(format_row(row, providers))
             rows.append(row)
         geomean = {}
@@ -362,6 +750,7 @@ def run_benchmark(tables, providers=PROVIDERS, log=print):
                 if baseline != "modelaccel":
                     value, n = geomean_ratios(rows, "modelaccel", baseline)
                     geomean[f"vs_{baseline}"] = {"geomean": value, "rows": n}
-        result["tables"].append({"title": table.title, "dtype": table.dtype, "headdim": table.headdim,
-                                 "causal": table.causal, "rows": rows, "geomean": geomean})
+        result["tables"].append({"title": table.title, "mode": table.mode, "dtype": table.dtype,
+                                 "headdim": table.headdim, "causal": table.causal, "rows": rows,
+                                 "geomean": geomean})
     return result

@@ -10,8 +10,29 @@ import re
 
 SHAPE_COLUMNS = ("BATCH", "HQ", "HK", "N_CTX_Q", "N_CTX_K")
 SHAPE_KEYS = ("batch", "nheads_q", "nheads_k", "seqlen_q", "seqlen_k")
+# Varlen rows have one max length and a total of real tokens instead of two lengths.
+VARLEN_SHAPE_COLUMNS = ("BATCH", "HQ", "HK", "MAX_LEN", "TOKENS")
+VARLEN_SHAPE_KEYS = ("batch", "nheads_q", "nheads_k", "max_seqlen", "total_tokens")
 _SHAPE_WIDTHS = (5, 4, 4, 7, 7)
 _NUM_WIDTH = 10
+
+# Per mode: the report's title and the file-name prefix of its results.
+MODE_TITLES = {"fwd": "Forward attention", "bwd": "Attention backward pass",
+               "varlen": "Variable-length attention forward"}
+MODE_PREFIXES = {"fwd": "attention_fwd", "bwd": "attention_bwd", "varlen": "attention_varlen"}
+
+
+def _mode(result):
+    # Results recorded before the backward and varlen modes existed carry no "mode".
+    return result.get("mode", "fwd")
+
+
+def _is_varlen_row(row):
+    return "max_seqlen" in row
+
+
+def _shape_spec(varlen):
+    return (VARLEN_SHAPE_COLUMNS, VARLEN_SHAPE_KEYS) if varlen else (SHAPE_COLUMNS, SHAPE_KEYS)
 
 
 def device_slug(name):
@@ -46,9 +67,12 @@ def _tflops_text(row, provider):
     return "-"
 
 
-def format_header(providers):
-    """Console header matching `format_row`: shape | TFLOPS per provider | ratios | check."""
-    shape = " ".join(f"{c:>{w}}" for c, w in zip(SHAPE_COLUMNS, _SHAPE_WIDTHS))
+def format_header(providers, varlen=False):
+    """Console header matching `format_row`: shape | TFLOPS per provider | ratios | check.
+
+    varlen: use the varlen shape columns (BATCH, HQ, HK, MAX_LEN, TOKENS).
+    """
+    shape = " ".join(f"{c:>{w}}" for c, w in zip(_shape_spec(varlen)[0], _SHAPE_WIDTHS))
     tf = " ".join(f"{p:>{_NUM_WIDTH}}" for p in providers) + " (TFLOPS)"
     ratios = " ".join(f"{'vs ' + b:>{_NUM_WIDTH}}" for b in _baselines(providers))
     return " | ".join(part for part in (shape, tf, ratios, "check") if part)
@@ -56,7 +80,8 @@ def format_header(providers):
 
 def format_row(row, providers):
     """One console line for a row dict: its shape, TFLOPS per provider, ratios and check."""
-    shape = " ".join(f"{row[k]:>{w}}" for k, w in zip(SHAPE_KEYS, _SHAPE_WIDTHS))
+    keys = _shape_spec(_is_varlen_row(row))[1]
+    shape = " ".join(f"{row[k]:>{w}}" for k, w in zip(keys, _SHAPE_WIDTHS))
     tf = " ".join(f"{_tflops_text(row, p):>{_NUM_WIDTH}}" for p in providers) + " " * len(" (TFLOPS)")
     ratio_cells = []
     for b in _baselines(providers):
@@ -75,7 +100,8 @@ def _geomean_text(table):
 
 def format_table(table, providers):
     """Console text for one table dict: title, header, one line per row, geomean line."""
-    lines = [f"== {table['title']}", format_header(providers)]
+    varlen = bool(table["rows"]) and _is_varlen_row(table["rows"][0])
+    lines = [f"== {table['title']}", format_header(providers, varlen=varlen)]
     lines += [format_row(row, providers) for row in table["rows"]]
     geomean = _geomean_text(table)
     if geomean:
@@ -83,36 +109,57 @@ def format_table(table, providers):
     return "\n".join(lines)
 
 
+MODE_NOTES = {
+    "fwd": "TFLOPS; ratios are modelaccel over the SDPA backend; check is modelaccel's max abs "
+           "error against SDPA. '-' means no number (reasons below the table).",
+    "bwd": "TFLOPS of the backward pass alone (2.5x the forward's FLOPs; the forward runs once, untimed); "
+           "ratios are modelaccel over the SDPA backend; check is the largest relative error of "
+           "modelaccel's dq, dk, dv against SDPA's. '-' means no number (reasons below the table).",
+    "varlen": "Useful TFLOPS (FLOPs of the real tokens only, each sequence on its own) and millions of real "
+              "tokens per second; ratios are modelaccel over the SDPA backend; check is modelaccel's max abs "
+              "error against SDPA flash run on each sequence alone. Causal peers run the batch padded to "
+              "its longest sequence (the padding is work they do); non-causal peers run nested jagged "
+              "tensors. '-' means no number (reasons below the table).",
+}
+
+
 def format_markdown(result):
     """Markdown report of a whole result: metadata, one table per setting, then the reasons
     for every missing number (a provider refusing a shape, a mismatch, an error)."""
-    meta, providers = result["metadata"], result["providers"]
-    lines = [f"# Forward attention, {meta['device_name']}", ""]
+    meta, providers, mode = result["metadata"], result["providers"], _mode(result)
+    lines = [f"# {MODE_TITLES[mode]}, {meta['device_name']}", ""]
     for key in ("device_name", "sm_count", "compute_capability", "torch", "triton", "cuda", "cudnn",
                 "date", "modelaccel_commit", "modelaccel_dirty", "do_bench"):
         if key in meta:
             lines.append(f"- {key}: {meta[key]}")
     lines.append("")
-    lines.append("TFLOPS; ratios are modelaccel over the SDPA backend; check is modelaccel's max abs "
-                 "error against SDPA. '-' means no number (reasons below the table).")
+    lines.append(MODE_NOTES[mode])
     baselines = _baselines(providers)
+    varlen = mode == "varlen"
+    columns, keys = _shape_spec(varlen)
     for table in result["tables"]:
-        header = list(SHAPE_COLUMNS) + list(providers) + [f"vs {b}" for b in baselines] + ["check"]
+        header = list(columns) + list(providers) + [f"vs {b}" for b in baselines] + ["check"]
+        if varlen:
+            header += [f"{p} Mtok/s" for p in providers]
         lines += ["", f"## {table['title']}", "", "| " + " | ".join(header) + " |",
                   "|" + "---:|" * (len(header) - 1) + "---|"]
         notes = []
         for row in table["rows"]:
-            cells = [str(row[k]) for k in SHAPE_KEYS] + [_tflops_text(row, p) for p in providers]
+            cells = [str(row[k]) for k in keys] + [_tflops_text(row, p) for p in providers]
             cells += [f"{r:.2f}x" if (r := _ratio(row, b)) is not None else "-" for b in baselines]
             cells.append(_check_text(row["check"]))
+            if varlen:
+                cells += [f"{t / 1e6:.1f}" if (t := row["tokens_per_s"].get(p)) else "-" for p in providers]
             lines.append("| " + " | ".join(cells) + " |")
-            shape = "(" + ", ".join(str(row[k]) for k in SHAPE_KEYS) + ")"
+            shape = "(" + ", ".join(str(row[k]) for k in keys) + ")"
+            if varlen:
+                notes.append(f"- {shape} sequence lengths: {row['seqlens']}")
             notes += [f"- {shape} {p}: {reason}" for p, reason in row["errors"].items()]
         geomean = _geomean_text(table)
         if geomean:
             lines += ["", geomean]
         if notes:
-            lines += ["", "Missing numbers:", ""] + notes
+            lines += ["", "Lengths and missing numbers:" if varlen else "Missing numbers:", ""] + notes
     return "\n".join(lines) + "\n"
 
 
@@ -132,6 +179,8 @@ def plot_results(result, path):
         return None
 
     providers, tables = result["providers"], result["tables"]
+    mode = _mode(result)
+    keys = _shape_spec(mode == "varlen")[1]
     fig, axes = plt.subplots(len(tables), 1, figsize=(14, 4.5 * len(tables)), squeeze=False)
     width = 0.8 / len(providers)
     for ax, table in zip(axes[:, 0], tables):
@@ -140,13 +189,14 @@ def plot_results(result, path):
             heights = [row["tflops"].get(provider) or 0.0 for row in table["rows"]]
             ax.bar([x + (i - (len(providers) - 1) / 2) * width for x in positions], heights, width, label=provider)
         ax.set_xticks(list(positions))
-        ax.set_xticklabels([",".join(str(row[k]) for k in SHAPE_KEYS) for row in table["rows"]],
+        ax.set_xticklabels([",".join(str(row[k]) for k in keys) for row in table["rows"]],
                            rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("TFLOPS")
+        ax.set_ylabel("useful TFLOPS" if mode == "varlen" else "TFLOPS")
         ax.set_title(table["title"])
         ax.legend()
-    axes[-1, 0].set_xlabel("BATCH,HQ,HK,N_CTX_Q,N_CTX_K (missing bars: no number, see the markdown report)")
-    fig.suptitle(f"Forward attention, {result['metadata']['device_name']}")
+    columns = ",".join(_shape_spec(mode == "varlen")[0])
+    axes[-1, 0].set_xlabel(f"{columns} (missing bars: no number, see the markdown report)")
+    fig.suptitle(f"{MODE_TITLES[mode]}, {result['metadata']['device_name']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -156,13 +206,15 @@ def plot_results(result, path):
 def write_results(result, out_dir, tag=""):
     """Write result as JSON, markdown and PNG into out_dir (created if missing).
 
-    Files are named attention_fwd_<device-slug>_<date>[_<tag>].{json,md,png}; a rerun on
-    the same day with the same tag replaces them. Returns {"json", "md", "png"} paths,
+    Files are named <prefix>_<device-slug>_<date>[_<tag>].{json,md,png}, the prefix
+    attention_fwd, attention_bwd or attention_varlen by result["mode"] (fwd if absent); a
+    rerun on the same day with the same tag replaces them. Returns {"json", "md", "png"} paths,
     "png" None if the plot was skipped.
     """
     os.makedirs(out_dir, exist_ok=True)
     meta = result["metadata"]
-    stem = f"attention_fwd_{device_slug(meta['device_name'])}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
+    stem = (f"{MODE_PREFIXES[_mode(result)]}_{device_slug(meta['device_name'])}_{meta['date'][:10]}"
+            + (f"_{tag}" if tag else ""))
     base = os.path.join(out_dir, stem)
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=2)
