@@ -48,3 +48,20 @@ def assert_attention_close(out, lse, ref_out, ref_lse, dtype):
           and errors["lse_abs"] <= LSE_ABS_TOLERANCE)
     assert ok, f"attention mismatch for {dtype}: {errors} (tolerance {tol}, lse {LSE_ABS_TOLERANCE})"
     return errors
+
+
+def assert_grads_close(grads, ref_grads, dtype, names=("dq", "dk", "dv")):
+    """Raise AssertionError unless each gradient is finite and matches its reference within
+    the attention tolerance for `dtype`: relative norm error, or, for a gradient that is
+    zero up to rounding (a one-key window makes dq vanish), max absolute error."""
+    tol = ATTENTION_TOLERANCE[dtype]
+    report = {}
+    for name, g, r in zip(names, grads, ref_grads):
+        g64, r64 = g.double(), r.to(g.device).double()
+        rel = ((g64 - r64).norm() / r64.norm().clamp_min(1e-30)).item()
+        abs_err = (g64 - r64).abs().max().item() if g64.numel() else 0.0
+        report[name] = {"rel": rel, "abs": abs_err}
+        assert torch.isfinite(g64).all(), f"{name} has NaN/inf entries"
+        assert rel <= tol["rel"] or abs_err <= tol["abs"] * 0.1, \
+            f"{name} mismatch for {dtype}: {report[name]} (tolerance {tol}; all: {report})"
+    return report

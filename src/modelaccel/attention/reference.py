@@ -41,7 +41,7 @@ def alibi_bias(alibi_slopes, seqlen_q, seqlen_k, batch, nheads, device, dtype):
 
 
 def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                  alibi_slopes=None, compute_dtype=torch.float64):
+                  alibi_slopes=None, compute_dtype=torch.float64, dropout_p=0.0, dropout_mask=None):
     """Attention computed the plain way, in `compute_dtype`.
 
     Args:
@@ -50,6 +50,9 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
         softmax_scale: default 1 / sqrt(headdim).
         softcap: if > 0, scores become softcap * tanh(scores / softcap) (Gemma-2).
         alibi_slopes: float [nheads] or [batch, nheads].
+        dropout_p, dropout_mask: with dropout_p > 0, the probabilities are multiplied by the
+            keep mask (bool [batch, nheads, seqlen_q, seqlen_k]) / (1 - dropout_p); lse is
+            unaffected. Differentiable in q, k, v like the rest.
     Returns:
         out [batch, seqlen_q, nheads, headdim] and lse [batch, nheads, seqlen_q], both in
         `compute_dtype`. Rows that see no key get out = 0 and lse = +inf (flash-attn's
@@ -75,5 +78,30 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
     # exp(-inf - (+inf)) is 0, so the empty rows come out as zeros without NaN.
     lse = lse.masked_fill(empty, float("inf"))
     probs = torch.exp(scores - lse[..., None])
+    if dropout_p > 0:
+        probs = probs * dropout_mask.to(probs.device) / (1.0 - dropout_p)
     out = torch.matmul(probs, vf).transpose(1, 2)
     return out, lse
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None, causal=False,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, compute_dtype=torch.float64):
+    """attention_ref on each sequence of a packed batch.
+
+    q: [total_q, nheads, headdim]; k, v: [total_k, nheads_k, headdim]; cu_seqlens_q/k:
+    int32 [batch + 1]. Returns out [total_q, nheads, headdim] and lse [nheads, total_q] in
+    compute_dtype. Masks are aligned per sequence (bottom-right of each).
+    """
+    starts_q, starts_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for b in range(len(starts_q) - 1):
+        qs = q[starts_q[b]:starts_q[b + 1]].unsqueeze(0)
+        ks = k[starts_k[b]:starts_k[b + 1]].unsqueeze(0)
+        vs = v[starts_k[b]:starts_k[b + 1]].unsqueeze(0)
+        slopes = alibi_slopes
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            slopes = alibi_slopes[b]
+        out, lse = attention_ref(qs, ks, vs, softmax_scale, causal, window_size, softcap, slopes, compute_dtype)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)

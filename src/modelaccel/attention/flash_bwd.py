@@ -1,0 +1,361 @@
+"""FlashAttention-2 backward pass in Triton, and its launcher.
+
+Two kernels, neither with atomics, so gradients are bit-identical run to run:
+- dQ: one program per (query block, batch, head) walks the key blocks that block sees.
+  It first computes delta = rowsum(dO * O) for its rows and stores it for the next kernel.
+- dK, dV: one program per (key block, batch, kv head) walks the query blocks that see the
+  key block, for every query head of the kv group, so GQA/MQA sums its gradients in
+  registers.
+Both recompute P = exp2(S - lse) from the saved float32 lse, with the same score, mask
+and dropout helpers as the forward pass; nothing of size seqlen_q x seqlen_k is stored.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_fwd import (LOG2E, _dot, _dropout_keep, _key_block_range, _load_tile, _scores_log2,
+                        _sequence_bounds, _store_tile, _tanh, config_candidates)
+from .launch import LaunchTuner, interpreting, size_bucket
+
+
+@triton.jit
+def _query_block_range(start_n, last_n, seqlen_q, seqlen_k, diag, window_left, window_right,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """For key block [start_n, last_n]: query rows that see any of its keys, [lo, hi), and
+    whole query blocks whose every row sees every key of it, [full_lo, full_hi)."""
+    lo = 0
+    hi = seqlen_q
+    if HAS_RIGHT:
+        lo = tl.maximum(start_n - diag - window_right, 0) // BLOCK_M * BLOCK_M
+    if HAS_LEFT:
+        hi = tl.minimum(last_n - diag + window_left + 1, seqlen_q)
+    full_lo = lo
+    if HAS_RIGHT:
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - window_right, 0), BLOCK_M) * BLOCK_M
+    full_hi = seqlen_q // BLOCK_M * BLOCK_M
+    if HAS_LEFT:
+        full_hi = tl.minimum(full_hi, tl.maximum(start_n - diag + window_left + 1, 0) // BLOCK_M * BLOCK_M)
+    # A key block that runs past the sequence needs the mask on every query block.
+    partial = start_n + BLOCK_N > seqlen_k
+    full_lo = tl.where(partial, lo, full_lo)
+    full_hi = tl.where(partial, lo, full_hi)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, lo, hi,
+                        stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                        seqlen_k, diag, window_left, window_right,
+                        qk_scale, softcap_scale, alibi_slope, seed, dropout_p,
+                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
+                        UPCAST_DOT: tl.constexpr):
+    """Accumulate dS @ K over key blocks [lo, hi) into dq (dS in softmax-score units)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(K, bt, k_start + start_n, hk, stride_kb, stride_ks, stride_kh, k_start + seqlen_k,
+                       BLOCK_N, BLOCK_D, HEADDIM, False)
+        v = _load_tile(V, bt, k_start + start_n, hk, stride_vb, stride_vs, stride_vh, k_start + seqlen_k,
+                       BLOCK_N, BLOCK_D, HEADDIM, False)
+        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
+        s = _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+                         qk_scale, softcap_scale, alibi_slope,
+                         MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), None, UPCAST_DOT)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            t = _tanh(qk * softcap_scale)
+            ds = ds * (1.0 - t * t)
+        dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
+                        stride_qb, stride_qs, stride_qh,
+                        stride_kb, stride_ks, stride_kh,
+                        stride_vb, stride_vs, stride_vh,
+                        stride_ob, stride_os, stride_oh,
+                        stride_lse_b, stride_lse_h, stride_alibi_b,
+                        NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
+                        window_left, window_right, qk_scale, softcap_scale, softmax_scale, seed, dropout_p,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                        IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """dQ for one query block; O, dO and dQ share one layout (strides stride_o*)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NHEADS
+    h = pid_bh % NHEADS
+    hk = h // GROUP
+    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seqlen_q:
+        return
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    diag = seqlen_k - seqlen_q
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
+    lo, full_lo, full_hi, hi = _key_block_range(start_m, last_m, seqlen_k, diag, window_left, window_right,
+                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    seed_bh = seed + pid_bh
+
+    q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
+                   BLOCK_M, BLOCK_D, HEADDIM, False)
+    do = _load_tile(DO, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
+                    BLOCK_M, BLOCK_D, HEADDIM, False)
+    o = _load_tile(O, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
+                   BLOCK_M, BLOCK_D, HEADDIM, False)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
+    in_seq = offs_m < seqlen_q
+    tl.store(DELTA + row_offset, delta, mask=in_seq)
+    # Rows past the sequence get lse = +inf, so their P is 0 whatever their scores.
+    lse2 = tl.load(LSE + row_offset, mask=in_seq, other=float("inf")) * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, lo, full_lo,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+                             seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             BLOCK_N, BLOCK_D, HEADDIM, UPCAST_DOT)
+    dq = _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, full_lo, full_hi,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+                             seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             BLOCK_N, BLOCK_D, HEADDIM, UPCAST_DOT)
+    dq = _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, full_hi, hi,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                             seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+                             seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                             BLOCK_N, BLOCK_D, HEADDIM, UPCAST_DOT)
+    dq = dq * softmax_scale
+    _store_tile(DQ, dq.to(q.dtype), bt, q_start + start_m, h, stride_ob, stride_os, stride_oh,
+                q_start + seqlen_q, BLOCK_M, BLOCK_D, HEADDIM, False)
+
+
+@triton.jit
+def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, lo, hi,
+                          stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
+                          stride_lse_b, stride_lse_h,
+                          seqlen_q, seqlen_k, diag, window_left, window_right,
+                          qk_scale, softcap_scale, alibi_slope, seed, dropout_p,
+                          MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
+                          UPCAST_DOT: tl.constexpr):
+    """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    row_base = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
+                       BLOCK_M, BLOCK_D, HEADDIM, False)
+        do = _load_tile(DO, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
+                        BLOCK_M, BLOCK_D, HEADDIM, False)
+        in_seq = offs_m < seqlen_q
+        lse2 = tl.load(LSE + row_base + offs_m, mask=in_seq, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + row_base + offs_m, mask=in_seq, other=0.0)
+        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
+        s = _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+                         qk_scale, softcap_scale, alibi_slope,
+                         MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), None, UPCAST_DOT)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        else:
+            p_kept = p
+        dv = _dot(tl.trans(p_kept.to(do.dtype)), do, dv, UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            t = _tanh(qk * softcap_scale)
+            ds = ds * (1.0 - t * t)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST_DOT)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ALIBI, CU_Q, CU_K,
+                          stride_qb, stride_qs, stride_qh,
+                          stride_kb, stride_ks, stride_kh,
+                          stride_vb, stride_vs, stride_vh,
+                          stride_ob, stride_os, stride_oh,
+                          stride_dkb, stride_dks, stride_dkh,
+                          stride_lse_b, stride_lse_h, stride_alibi_b,
+                          NHEADS, NHEADS_K, GROUP, SEQLEN_Q, SEQLEN_K,
+                          window_left, window_right, qk_scale, softcap_scale, softmax_scale, seed, dropout_p,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """dK, dV for one key block of one kv head, summed over the query heads of its group;
+    dK and dV share one layout (strides stride_dk*)."""
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // NHEADS_K
+    hk = pid_bhk % NHEADS_K
+    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    start_n = pid_n * BLOCK_N
+    if start_n >= seqlen_k:
+        return
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    diag = seqlen_k - seqlen_q
+    last_n = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1
+    lo, full_lo, full_hi, hi = _query_block_range(start_n, last_n, seqlen_q, seqlen_k, diag,
+                                                  window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    k = _load_tile(K, bt, k_start + start_n, hk, stride_kb, stride_ks, stride_kh, k_start + seqlen_k,
+                   BLOCK_N, BLOCK_D, HEADDIM, False)
+    v = _load_tile(V, bt, k_start + start_n, hk, stride_vb, stride_vs, stride_vh, k_start + seqlen_k,
+                   BLOCK_N, BLOCK_D, HEADDIM, False)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        alibi_slope = 0.0
+        if HAS_ALIBI:
+            alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
+        seed_bh = seed + b * NHEADS + h
+        dk, dv = _attn_bwd_dkdv_blocks(
+            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, lo, full_lo,
+            stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+            seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+        dk, dv = _attn_bwd_dkdv_blocks(
+            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, full_lo, full_hi,
+            stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+            seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+        dk, dv = _attn_bwd_dkdv_blocks(
+            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, full_hi, hi,
+            stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
+            seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+    dk = dk * softmax_scale
+    _store_tile(DK, dk.to(k.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
+                k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
+    _store_tile(DV, dv.to(v.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
+                k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) by padded head dim. dQ programs hold a query
+# block and stream keys (BLOCK_N is the streamed one); dK/dV programs hold a key block and
+# stream queries (BLOCK_M is streamed). Small streamed tiles keep the registers in check.
+_DQ_CONFIGS = {
+    64: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
+    256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+}
+_DKDV_CONFIGS = {
+    64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
+    128: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
+    256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
+}
+_dq_tuner = LaunchTuner("attention_bwd_dq")
+_dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None,
+                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, blocks=None, grads=None):
+    """Gradients of the forward pass with the same arguments.
+
+    Args:
+        dout: gradient of out, shaped like q. out, lse: what flash_attn_forward returned.
+        Other arguments as flash_attn_forward's.
+        blocks: ((BLOCK_M, BLOCK_N) for dQ, (BLOCK_M, BLOCK_N) for dK/dV) to skip tuning
+            (tests); the interpreter uses 16x16 blocks.
+        grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
+    Returns:
+        dq shaped like q, dk and dv shaped like k (summed over each GQA group), in q's dtype.
+    """
+    varlen = cu_seqlens_q is not None
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    # dO, dQ and O share one layout, dK and dV another: fewer strides to pass.
+    dout = dout.contiguous()
+    out = out.contiguous()
+    if grads is None:
+        grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+                 torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                 torch.empty(k.shape, dtype=v.dtype, device=v.device))
+    dq, dk, dv = grads
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        seqlen_q, seqlen_k = max_seqlen_q, max_seqlen_k
+        t4 = [t.unsqueeze(0) for t in (q, k, v, out, dout, dq, dk, dv)]
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+        t4 = [q, k, v, out, dout, dq, dk, dv]
+        lse_strides = (lse.stride(0), lse.stride(1))
+    q4, k4, v4, o4, do4, dq4, dk4, dv4 = t4
+    if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = torch.empty_like(lse)
+    left, right = window_size
+    if causal:
+        right = 0
+    block_d = max(triton.next_power_of_2(headdim), 16)
+    alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
+    interp = interpreting()
+    common_args = (left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
+                   softmax_scale / softcap if softcap > 0 else 1.0, softmax_scale, seed, dropout_p)
+    flags = dict(BLOCK_D=block_d, HEADDIM=headdim, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0,
+                 HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0,
+                 IS_VARLEN=varlen, UPCAST_DOT=interp and q.dtype == torch.bfloat16)
+    alibi = alibi_slopes if alibi_slopes is not None else lse
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+
+    def launch_dq(config):
+        bm, bn, warps, stages, _ = config
+        extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm), batch * nheads)](
+            q4, k4, v4, o4, do4, dq4, lse, delta, alibi, cu_q, cu_k,
+            q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
+            v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
+            *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args,
+            BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
+
+    def launch_dkdv(config):
+        bm, bn, warps, stages, _ = config
+        extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn), batch * nheads_k)](
+            q4, k4, v4, do4, dk4, dv4, lse, delta, alibi, cu_q, cu_k,
+            q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
+            v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
+            dk4.stride(0), dk4.stride(1), dk4.stride(2),
+            *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
+            *common_args, BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
+
+    if interp or blocks is not None:
+        (dq_m, dq_n), (kv_m, kv_n) = blocks or ((16, 16), (16, 16))
+        dq_config, dkdv_config = (dq_m, dq_n, 4, 2, False), (kv_m, kv_n, 4, 2, False)
+    else:
+        key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
+               varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads))
+        dq_config = _dq_tuner.choose(key, config_candidates(_DQ_CONFIGS, block_d, False), launch_dq)
+        dkdv_config = _dkdv_tuner.choose(key, config_candidates(_DKDV_CONFIGS, block_d, False), launch_dkdv)
+    # dQ first: it writes delta, which the dK/dV kernel reads.
+    launch_dq(dq_config)
+    launch_dkdv(dkdv_config)
+    return dq, dk, dv

@@ -1,0 +1,96 @@
+"""What the attention launchers share: device checks and the per-problem-class launch tuner."""
+
+import functools
+import json
+import os
+
+import torch
+import triton
+
+try:  # triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer path only
+    TensorDescriptor = None
+
+
+def interpreting():
+    """True when the Triton interpreter runs the kernels (CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device_index):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def tma_usable(*tensors):
+    """TMA needs Hopper or newer (or the interpreter), 16-byte aligned pointers and strides."""
+    if TensorDescriptor is None:
+        return False
+    if tensors[0].is_cuda:
+        if capability(tensors[0].device.index)[0] < 9:
+            return False
+    elif not interpreting():
+        return False
+    for t in tensors:
+        esize = t.element_size()
+        if t.data_ptr() % 16 or any((s * esize) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
+def size_bucket(n):
+    """Sizes tune by power-of-two class, so a new prompt length does not retune."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class LaunchTuner:
+    """Chooses a kernel's launch configuration per problem class, once.
+
+    Each candidate is timed with do_bench on the real launch the first time a class is
+    seen. Choices persist in a JSON file per kernel, device and triton version
+    ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once per machine.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.choices = None
+        self.path = None
+
+    def _load(self):
+        device = torch.cuda.get_device_name(torch.cuda.current_device()).replace(" ", "-")
+        folder = os.environ.get("MODELACCEL_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "modelaccel"))
+        self.path = os.path.join(folder, f"{self.name}_{device}_triton-{triton.__version__}.json")
+        try:
+            with open(self.path) as f:
+                self.choices = {k: tuple(v) for k, v in json.load(f).items()}
+        except (OSError, ValueError):
+            self.choices = {}
+
+    def _save(self):
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            tmp = f"{self.path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(self.choices, f, indent=0)
+            os.replace(tmp, self.path)
+        except OSError:  # a read-only home only costs re-tuning in the next process
+            pass
+
+    def choose(self, key, candidates, launch):
+        """The fastest of `candidates` for `key` (a tuple); `launch(config)` runs one."""
+        if self.choices is None:
+            self._load()
+        key = "|".join(map(str, key))
+        if key not in self.choices:
+            timings = {}
+            for config in candidates:
+                try:
+                    timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
+                except triton.runtime.errors.OutOfResources:  # too much shared memory here
+                    continue
+            if not timings:
+                raise RuntimeError(f"no {self.name} kernel configuration fits this GPU for {key}")
+            self.choices[key] = min(timings, key=timings.get)
+            self._save()
+        return self.choices[key]

@@ -1,0 +1,237 @@
+"""Backward pass, variable-length batches and dropout against the float64 reference.
+
+On a CPU machine these run the Triton kernels in the interpreter (conftest sets
+TRITON_INTERPRET=1); on a GPU machine the same tests run the compiled kernels.
+"""
+
+import pytest
+import torch
+
+import modelaccel
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.reference import attention_ref, varlen_attention_ref
+from modelaccel.testing import assert_attention_close, assert_grads_close
+
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def randn(shape, dtype, device, gen):
+    return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (randn((batch, seqlen_q, nheads, headdim), dtype, device, gen),
+            randn((batch, seqlen_k, nheads_k, headdim), dtype, device, gen),
+            randn((batch, seqlen_k, nheads_k, headdim), dtype, device, gen))
+
+
+def reference_grads(q, k, v, dout, **kwargs):
+    """Output and (dq, dk, dv) of the float64 reference, by autograd."""
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    out, lse = attention_ref(q64, k64, v64, **kwargs)
+    out.backward(dout.cpu().double())
+    return out.detach(), lse, (q64.grad, k64.grad, v64.grad)
+
+
+def kernel_grads(q, k, v, dout, blocks=None, **kwargs):
+    """Forward then backward through the launchers, into NaN-poisoned gradient buffers."""
+    scale = kwargs.pop("softmax_scale", q.shape[-1] ** -0.5)
+    out, lse = flash_attn_forward(q, k, v, scale, **kwargs)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_attn_backward(dout, q, k, v, out, lse, scale, blocks=blocks, grads=grads, **kwargs)
+    return out, lse, grads
+
+
+def check_grads(q, k, v, blocks=None, seed=0, **kwargs):
+    dout = randn(q.shape, q.dtype, q.device, torch.Generator().manual_seed(seed + 100))
+    out, lse, grads = kernel_grads(q, k, v, dout, blocks=blocks, **kwargs)
+    ref_out, ref_lse, ref_grads = reference_grads(q, k, v, dout, **kwargs)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+    return assert_grads_close(grads, ref_grads, q.dtype)
+
+
+SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
+    (1, 37, 53, 2, 2, 64),
+    (2, 53, 37, 4, 2, 40),
+    (1, 1, 40, 4, 1, 128),
+    (1, 45, 45, 4, 4, 32),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_grads_match_reference(shape, causal, dtype, device):
+    q, k, v = make_qkv(*shape, dtype=dtype, device=device, seed=sum(shape))
+    check_grads(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("blocks", [((16, 32), (32, 16)), ((32, 16), (16, 32))], ids=["dq16x32", "dq32x16"])
+@pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (9, 5)), (True, (20, -1)),
+                                                (False, (0, 0)), (False, (-1, 3))])
+def test_grads_masks_and_blocks(blocks, causal, window_size, device):
+    """Mask edges inside and across tiles, with unequal block shapes in both kernels."""
+    for shape in [(1, 45, 77, 2, 1, 64), (1, 77, 45, 2, 2, 48)]:
+        q, k, v = make_qkv(*shape, dtype=torch.float16, device=device, seed=sum(shape))
+        check_grads(q, k, v, blocks=blocks, causal=causal, window_size=window_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grads_softcap_alibi(dtype, device):
+    q, k, v = make_qkv(2, 40, 56, 4, 2, 64, dtype=dtype, device=device, seed=3)
+    q = q * 3  # large scores, so the cap actually bends them
+    slopes = torch.rand(2, 4, generator=torch.Generator().manual_seed(1)).to(device) * 0.5
+    check_grads(q, k, v, causal=True, softcap=5.0)
+    check_grads(q, k, v, alibi_slopes=slopes, window_size=(13, 7))
+    check_grads(q, k, v, causal=True, alibi_slopes=slopes[0].contiguous(), softcap=2.0, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("headdim", [8, 24, 72, 160, 256])
+def test_grads_head_dims(headdim, device):
+    q, k, v = make_qkv(1, 33, 41, 2, 1, headdim, dtype=torch.bfloat16, device=device, seed=headdim)
+    check_grads(q, k, v, causal=True)
+
+
+def test_rows_that_see_no_key_get_zero_grads(device):
+    q, k, v = make_qkv(1, 50, 20, 2, 2, 64, dtype=torch.float16, device=device)
+    check_grads(q, k, v, causal=True)
+    dout = torch.randn_like(q)
+    _, _, (dq, _, _) = kernel_grads(q, k, v, dout, causal=True)
+    assert torch.equal(dq[:, :30], torch.zeros_like(dq[:, :30]))
+
+
+def test_public_api_autograd_and_determinism(device):
+    q, k, v = make_qkv(2, 29, 31, 4, 2, 64, dtype=torch.bfloat16, device=device, seed=11)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(device, q.dtype)
+    runs = []
+    for _ in range(2):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = modelaccel.flash_attn_func(qg, kg, vg, causal=True, deterministic=True)
+        out.backward(dout)
+        runs.append((qg.grad, kg.grad, vg.grad))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # no atomics: bit-identical
+    _, _, ref_grads = reference_grads(q, k, v, dout, causal=True)
+    assert_grads_close(runs[0], ref_grads, q.dtype)
+
+
+def test_backward_keeps_only_inputs_out_and_lse(device):
+    """Nothing of size seqlen_q x seqlen_k is saved for backward."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 128, 128, 1, 1, 16, dtype=torch.float16, device=device))
+    out = modelaccel.flash_attn_func(q, k, v, causal=True)
+    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    assert saved and max(t.numel() for t in saved) < 128 * 128
+    assert {tuple(t.shape) for t in saved} <= {tuple(q.shape), (1, 1, 128)}
+
+
+# ---- variable-length batches ------------------------------------------------------------
+
+def packed(lengths, nheads, headdim, dtype, device, gen):
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    return randn((sum(lengths), nheads, headdim), dtype, device, gen), cu
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal,window_size", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
+def test_varlen_forward_backward(dtype, causal, window_size, device):
+    gen = torch.Generator().manual_seed(7)
+    lens_q, lens_k = [5, 0, 17, 33, 1], [9, 3, 17, 20, 0]  # empty sequences on both sides
+    q, cu_q = packed(lens_q, 4, 64, dtype, device, gen)
+    k, cu_k = packed(lens_k, 2, 64, dtype, device, gen)
+    v, _ = packed(lens_k, 2, 64, dtype, device, gen)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out, lse, _ = modelaccel.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 20, causal=causal,
+                                                    window_size=window_size, return_attn_probs=True)
+    assert lse.shape == (4, sum(lens_q))
+    dout = randn(out.shape, dtype, device, gen)
+    out.backward(dout)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = varlen_attention_ref(q64, k64, v64, cu_q.cpu(), cu_k.cpu(), causal=causal,
+                                            window_size=window_size)
+    ref_out.backward(dout.cpu().double())
+    assert_attention_close(out, lse, ref_out.detach(), ref_lse, dtype)
+    assert_grads_close((q.grad, k.grad, v.grad), (q64.grad, k64.grad, v64.grad), dtype)
+
+
+def test_varlen_matches_padded_dense(device):
+    """Sequences of one length packed: the same numbers as the dense call."""
+    q, k, v = make_qkv(3, 24, 24, 2, 2, 32, dtype=torch.float16, device=device)
+    dense = modelaccel.flash_attn_func(q, k, v, causal=True)
+    cu = torch.arange(0, 73, 24, dtype=torch.int32, device=device)
+    flat = [t.reshape(72, 2, 32) for t in (q, k, v)]
+    packed_out = modelaccel.flash_attn_varlen_func(*flat, cu, cu, 24, 24, causal=True)
+    torch.testing.assert_close(packed_out, dense.reshape(72, 2, 32), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda cu: cu.long(), "int32"),
+    (lambda cu: cu.flip(0), "start at 0"),
+    (lambda cu: torch.cat([cu[:-1], cu[-1:] + 1]), "ends at"),
+    (lambda cu: cu[:, None], "1-D"),
+])
+def test_varlen_bad_cu_seqlens(mutate, match, device):
+    gen = torch.Generator().manual_seed(0)
+    q, cu = packed([4, 6], 2, 32, torch.float16, device, gen)
+    with pytest.raises(ValueError, match=match):
+        modelaccel.flash_attn_varlen_func(q, q, q, mutate(cu), cu, 6, 6)
+
+
+def test_varlen_bad_max_seqlen_and_batch(device):
+    gen = torch.Generator().manual_seed(0)
+    q, cu = packed([4, 6], 2, 32, torch.float16, device, gen)
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        modelaccel.flash_attn_varlen_func(q, q, q, cu, cu, 5, 6)
+    k, cu_k = packed([4, 3, 3], 2, 32, torch.float16, device, gen)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        modelaccel.flash_attn_varlen_func(q, k, k, cu, cu_k, 6, 4)
+    with pytest.raises(ValueError, match="3 dims"):
+        modelaccel.flash_attn_varlen_func(q[None], q[None], q[None], cu, cu, 6, 6)
+
+
+# ---- dropout ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dropout_p", [0.1, 0.5])
+def test_dropout_keep_rate(dropout_p, device):
+    q, k, v = make_qkv(2, 64, 96, 4, 2, 32, dtype=torch.float16, device=device)
+    _, _, keep = modelaccel.flash_attn_func(q, k, v, dropout_p=dropout_p, return_attn_probs=True)
+    n = keep.numel()
+    rate = keep.float().mean().item()
+    std = ((1 - dropout_p) * dropout_p / n) ** 0.5
+    assert abs(rate - (1 - dropout_p)) < 5 * std, (rate, 1 - dropout_p, std)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_forward_backward_match_reference_with_same_mask(dtype, device):
+    q, k, v = make_qkv(2, 40, 56, 4, 2, 64, dtype=dtype, device=device, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    torch.manual_seed(1)
+    out, lse, keep = modelaccel.flash_attn_func(q, k, v, dropout_p=0.3, causal=True, return_attn_probs=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+    out.backward(dout)
+    ref_out, ref_lse, ref_grads = reference_grads(q, k, v, dout, causal=True, dropout_p=0.3, dropout_mask=keep.cpu())
+    assert_attention_close(out, lse, ref_out, ref_lse, dtype)
+    assert_grads_close((q.grad, k.grad, v.grad), ref_grads, dtype)
+
+
+def test_dropout_reproducible_under_manual_seed(device):
+    q, k, v = make_qkv(1, 32, 32, 2, 2, 32, dtype=torch.float16, device=device)
+    torch.manual_seed(123)
+    first = modelaccel.flash_attn_func(q, k, v, dropout_p=0.2)
+    torch.manual_seed(123)
+    again = modelaccel.flash_attn_func(q, k, v, dropout_p=0.2)
+    other = modelaccel.flash_attn_func(q, k, v, dropout_p=0.2)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_varlen_dropout_matches_dense_statistics(device):
+    gen = torch.Generator().manual_seed(2)
+    q, cu = packed([30, 20], 2, 32, torch.float16, device, gen)
+    q.requires_grad_()
+    out = modelaccel.flash_attn_varlen_func(q, q, q, cu, cu, 30, 30, dropout_p=0.5, causal=True)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
+    no_drop = modelaccel.flash_attn_varlen_func(q, q, q, cu, cu, 30, 30, causal=True)
+    assert not torch.equal(out, no_drop)
