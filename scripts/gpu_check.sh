@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
-# GPU check: the `gpu` tests, then the forward attention benchmark, in one call.
+# GPU check: the `gpu` tests and the benchmarks, in one call.
 # Runs from the source tree with the machine's own torch and triton (no install, no network).
-#   scripts/gpu_check.sh OUTDIR [all|tests|bench] [default|quick]
-# Writes pytest's log, junit XML and the benchmark's JSON/markdown/PNG into OUTDIR. The
-# parts can run in separate calls where one call has a time limit.
+#   scripts/gpu_check.sh OUTDIR [PART ...]
+# PART: tests, fwd, bwd, varlen, train (default: all of them, in that order). A device call
+# has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
+# (e.g. PYTEST_ARGS="-k bwd"); SUITE=quick runs the benchmarks' smoke rows.
+# Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
+# MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [all|tests|bench] [default|quick]}
-what=${2:-all}
-suite=${3:-default}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train ...]}
+shift
+parts=${*:-tests fwd bwd varlen train}
+suite=${SUITE:-default}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MODELACCEL_COMMIT=${MODELACCEL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
-python3 -m modelaccel info 2>&1 | tee "$out/info.txt"
-tests_rc=0
-bench_rc=0
-if [ "$what" != bench ]; then
-  python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" tests 2>&1 | tee "$out/gpu_tests.log"
-  tests_rc=${PIPESTATUS[0]}
-fi
-if [ "$what" != tests ]; then
-  python3 -m modelaccel bench attention --suite "$suite" --out "$out" 2>&1 | tee "$out/bench.log"
-  bench_rc=${PIPESTATUS[0]}
-fi
-echo "gpu tests exit $tests_rc, benchmark exit $bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+python3 -m modelaccel info > "$out/info.txt" 2>&1
+failed=""
+run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
+  local name=$1
+  shift
+  "$@" > "$out/$name.log" 2>&1 || failed="$failed $name"
+  tail -n 40 "$out/$name.log"
+}
+for part in $parts; do
+  case $part in
+    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-} tests ;;
+    fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
+    bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
+    varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
+    train) run train python3 -m modelaccel bench train --out "$out" ;;
+    *) echo "unknown part: $part"; failed="$failed $part" ;;
+  esac
+done
+echo "failed parts:${failed:- none}"
+[ -z "$failed" ]

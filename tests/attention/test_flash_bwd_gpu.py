@@ -1,0 +1,94 @@
+"""Backward, varlen and dropout at real sizes on a GPU, against a float32 reference by autograd."""
+
+import pytest
+import torch
+
+import modelaccel
+from modelaccel.attention.reference import attention_ref, varlen_attention_ref
+from modelaccel.testing import assert_attention_close, assert_grads_close
+
+pytestmark = pytest.mark.gpu
+
+
+def randn(*shape, dtype):
+    return torch.randn(*shape, device="cuda", dtype=dtype)
+
+
+def grads_vs_reference(q, k, v, **kwargs):
+    """modelaccel's out and grads against attention_ref in float32 on the GPU."""
+    dout = torch.randn_like(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, _ = modelaccel.flash_attn_func(qg, kg, vg, return_attn_probs=True, **kwargs)
+    out.backward(dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = attention_ref(q32, k32, v32, compute_dtype=torch.float32, **kwargs)
+    ref_out.backward(dout.float())
+    assert_attention_close(out, lse, ref_out.detach(), ref_lse, q.dtype)
+    assert_grads_close((qg.grad, kg.grad, vg.grad), (q32.grad, k32.grad, v32.grad), q.dtype)
+
+
+@pytest.mark.parametrize("config", [(2, 16, 16, 1024, 1024), (1, 32, 8, 2048, 2048), (2, 8, 1, 1000, 1500),
+                                    (2, 8, 2, 1500, 1000)], ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_grads_d128_bf16(config, causal):
+    b, hq, hk, sq, sk = config
+    grads_vs_reference(randn(b, sq, hq, 128, dtype=torch.bfloat16), randn(b, sk, hk, 128, dtype=torch.bfloat16),
+                       randn(b, sk, hk, 128, dtype=torch.bfloat16), causal=causal)
+
+
+@pytest.mark.parametrize("headdim", [40, 64, 80, 96, 160, 256])
+def test_grads_head_dims(headdim):
+    dtype = torch.float16 if headdim % 32 else torch.bfloat16
+    grads_vs_reference(randn(2, 700, 8, headdim, dtype=dtype), randn(2, 900, 4, headdim, dtype=dtype),
+                       randn(2, 900, 4, headdim, dtype=dtype), causal=True)
+
+
+def test_grads_window_softcap_alibi():
+    q, k, v = randn(2, 1200, 8, 128, dtype=torch.float16) * 2, randn(2, 1300, 4, 128, dtype=torch.float16), \
+        randn(2, 1300, 4, 128, dtype=torch.float16)
+    slopes = torch.rand(2, 8, device="cuda") * 0.1
+    grads_vs_reference(q, k, v, causal=True, window_size=(256, 0))
+    grads_vs_reference(q, k, v, softcap=30.0, alibi_slopes=slopes)
+    grads_vs_reference(q, k, v, causal=True, window_size=(300, -1), softcap=20.0, alibi_slopes=slopes[0].contiguous())
+
+
+def test_deterministic_grads():
+    q, k, v = (randn(2, 2048, 16, 128, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+    grads = []
+    for _ in range(2):
+        out = modelaccel.flash_attn_func(q, k, v, causal=True, deterministic=True)
+        grads.append(torch.autograd.grad(out, (q, k, v), dout))
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_varlen_grads():
+    lengths = [1000, 0, 37, 513, 2048, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    total = sum(lengths)
+    q, k, v = (randn(total, hk, 128, dtype=torch.bfloat16).requires_grad_() for hk in (16, 4, 4))
+    out, lse, _ = modelaccel.flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths), causal=True,
+                                                    return_attn_probs=True)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = varlen_attention_ref(q32, k32, v32, cu, cu, causal=True, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_attention_close(out, lse, ref_out.detach(), ref_lse, q.dtype)
+    assert_grads_close((q.grad, k.grad, v.grad), (q32.grad, k32.grad, v32.grad), q.dtype)
+
+
+def test_dropout_keep_rate_and_reference():
+    q, k, v = (randn(2, 512, 8, 64, dtype=torch.float16).requires_grad_() for _ in range(3))
+    torch.manual_seed(0)
+    out, _, keep = modelaccel.flash_attn_func(q, k, v, dropout_p=0.17, causal=True, return_attn_probs=True)
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.83) < 5 * (0.17 * 0.83 / keep.numel()) ** 0.5
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_ref(q32, k32, v32, causal=True, compute_dtype=torch.float32, dropout_p=0.17,
+                               dropout_mask=keep)
+    ref_out.backward(dout.float())
+    assert_grads_close((q.grad, k.grad, v.grad), (q32.grad, k32.grad, v32.grad), q.dtype)
+    assert ((out.float() - ref_out).norm() / ref_out.norm()).item() < 3e-3
