@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh OUTDIR [PART ...]
 # PART: tests, fwd, bwd, varlen, train (default: all of them, in that order). A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
-# (e.g. PYTEST_ARGS="-k bwd"); SUITE=quick runs the benchmarks' smoke rows.
+# (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
 set -uo pipefail
@@ -27,7 +27,7 @@ run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
 }
 for part in $parts; do
   case $part in
-    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-} tests ;;
+    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
     bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
