@@ -257,6 +257,16 @@ def _run_capturing(fn, ctx):
             return None, "; ".join(reasons)
 
 
+def _run_peer(fn, ctx):
+    """_run_capturing for SDPA peers on paths newer than the forward's (nested tensors, torch's
+    varlen_attn): any exception they raise is recorded as the reason, with its type, so a
+    peer's failure costs its number, never the benchmark run."""
+    try:
+        return _run_capturing(fn, ctx)
+    except Exception as e:  # noqa: BLE001 - deliberately broad, see above
+        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
 def _reference_output(q, k, v, causal):
     """SDPA output in [b, s, h, d] to check modelaccel against, and the backend that made it.
 
@@ -651,13 +661,15 @@ def run_varlen_row(table, shape, providers, log=print):
         else:
             try:
                 fn, ctx = _varlen_provider_call(provider, q, k, v, cu_seqlens, max_len, padded, table.causal)
-            except ImportError as e:  # varlen_attn on an older torch
-                fn, ctx = None, str(e)
+            except Exception as e:  # noqa: BLE001 - e.g. no varlen_attn in an older torch; see _run_peer
+                if provider == "modelaccel":
+                    raise
+                fn, ctx = None, f"{type(e).__name__}: {e}"
             if fn is None:
                 reason = ctx
             else:
-                ms, reason = _run_capturing(
-                    lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx)
+                run = _run_capturing if provider == "modelaccel" else _run_peer
+                ms, reason = run(lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx)
         row["ms"][provider] = ms
         row["tflops"][provider] = tflops(flops, ms)
         row["tokens_per_s"][provider] = None if ms is None else total / (ms * 1e-3)
