@@ -264,9 +264,11 @@ _DQ_CONFIGS = {
     128: [(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 3)],
     256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
+# (32, 64, 4, 3) is left out: on the H100 with triton 3.6 it gave dK 5% off at head dim 128
+# (causal GQA, benchmarks/debug_bwd_configs.py) while every other configuration agreed.
 _DKDV_CONFIGS = {
-    64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3), (32, 64, 4, 3)],
+    64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
+    128: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 _dq_tuner = LaunchTuner("attention_bwd_dq")
@@ -281,8 +283,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     Args:
         dout: gradient of out, shaped like q. out, lse: what flash_attn_forward returned.
         Other arguments as flash_attn_forward's.
-        blocks: ((BLOCK_M, BLOCK_N) for dQ, (BLOCK_M, BLOCK_N) for dK/dV) to skip tuning
-            (tests); the interpreter uses 16x16 blocks.
+        blocks: ((BLOCK_M, BLOCK_N[, num_warps, num_stages]) for dQ, the same for dK/dV)
+            to skip tuning (tests, experiments); the interpreter uses 16x16 blocks.
         grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
     Returns:
         dq shaped like q, dk and dv shaped like k (summed over each GQA group), in q's dtype.
@@ -348,8 +350,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             *common_args, BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
 
     if interp or blocks is not None:
-        (dq_m, dq_n), (kv_m, kv_n) = blocks or ((16, 16), (16, 16))
-        dq_config, dkdv_config = (dq_m, dq_n, 4, 2, False), (kv_m, kv_n, 4, 2, False)
+        dq_config, dkdv_config = ((*b, 4, 2)[:4] + (False,) for b in (blocks or ((16, 16), (16, 16))))
     else:
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
                varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads))
