@@ -178,6 +178,21 @@ def test_varlen_bad_cu_seqlens(mutate, match, device):
         modelaccel.flash_attn_varlen_func(q, q, q, mutate(cu), cu, 6, 6)
 
 
+def test_varlen_revalidates_edited_cu_seqlens(device):
+    """Validation is cached per tensor, but an in-place edit is seen."""
+    gen = torch.Generator().manual_seed(0)
+    q, cu = packed([4, 6], 2, 32, torch.float16, device, gen)
+    modelaccel.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6)
+    cu[1] = 8  # lengths 8 and 2: now longer than max_seqlen 6
+    with pytest.raises(ValueError, match="smaller than the longest"):
+        modelaccel.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6)
+    with torch.inference_mode():  # no version counter there: checked every time
+        bad = cu.clone()
+        for _ in range(2):
+            with pytest.raises(ValueError, match="smaller than the longest"):
+                modelaccel.flash_attn_varlen_func(q, q, q, bad, bad, 6, 6)
+
+
 def test_varlen_bad_max_seqlen_and_batch(device):
     gen = torch.Generator().manual_seed(0)
     q, cu = packed([4, 6], 2, 32, torch.float16, device, gen)

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+import weakref
 
 import torch
 
@@ -68,11 +69,18 @@ def _check_options(q, batch, dropout_p, softmax_scale, window_size, softcap, ali
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
 
 
+# Lengths vectors already validated: id -> (weak reference, version, rows, max_seqlen, batch).
+# A model passes the same cu_seqlens to every layer; checking it once saves a device sync
+# per layer. The weak reference and torch's version counter catch a new tensor at a reused
+# id and in-place edits.
+_validated_cu_seqlens = {}
+
+
 def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
     """Validate a cumulative-lengths vector against its packed tensor; returns the batch size.
 
-    Reading the lengths costs one small device-to-host copy; a wrong vector would otherwise
-    make the kernels read and write other sequences' rows.
+    Reading the lengths costs one small device-to-host copy (once per tensor and version);
+    a wrong vector would otherwise make the kernels read and write other sequences' rows.
     """
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(cu_seqlens).__name__}")
@@ -84,6 +92,11 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
         raise ValueError(f"{name} is on {cu_seqlens.device}, q on {device}")
     if not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be an int >= 0, got {max_seqlen}")
+    version = _version_counter(cu_seqlens)
+    seen = _validated_cu_seqlens.get(id(cu_seqlens))
+    if (version is not None and seen is not None and seen[0]() is cu_seqlens
+            and seen[1:4] == (version, total, max_seqlen)):
+        return seen[4]
     values = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or min(lengths) < 0:
@@ -92,7 +105,19 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
         raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
+    if version is not None:
+        if len(_validated_cu_seqlens) > 64:
+            _validated_cu_seqlens.clear()
+        _validated_cu_seqlens[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, total, max_seqlen, len(lengths))
     return len(lengths)
+
+
+def _version_counter(t):
+    # Inference-mode tensors keep no version counter; those are checked on every call.
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _use_triton(q):
