@@ -101,8 +101,9 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
     hk = h // GROUP
     bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
-    if start_m >= seqlen_q:
-        return
+    if IS_VARLEN:  # the grid covers the longest sequence of the batch
+        if start_m >= seqlen_q:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
     last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
@@ -212,8 +213,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ALIBI, CU_Q, CU_K,
     hk = pid_bhk % NHEADS_K
     bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     start_n = pid_n * BLOCK_N
-    if start_n >= seqlen_k:
-        return
+    if IS_VARLEN:
+        if start_n >= seqlen_k:
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     diag = seqlen_k - seqlen_q
     last_n = tl.minimum(start_n + BLOCK_N, seqlen_k) - 1

@@ -214,8 +214,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
     hk = h // GROUP
     bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     start_m = pid_m * BLOCK_M
-    if start_m >= seqlen_q:  # the grid covers the longest sequence of a varlen batch
-        return
+    if IS_VARLEN:  # the grid covers the longest sequence of the batch
+        if start_m >= seqlen_q:
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
     last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
