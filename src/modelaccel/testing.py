@@ -12,6 +12,15 @@ ATTENTION_TOLERANCE = {
 LSE_ABS_TOLERANCE = 1e-3
 
 
+def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, seed=0):
+    """Fresh normal q [batch, seqlen_q, nheads, headdim] and k, v [batch, seqlen_k, nheads_k,
+    headdim], drawn on the CPU from `seed` so every device gets the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(batch, seqlen_q, nheads, headdim), (batch, seqlen_k, nheads_k, headdim),
+              (batch, seqlen_k, nheads_k, headdim)]
+    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
+
+
 def attention_errors(out, lse, ref_out, ref_lse):
     """Errors of (out, lse) against a reference; compares in float64 on out's device.
 

@@ -11,20 +11,13 @@ import modelaccel
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.reference import attention_ref, varlen_attention_ref
-from modelaccel.testing import assert_attention_close, assert_grads_close
+from modelaccel.testing import assert_attention_close, assert_grads_close, random_qkv as make_qkv
 
 DTYPES = [torch.float16, torch.bfloat16]
 
 
 def randn(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-
-
-def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (randn((batch, seqlen_q, nheads, headdim), dtype, device, gen),
-            randn((batch, seqlen_k, nheads_k, headdim), dtype, device, gen),
-            randn((batch, seqlen_k, nheads_k, headdim), dtype, device, gen))
 
 
 def reference_grads(q, k, v, dout, **kwargs):

@@ -13,15 +13,9 @@ import modelaccel
 from modelaccel.attention import interface, launch
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close
+from modelaccel.testing import assert_attention_close, random_qkv as make_qkv
 
 DTYPES = [torch.float16, torch.bfloat16]
-
-
-def make_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, device, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(batch, seqlen_q, nheads, headdim), (batch, seqlen_k, nheads_k, headdim), (batch, seqlen_k, nheads_k, headdim)]
-    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
 
 
 def run_poisoned(q, k, v, **kwargs):
