@@ -267,7 +267,7 @@ _DQ_CONFIGS = {
     256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 # (32, 64, 4, 3) is left out: on the H100 with triton 3.6 it gave dK 5% off at head dim 128
-# (causal GQA, benchmarks/debug_bwd_configs.py) while every other configuration agreed.
+# (causal GQA, benchmarks/debug_launch_configs.py) while every other configuration agreed.
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
     128: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
