@@ -207,3 +207,20 @@ def test_bad_options_raise(kwargs, exc, match, device):
         kwargs = {**kwargs, "alibi_slopes": kwargs["alibi_slopes"].to(device)}
     with pytest.raises(exc, match=match):
         modelaccel.flash_attn_func(q, k, v, **kwargs)
+
+
+def test_launch_tuner_retunes_a_stored_choice_that_is_no_longer_a_candidate(tmp_path, monkeypatch):
+    """Choices persist across processes; one whose configuration was dropped is not reused."""
+    monkeypatch.setenv("MODELACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(launch.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    timings = {(1,): 3.0, (2,): 1.0, (3,): 2.0}
+    monkeypatch.setattr(launch.triton.testing, "do_bench", lambda fn, **kw: fn())
+    tuner = launch.LaunchTuner("unit")
+    assert tuner.choose(("k",), [(1,), (2,), (3,)], lambda c: timings[c]) == (2,)
+    reloaded = launch.LaunchTuner("unit")
+    calls = []
+    assert reloaded.choose(("k",), [(1,), (2,), (3,)], lambda c: calls.append(c) or timings[c]) == (2,)
+    assert not calls  # read from the file, not timed again
+    assert reloaded.choose(("k",), [(1,), (3,)], lambda c: calls.append(c) or timings[c]) == (3,)
+    assert sorted(calls) == [(1,), (3,)]

@@ -82,7 +82,9 @@ class LaunchTuner:
         if self.choices is None:
             self._load()
         key = "|".join(map(str, key))
-        if key not in self.choices:
+        # A stored choice that is no longer a candidate (a configuration dropped since, say
+        # for computing wrong results on some compiler) is tuned again.
+        if self.choices.get(key) not in candidates:
             timings = {}
             for config in candidates:
                 try:
