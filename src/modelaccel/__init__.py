@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from .attention import flash_attn_func, flash_attn_varlen_func, pad_input, unpad_input
+from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, pad_input, unpad_input
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "pad_input", "unpad_input", "__version__"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "pad_input", "unpad_input", "__version__"]

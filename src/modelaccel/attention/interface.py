@@ -6,19 +6,21 @@ import weakref
 
 import torch
 
+from .decode import decode_attention
 from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
 from .launch import interpreting
-from .reference import attention_ref, varlen_attention_ref
+from .reference import apply_rotary, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEADDIM = 256
 
 
-def _check_qkv(q, k, v, layout):
+def _check_qkv(q, k, v, layout, same_batch=True):
     """Raise TypeError/ValueError naming what is wrong with q, k, v.
 
     layout: "[batch, seqlen, nheads, headdim]" (rank 4) or "[total, nheads, headdim]" (rank 3).
+    same_batch: k/v share q's batch dim (not so for a KV cache's rows or pages).
     """
     rank = layout.count(",") + 1
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -34,7 +36,7 @@ def _check_qkv(q, k, v, layout):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if rank == 4 and k.shape[0] != q.shape[0]:
+    if rank == 4 and same_batch and k.shape[0] != q.shape[0]:
         raise ValueError(f"batch size of k/v ({k.shape[0]}) differs from q's ({q.shape[0]})")
     nheads, headdim = q.shape[-2], q.shape[-1]
     if k.shape[-1] != headdim:
@@ -273,3 +275,169 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if return_attn_probs:
         return out, lse, None
     return out
+
+
+def _int32_vector(name, value, batch, device):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor, got {type(value).__name__}")
+    if value.dtype != torch.int32 or tuple(value.shape) != (batch,):
+        raise ValueError(f"{name} must be int32 of shape ({batch},), got {value.dtype} {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name} is on {value.device}, q on {device}")
+    return value
+
+
+def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                          cache_leftpad, block_table):
+    """Validate everything before the cache is touched; returns cache_seqlens as a tensor.
+
+    Checks that need the values of device tensors (capacity, page indices, cache rows) read
+    them to the host, except while a CUDA graph is being captured, where reading is not
+    allowed: there the kernels' masks keep every access inside the cache instead.
+    """
+    _check_qkv(q, k_cache, v_cache, "[batch, seqlen, nheads, headdim]", same_batch=False)
+    batch, seqlen_q, nheads, headdim = q.shape
+    paged = block_table is not None
+    if paged:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+                or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be int32 [batch={batch}, max_blocks_per_seq]")
+        if block_table.device != q.device:
+            raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
+        page = k_cache.shape[1]
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"page size (k_cache.shape[1]) must be a power of two >= 16, got {page}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table)")
+        capacity = block_table.shape[1] * page
+    else:
+        if k_cache.shape[0] < batch and cache_batch_idx is None:
+            raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}")
+        capacity = k_cache.shape[1]
+    if isinstance(cache_seqlens, numbers.Integral):
+        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    elif cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
+    _int32_vector("cache_seqlens", cache_seqlens, batch, q.device)
+    if cache_batch_idx is not None:
+        _int32_vector("cache_batch_idx", cache_batch_idx, batch, q.device)
+    if cache_leftpad is not None:
+        _int32_vector("cache_leftpad", cache_leftpad, batch, q.device)
+    new = 0
+    if (k is None) != (v is None):
+        raise ValueError("k and v (new tokens) must be given together")
+    if k is not None:
+        expected = (batch, k.shape[1] if k.dim() == 4 else -1, k_cache.shape[2], headdim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape) != expected or t.dtype != q.dtype:
+                raise ValueError(f"{name} must be {q.dtype} of shape {expected}, got "
+                                 f"{getattr(t, 'dtype', None)} {tuple(getattr(t, 'shape', ()))}")
+        new = k.shape[1]
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary embedding applies to new tokens: pass k and v with rotary_cos/rotary_sin")
+        if rotary_cos.dim() != 2 or rotary_cos.shape != rotary_sin.shape:
+            raise ValueError(f"rotary_cos/rotary_sin must share a [seqlen_ro, rotary_dim / 2] shape, got "
+                             f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
+        if (2 * rotary_cos.shape[1]) % 16 or 2 * rotary_cos.shape[1] > headdim:
+            raise ValueError(f"rotary_dim (2 * {rotary_cos.shape[1]}) must be a multiple of 16 and <= headdim {headdim}")
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return cache_seqlens
+    lengths = cache_seqlens.tolist()
+    if min(lengths) < 0 or max(lengths) + new > capacity:
+        raise ValueError(f"cache_seqlens + new tokens must lie in [0, {capacity}] (the cache length), got "
+                         f"cache_seqlens {lengths} with {new} new tokens")
+    if cache_leftpad is not None:
+        pads = cache_leftpad.tolist()
+        if any(p < 0 or p > n + new for p, n in zip(pads, lengths)):
+            raise ValueError(f"cache_leftpad must lie in [0, cache_seqlens + new tokens], got {pads}")
+    if cache_batch_idx is not None:
+        rows = cache_batch_idx.tolist()
+        if min(rows) < 0 or max(rows) >= k_cache.shape[0]:
+            raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} cache rows, got {rows}")
+    if paged:
+        used = (max(lengths) + new + k_cache.shape[1] - 1) // k_cache.shape[1]
+        pages = block_table[:, :used]
+        if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
+            raise ValueError(f"block_table points outside the pool of {k_cache.shape[0]} pages")
+    if rotary_cos is not None:
+        first = min(p for p in (cache_leftpad.tolist() if cache_leftpad is not None else [0] * batch))
+        if max(lengths) + max(new, seqlen_q) - min(0, first) > rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position "
+                             f"{max(lengths) + max(new, seqlen_q) - 1}")
+    return cache_seqlens
+
+
+def _append_to_cache(cache, new, cache_seqlens, cache_batch_idx, block_table):
+    """Write new [batch, seqlen_new, nheads_k, headdim] rows at positions cache_seqlens + t,
+    with device-side indexing only (capturable in a CUDA graph)."""
+    batch, seqlen_new = new.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=new.device)
+    if block_table is None:
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=new.device)
+        cache[rows[:, None], positions] = new
+    else:
+        page = cache.shape[1]
+        pages = torch.gather(block_table.long(), 1, positions // page)
+        cache[pages, positions % page] = new
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False):
+    """Attention of new queries over a KV cache, appending new keys/values first (flash-attn's
+    flash_attn_with_kvcache). Inference only: not differentiable.
+
+    Args:
+        q: [batch, seqlen_q, nheads, headdim], fp16/bf16; seqlen_q is 1 for plain decoding,
+            more for speculative decoding or chunked prefill.
+        k_cache, v_cache: [batch_cache, max_seqlen, nheads_k, headdim], or paged
+            [num_blocks, page_size, nheads_k, headdim] with block_table int32
+            [batch, max_blocks_per_seq] (page_size a power of two >= 16).
+        k, v: optional new tokens [batch, seqlen_new, nheads_k, headdim], written into the
+            cache in place at cache_seqlens before attending.
+        rotary_cos, rotary_sin: [seqlen_ro, rotary_dim / 2]; with k/v, rotary embedding is
+            applied to q and the new k at their positions (cache_seqlens - cache_leftpad + t;
+            without causal/window every query row takes the first new position).
+        cache_seqlens: int or int32 [batch], tokens already in the cache per sequence.
+        cache_batch_idx: int32 [batch], the cache row of each sequence (contiguous cache).
+        cache_leftpad: int32 [batch], where each sequence starts in its cache row.
+        num_splits: how many parts the cache is split into; 0 chooses from batch, heads,
+            cache length and the SM count.
+        Other arguments as flash_attn_func (masks aligned bottom-right per sequence).
+    Returns:
+        out [batch, seqlen_q, nheads, headdim]; with return_softmax_lse also lse
+        [batch, nheads, seqlen_q] float32.
+    """
+    cache_seqlens = _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
+                                          cache_batch_idx, cache_leftpad, block_table)
+    _check_options(q, q.shape[0], 0.0, softmax_scale, window_size, softcap, alibi_slopes)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    batch, seqlen_q = q.shape[:2]
+    if k is not None:
+        start = cache_seqlens.long() - (cache_leftpad.long() if cache_leftpad is not None else 0)
+        if rotary_cos is not None:
+            k_pos = start[:, None] + torch.arange(k.shape[1], device=q.device)
+            k = apply_rotary(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
+            q_steps = torch.arange(seqlen_q, device=q.device) if (causal or window_size != (-1, -1)) \
+                else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
+            q = apply_rotary(q, rotary_cos, rotary_sin, start[:, None] + q_steps, rotary_interleaved)
+        _append_to_cache(k_cache, k, cache_seqlens, cache_batch_idx, block_table)
+        _append_to_cache(v_cache, v, cache_seqlens, cache_batch_idx, block_table)
+        cache_seqlens = cache_seqlens + k.shape[1]
+    options = dict(causal=bool(causal), window_size=tuple(window_size), softcap=float(softcap),
+                   alibi_slopes=alibi_slopes, block_table=block_table, cache_batch_idx=cache_batch_idx,
+                   cache_leftpad=cache_leftpad)
+    q = _last_dim_contiguous(q)
+    if _use_triton(q):
+        out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, float(softmax_scale), num_splits=num_splits,
+                                    **options)
+    else:
+        out, lse = kvcache_attention_ref(q, k_cache, v_cache, cache_seqlens, float(softmax_scale),
+                                         compute_dtype=torch.float32, **options)
+        out = out.to(q.dtype)
+    return (out, lse) if return_softmax_lse else out

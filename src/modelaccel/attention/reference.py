@@ -105,3 +105,56 @@ def varlen_attention_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=None
         outs.append(out[0])
         lses.append(lse[0])
     return torch.cat(outs), torch.cat(lses, dim=1)
+
+
+def apply_rotary(x, cos, sin, positions, interleaved=True):
+    """Rotary embedding of the first rotary_dim = 2 * cos.shape[1] features of x.
+
+    x: [batch, seqlen, nheads, headdim]; cos, sin: [seqlen_ro, rotary_dim / 2];
+    positions: int [batch, seqlen], the row of cos/sin for each token. interleaved pairs
+    features (0, 1), (2, 3), ...; otherwise (i, i + rotary_dim / 2) (GPT-NeoX style).
+    """
+    half = cos.shape[1]
+    c = cos[positions].unsqueeze(2).float()  # [batch, seqlen, 1, half]
+    s = sin[positions].unsqueeze(2).float()
+    rot = x[..., :2 * half].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def cache_rows(cache, b, length, block_table=None, cache_batch_idx=None):
+    """The first `length` rows [length, nheads_k, headdim] of sequence b in a contiguous or
+    paged cache."""
+    if block_table is None:
+        row = int(cache_batch_idx[b]) if cache_batch_idx is not None else b
+        return cache[row, :length]
+    page = cache.shape[1]
+    pages = block_table[b, :(length + page - 1) // page].long()
+    return cache[pages].flatten(0, 1)[:length]
+
+
+def kvcache_attention_ref(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=False,
+                          window_size=(-1, -1), softcap=0.0, alibi_slopes=None, block_table=None,
+                          cache_batch_idx=None, cache_leftpad=None, compute_dtype=torch.float64):
+    """attention_ref of q [batch, seqlen_q, nheads, headdim] over each sequence's cached keys
+    [cache_leftpad[b], cache_seqlens[b]); returns out [batch, seqlen_q, nheads, headdim] and
+    lse [batch, nheads, seqlen_q] in compute_dtype."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        length = int(cache_seqlens[b])
+        first = int(cache_leftpad[b]) if cache_leftpad is not None else 0
+        k = cache_rows(k_cache, b, length, block_table, cache_batch_idx)[first:]
+        v = cache_rows(v_cache, b, length, block_table, cache_batch_idx)[first:]
+        slopes = alibi_slopes
+        if alibi_slopes is not None and alibi_slopes.dim() == 2:
+            slopes = alibi_slopes[b]
+        out, lse = attention_ref(q[b:b + 1], k[None], v[None], softmax_scale, causal, window_size, softcap,
+                                 slopes, compute_dtype)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)

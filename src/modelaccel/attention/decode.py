@@ -1,0 +1,221 @@
+"""KV-cache attention for decoding (flash-decoding) in Triton, and its launchers.
+
+Decoding reads the whole cache for a handful of query rows, so the work is split along the
+cache: program (split, batch * nheads_k) folds one chunk of keys for every query row of one
+kv head (seqlen_q x the GQA group, so K and V are read once per kv head) and writes a
+float32 partial output with its log-sum-exp. A second kernel merges the splits by their
+lse. The number of splits grows as batch x nheads_k shrinks, so a single sequence still
+fills every SM.
+
+The cache is contiguous [batch_cache, max_seqlen, nheads_k, headdim] or paged
+[num_blocks, page_size, nheads_k, headdim] with a block table; paged rows are gathered
+row by row through the table, so any power-of-two page size works with any key tile.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .flash_fwd import LOG2E, _dot, _scores_log2
+from .launch import interpreting
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, CACHE_BATCH_IDX, CACHE_LEFTPAD,
+                         ALIBI,
+                         stride_qb, stride_qs, stride_qh,
+                         stride_kb, stride_ks, stride_kh,
+                         stride_vb, stride_vs, stride_vh,
+                         stride_bt, stride_alibi_b,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, SPLIT_LEN,
+                         window_left, window_right, qk_scale, softcap_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                         HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                         HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
+
+    Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
+    O_PART [splits, batch, seqlen_q, nheads, headdim] and LSE_PART [splits, batch, nheads,
+    seqlen_q] (float32, lse -inf where the split holds no visible key).
+    """
+    split = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    b = pid_bhk // NHEADS_K
+    hk = pid_bhk % NHEADS_K
+    seqlen_k = tl.load(CACHE_SEQLENS + b)
+    cache_b = b
+    if HAS_BATCH_IDX:
+        cache_b = tl.load(CACHE_BATCH_IDX + b)
+    first_key = 0
+    if HAS_LEFTPAD:
+        first_key = tl.load(CACHE_LEFTPAD + b)
+
+    rows = tl.arange(0, BLOCK_M)
+    pos_q = rows // GROUP
+    heads = hk * GROUP + rows % GROUP
+    row_ok = rows < GROUP * SEQLEN_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEADDIM
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + pos_q[:, None] * stride_qs + heads[:, None] * stride_qh
+              + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    diag = seqlen_k - SEQLEN_Q
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI + b * stride_alibi_b + heads, mask=row_ok, other=0.0)[:, None] * 1.4426950408889634
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    start = split * SPLIT_LEN
+    end = tl.minimum(start + SPLIT_LEN, seqlen_k)
+    # Keys some row may see: causal/window bounds of the first and last query rows.
+    if HAS_LEFT:
+        start = tl.maximum(start, diag - window_left) // BLOCK_N * BLOCK_N
+        start = tl.maximum(start, split * SPLIT_LEN)
+    if HAS_RIGHT:
+        end = tl.minimum(end, SEQLEN_Q - 1 + diag + window_right + 1)
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = (offs_n < seqlen_k) & (offs_n >= first_key)
+        if PAGED:
+            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+            k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
+        else:
+            k_rows = cache_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_ks
+            v_rows = cache_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vs
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(K + k_rows[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
+        s = _scores_log2(qk, pos_q, offs_n, seqlen_k, diag, window_left, window_right,
+                         qk_scale, softcap_scale, 0.0, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
+        if HAS_ALIBI:
+            s -= alibi_slope * tl.abs((pos_q[:, None] + diag - offs_n[None, :]).to(tl.float32))
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + v_rows[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    nheads_q = NHEADS
+    part = split.to(tl.int64) * tl.num_programs(1) // NHEADS_K + b  # (split, batch) index
+    o_ptrs = (O_PART + ((part * SEQLEN_Q + pos_q[:, None]) * nheads_q + heads[:, None]) * HEADDIM
+              + offs_d[None, :])
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE_PART + (part * nheads_q + heads) * SEQLEN_Q + pos_q, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(O_PART, LSE_PART, O, LSE, NSPLITS, BATCH, NHEADS, SEQLEN_Q,
+                           stride_ob, stride_os, stride_oh,
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr):
+    """Merge the splits of one (batch, query position, head) row by their lse."""
+    pid = tl.program_id(0)  # over batch * seqlen_q * nheads, head fastest
+    h = pid % NHEADS
+    i = (pid // NHEADS) % SEQLEN_Q
+    b = pid // (NHEADS * SEQLEN_Q)
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < NSPLITS
+    part = splits.to(tl.int64) * BATCH + b
+    lse_s = tl.load(LSE_PART + (part * NHEADS + h) * SEQLEN_Q + i, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_use)
+    total = tl.sum(w, 0)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEADDIM
+    o_s = tl.load(O_PART + ((part[:, None] * SEQLEN_Q + i) * NHEADS + h) * HEADDIM + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    # No split saw a key: out 0 and lse +inf, as the other kernels do for empty rows.
+    out = tl.sum(o_s * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + b.to(tl.int64) * stride_ob + i * stride_os + h * stride_oh + offs_d,
+             out.to(O.dtype.element_ty), mask=d_ok)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    tl.store(LSE + (b * NHEADS + h) * SEQLEN_Q + i, tl.where(total == 0.0, float("inf"), m_use + tl.log(total_safe)))
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 4  # the interpreter: a few splits, so the tests exercise the merge
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64):
+    """Splits that give about two waves of programs, each with at least 4 key blocks."""
+    programs = batch * nheads_k
+    want = max(1, (2 * _sm_count(device) + programs - 1) // programs)
+    return max(1, min(want, triton.cdiv(max_keys, 4 * block_n), 128))
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=False, window_size=(-1, -1),
+                     softcap=0.0, alibi_slopes=None, block_table=None, cache_batch_idx=None, cache_leftpad=None,
+                     num_splits=0, block_n=None):
+    """Attention of q over a KV cache, split along the cache and merged.
+
+    Args:
+        q: [batch, seqlen_q, nheads, headdim] fp16/bf16.
+        k_cache, v_cache: [batch_cache, max_seqlen, nheads_k, headdim], or with block_table
+            (int32 [batch, max_blocks]) paged [num_blocks, page_size, nheads_k, headdim].
+        cache_seqlens: int32 [batch], keys per sequence (new tokens already appended).
+        cache_batch_idx: int32 [batch], cache row of each sequence (contiguous cache only).
+        cache_leftpad: int32 [batch], first valid key of each sequence.
+        num_splits: 0 chooses from batch, heads, cache length and the SM count.
+    Returns:
+        out [batch, seqlen_q, nheads, headdim] in q's dtype, lse [batch, nheads, seqlen_q] float32.
+    """
+    batch, seqlen_q, nheads, headdim = q.shape
+    nheads_k = k_cache.shape[2]
+    group = nheads // nheads_k
+    paged = block_table is not None
+    page_size = k_cache.shape[1] if paged else 1
+    max_keys = block_table.shape[1] * page_size if paged else k_cache.shape[1]
+    left, right = window_size
+    if causal:
+        right = 0
+    block_d = max(triton.next_power_of_2(headdim), 16)
+    block_m = max(triton.next_power_of_2(group * seqlen_q), 16)
+    if block_n is None:
+        block_n = 16 if interpreting() else 64
+    if num_splits <= 0:
+        num_splits = choose_num_splits(batch, nheads_k, max_keys, q.device, block_n)
+    split_len = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_keys, split_len)
+    o_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(num_splits, batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    interp = interpreting()
+    placeholder = cache_seqlens
+    extra = {} if interp else {"num_warps": 4, "num_stages": 3}
+    _decode_split_kernel[(num_splits, batch * nheads_k)](
+        q, k_cache, v_cache, o_part, lse_part,
+        block_table if paged else placeholder, cache_seqlens,
+        cache_batch_idx if cache_batch_idx is not None else placeholder,
+        cache_leftpad if cache_leftpad is not None else placeholder,
+        alibi_slopes if alibi_slopes is not None else o_part,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0) if paged else 0,
+        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        nheads, nheads_k, group, seqlen_q, page_size, split_len,
+        left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
+        softmax_scale / softcap if softcap > 0 else 1.0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
+        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
+        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        UPCAST_DOT=interp and q.dtype == torch.bfloat16, **extra)
+    _decode_combine_kernel[(batch * seqlen_q * nheads,)](
+        o_part, lse_part, out, lse, num_splits, batch, nheads, seqlen_q,
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_S=max(triton.next_power_of_2(num_splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+    return out, lse

@@ -1,0 +1,178 @@
+"""flash_attn_with_kvcache (split-KV decoding, paged cache, in-place append, rotary) against
+the float64 reference. On CPU the Triton kernels run in the interpreter."""
+
+import math
+
+import pytest
+import torch
+
+import modelaccel
+from modelaccel.attention.decode import decode_attention
+from modelaccel.attention.reference import apply_rotary, kvcache_attention_ref
+from modelaccel.testing import assert_attention_close
+
+
+def make_cache(batch, capacity, nheads_k, headdim, dtype, device, gen, page_size=None):
+    """A random contiguous cache, and the same contents in a shuffled page pool if page_size."""
+    k = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
+    v = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
+    if page_size is None:
+        return k, v, None
+    pages = math.ceil(capacity / page_size)
+    table = torch.randperm(batch * pages, generator=gen).view(batch, pages).to(device, torch.int32)
+    pools = []
+    for cache in (k, v):
+        padded = torch.cat([cache, cache.new_zeros(batch, pages * page_size - capacity, nheads_k, headdim)], 1)
+        pool = torch.empty(batch * pages, page_size, nheads_k, headdim, dtype=dtype, device=device)
+        pool[table.long()] = padded.view(batch, pages, page_size, nheads_k, headdim)
+        pools.append(pool)
+    return pools[0], pools[1], table
+
+
+def check(q, k_cache, v_cache, cache_seqlens, block_table=None, **kwargs):
+    out, lse = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                                  block_table=block_table, return_softmax_lse=True, **kwargs)
+    kwargs.pop("num_splits", None)
+    ref_out, ref_lse = kvcache_attention_ref(q.cpu(), k_cache.cpu(), v_cache.cpu(), cache_seqlens.cpu(),
+                                             block_table=None if block_table is None else block_table.cpu(),
+                                             **{k: (v.cpu() if isinstance(v, torch.Tensor) else v)
+                                                for k, v in kwargs.items()})
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+    return out
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 32], ids=["contiguous", "page16", "page32"])
+@pytest.mark.parametrize("seqlen_q,causal", [(1, False), (1, True), (3, True), (5, False)])
+@pytest.mark.parametrize("num_splits", [1, 3, 0])
+def test_decode_matches_reference(page_size, seqlen_q, causal, num_splits, device):
+    gen = torch.Generator().manual_seed(seqlen_q * 10 + num_splits)
+    k_cache, v_cache, table = make_cache(3, 90, 2, 64, torch.float16, device, gen, page_size)
+    q = torch.randn(3, seqlen_q, 8, 64, generator=gen).to(device, torch.float16)
+    seqlens = torch.tensor([37, 90, 5], dtype=torch.int32, device=device)  # varied per row
+    check(q, k_cache, v_cache, seqlens, table, causal=causal, num_splits=num_splits)
+
+
+def test_split_and_unsplit_agree_to_rounding(device):
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache, _ = make_cache(2, 200, 1, 64, torch.bfloat16, device, gen)
+    q = torch.randn(2, 1, 4, 64, generator=gen).to(device, torch.bfloat16)
+    seqlens = torch.tensor([200, 131], dtype=torch.int32, device=device)
+    outs = [modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, num_splits=n)
+            for n in (1, 2, 5, 13)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-2, rtol=0)
+    check(q, k_cache, v_cache, seqlens, num_splits=13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_masks_softcap_alibi_gqa(dtype, device):
+    gen = torch.Generator().manual_seed(2)
+    k_cache, v_cache, table = make_cache(2, 80, 2, 32, dtype, device, gen, 16)
+    q = torch.randn(2, 2, 8, 32, generator=gen).to(device, dtype) * 3
+    seqlens = torch.tensor([80, 47], dtype=torch.int32, device=device)
+    slopes = torch.rand(2, 8, generator=gen).to(device) * 0.3
+    check(q, k_cache, v_cache, seqlens, table, causal=True, window_size=(20, 0), num_splits=3)
+    check(q, k_cache, v_cache, seqlens, table, softcap=4.0, alibi_slopes=slopes, num_splits=2)
+    k_flat, v_flat, _ = make_cache(2, 80, 2, 32, dtype, device, gen)
+    check(q, k_flat, v_flat, seqlens, None, window_size=(10, 3), alibi_slopes=slopes[0].contiguous(),
+          softmax_scale=0.2)
+
+
+def test_cache_batch_idx_and_leftpad(device):
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache, _ = make_cache(4, 64, 2, 64, torch.float16, device, gen)
+    q = torch.randn(2, 1, 4, 64, generator=gen).to(device, torch.float16)
+    rows = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    seqlens = torch.tensor([50, 64], dtype=torch.int32, device=device)
+    leftpad = torch.tensor([7, 0], dtype=torch.int32, device=device)
+    check(q, k_cache, v_cache, seqlens, cache_batch_idx=rows, cache_leftpad=leftpad, causal=True, num_splits=3)
+
+
+@pytest.mark.parametrize("page_size", [None, 16])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_append_new_tokens_with_rotary(page_size, interleaved, device):
+    gen = torch.Generator().manual_seed(4)
+    k_cache, v_cache, table = make_cache(2, 64, 2, 64, torch.float16, device, gen, page_size)
+    before_k, before_v = k_cache.clone(), v_cache.clone()
+    q = torch.randn(2, 2, 4, 64, generator=gen).to(device, torch.float16)
+    k_new = torch.randn(2, 2, 2, 64, generator=gen).to(device, torch.float16)
+    v_new = torch.randn(2, 2, 2, 64, generator=gen).to(device, torch.float16)
+    seqlens = torch.tensor([10, 30], dtype=torch.int32, device=device)
+    angles = torch.arange(64)[:, None] * (1e-2 ** (torch.arange(16) / 16))[None, :]  # rotary_dim 32
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    out = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens=seqlens,
+                                             block_table=table, causal=True, rotary_interleaved=interleaved,
+                                             num_splits=2)
+    # The reference: rotate by hand, write into a copy of the old cache, attend.
+    positions = seqlens.long()[:, None].cpu() + torch.arange(2)
+    k_rot = apply_rotary(k_new.cpu(), cos.cpu(), sin.cpu(), positions, interleaved)
+    q_rot = apply_rotary(q.cpu(), cos.cpu(), sin.cpu(), positions, interleaved)
+    ref_k, ref_v = before_k.cpu().clone(), before_v.cpu().clone()
+    for b in range(2):
+        for t in range(2):
+            pos = int(seqlens[b]) + t
+            if table is None:
+                ref_k[b, pos], ref_v[b, pos] = k_rot[b, t], v_new[b, t].cpu()
+            else:
+                page = int(table[b, pos // page_size])
+                ref_k[page, pos % page_size], ref_v[page, pos % page_size] = k_rot[b, t], v_new[b, t].cpu()
+    assert torch.equal(k_cache.cpu(), ref_k) and torch.equal(v_cache.cpu(), ref_v)  # written in place
+    ref_out, _ = kvcache_attention_ref(q_rot, ref_k, ref_v, seqlens.cpu() + 2, causal=True,
+                                       block_table=None if table is None else table.cpu())
+    torch.testing.assert_close(out.cpu().double(), ref_out, atol=1e-2, rtol=0)
+
+
+def test_rotary_rotates_pairs():
+    """A 2-feature vector (1, 0) at angle pi/2 becomes (0, 1) in both pairings."""
+    x = torch.zeros(1, 1, 1, 16)
+    x[..., 0] = 1.0
+    cos = torch.tensor([[0.0] * 8])
+    sin = torch.tensor([[1.0] * 8])
+    pos = torch.zeros(1, 1, dtype=torch.long)
+    assert apply_rotary(x, cos, sin, pos, True)[0, 0, 0, :2].tolist() == [0.0, 1.0]
+    assert apply_rotary(x, cos, sin, pos, False)[0, 0, 0, [0, 8]].tolist() == [0.0, 1.0]
+
+
+def test_int_cache_seqlens_and_direct_launcher(device):
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, _ = make_cache(2, 40, 1, 32, torch.float16, device, gen)
+    q = torch.randn(2, 1, 2, 32, generator=gen).to(device, torch.float16)
+    out = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=33)
+    seqlens = torch.full((2,), 33, dtype=torch.int32, device=device)
+    direct, _ = decode_attention(q, k_cache, v_cache, seqlens, 32 ** -0.5, num_splits=1)
+    torch.testing.assert_close(out.float(), direct.float(), atol=2e-3, rtol=0)
+
+
+BAD = [
+    ("past capacity", dict(seqlens=[60, 63]), ValueError, "cache length"),
+    ("pages outside pool", dict(table_value=999), ValueError, "outside the pool"),
+    ("float seqlens", dict(seqlens_dtype=torch.float32), ValueError, "int32"),
+    ("k without v", dict(only_k=True), ValueError, "together"),
+    ("new k dtype", dict(k_dtype=torch.bfloat16), ValueError, "float16"),
+]
+
+
+@pytest.mark.parametrize("name,case,exc,match", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises_and_leaves_cache_unchanged(name, case, exc, match, device):
+    gen = torch.Generator().manual_seed(6)
+    k_cache, v_cache, table = make_cache(2, 64, 2, 32, torch.float16, device, gen, 16)
+    before = (k_cache.clone(), v_cache.clone())
+    q = torch.randn(2, 1, 4, 32, generator=gen).to(device, torch.float16)
+    k_new = torch.randn(2, 2, 2, 32, generator=gen).to(device, case.get("k_dtype", torch.float16))
+    v_new = torch.randn(2, 2, 2, 32, generator=gen).to(device, torch.float16)
+    seqlens = torch.tensor(case.get("seqlens", [10, 20]), dtype=case.get("seqlens_dtype", torch.int32), device=device)
+    if "table_value" in case:
+        table = table.clone()
+        table[1, 1] = case["table_value"]
+    with pytest.raises(exc, match=match):
+        modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, None if case.get("only_k") else v_new,
+                                           cache_seqlens=seqlens, block_table=table)
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def test_page_size_must_be_a_power_of_two(device):
+    q = torch.randn(1, 1, 2, 32, dtype=torch.float16, device=device)
+    pool = torch.randn(4, 24, 2, 32, dtype=torch.float16, device=device)
+    table = torch.zeros(1, 2, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="power of two"):
+        modelaccel.flash_attn_with_kvcache(q, pool, pool, cache_seqlens=10, block_table=table)
