@@ -7,6 +7,9 @@
         --varlen                    variable-length batches (flash_attn_varlen_func)
     modelaccel bench train          train a small GPT with SDPA and with modelaccel attention,
                                     compare loss curves and step times (CPU: a tiny version)
+    modelaccel bench decode-attention
+                                    flash_attn_with_kvcache (contiguous and paged caches) vs SDPA,
+                                    in TB/s of K+V read against the measured read bandwidth
 """
 
 import argparse
@@ -180,6 +183,52 @@ def cmd_bench_attention(args):
     return 0
 
 
+def _kvcache_api_available():
+    """Whether modelaccel.flash_attn_with_kvcache exists (it lands with issue 4)."""
+    try:
+        from modelaccel import flash_attn_with_kvcache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_decode_selfcheck():
+    """The decode self-check in a child process with TRITON_INTERPRET=1 (see run_selfcheck)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-m", "modelaccel.bench.decode_attention"], env=env).returncode
+
+
+def cmd_bench_decode_attention(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        if not _kvcache_api_available():
+            print("No CUDA GPU found: skipping the decoding benchmark. modelaccel.flash_attn_with_kvcache is not "
+                  "available in this version, so there is no CPU check to run either.", flush=True)
+            return 0
+        print("No CUDA GPU found: skipping the decoding benchmark and running the decode self-check on CPU "
+              "(flash_attn_with_kvcache in the Triton interpreter).", flush=True)
+        return run_decode_selfcheck()
+
+    from modelaccel.bench import decode_attention as bench
+
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    result = bench.run_benchmark(bench.SUITES[args.suite], read_gib=args.read_gib, log=log)
+    print()
+    for line in bench.format_summary(result):
+        print(line)
+    paths = bench.write_results(result, args.out, tag="" if args.suite == "default" else args.suite)
+    for path in paths.values():
+        if path:
+            print(f"wrote {path}")
+    bad = [f"({r['batch']}, {r['cache_len']}) {v}: {c['status']}" for r in result["rows"]
+           for v, c in r["checks"].items() if v.startswith("modelaccel") and c["status"] != "ok"]
+    if bad:
+        print("FAILED: modelaccel disagreed with the float32 reference or errored: " + "; ".join(bad))
+        return 1
+    return 0
+
+
 def cmd_bench_train(args):
     from modelaccel.bench import train_check
 
@@ -231,6 +280,24 @@ def build_parser():
     train.add_argument("--out", default=os.path.join("benchmarks", "results"),
                        help="directory for the JSON and PNG results (default: benchmarks/results)")
     train.set_defaults(func=cmd_bench_train)
+
+    decode = targets.add_parser(
+        "decode-attention",
+        help="decoding attention: flash_attn_with_kvcache vs SDPA flash/cuDNN, TB/s of K+V read",
+        description="Decoding (one query token) with flash_attn_with_kvcache on a CUDA GPU: bf16, 32 query heads "
+                    "over 8 KV heads, head dim 128, (batch, cache length) from (1, 4096) to (1, 131072) and "
+                    "(128, 1024); contiguous and paged caches (pages of 16 and 256). Reports K+V bytes read per "
+                    "second against the read bandwidth measured in the same run, timed with plain launches and "
+                    "with CUDA graph replay, next to SDPA's flash and cuDNN backends, and the issue's targets as "
+                    "pass/fail. Without a GPU: says so and, if flash_attn_with_kvcache exists, runs a small CPU "
+                    "check of it in the Triton interpreter.")
+    decode.add_argument("--suite", choices=("default", "quick"), default="default",
+                        help="default: all 7 shapes; quick: (1, 4096) and (8, 4096)")
+    decode.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
+    decode.add_argument("--read-gib", type=int, default=4,
+                        help="GiB of bf16 summed to measure the read bandwidth (default 4)")
+    decode.set_defaults(func=cmd_bench_decode_attention)
     return parser
 
 
