@@ -32,6 +32,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import report
+
 # The issue's shape family: Llama-3-8B-like GQA (32 query heads over 8 KV heads), head dim 128.
 NHEADS_Q = 32
 NHEADS_K = 8
@@ -628,13 +630,8 @@ def plot_results(result, path):
     """Bars of TB/s per variant per shape, graph replay and plain launches in two panels, with
     the measured read bandwidth and the 80% target as lines. Returns path, or None (reason
     printed) without matplotlib: a missing plot must not cost the run its results."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install matplotlib)")
+    plt = report.pyplot()
+    if plt is None:
         return None
 
     variants, rows = result["variants"], result["rows"]

@@ -163,12 +163,9 @@ def format_markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def plot_results(result, path):
-    """Bar chart of TFLOPS per provider per shape, one subplot per table, saved as PNG.
-
-    Returns the path, or None (with the reason printed) if matplotlib is not installed:
-    the plot is a convenience and must never cost a benchmark run its results.
-    """
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (reason printed) when matplotlib is
+    missing: a plot is a convenience and must never cost a benchmark run its results."""
     try:
         import matplotlib
 
@@ -176,6 +173,18 @@ def plot_results(result, path):
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed; skipping the plot (pip install matplotlib)")
+        return None
+    return plt
+
+
+def plot_results(result, path):
+    """Bar chart of TFLOPS per provider per shape, one subplot per table, saved as PNG.
+
+    Returns the path, or None (with the reason printed) if matplotlib is not installed:
+    the plot is a convenience and must never cost a benchmark run its results.
+    """
+    plt = pyplot()
+    if plt is None:
         return None
 
     providers, tables = result["providers"], result["tables"]
