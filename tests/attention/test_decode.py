@@ -170,6 +170,21 @@ def test_bad_input_raises_and_leaves_cache_unchanged(name, case, exc, match, dev
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
 
 
+def test_rotary_table_must_cover_the_positions(device):
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache, _ = make_cache(1, 64, 1, 32, torch.float16, device, gen)
+    q = torch.randn(1, 1, 2, 32, generator=gen).to(device, torch.float16)
+    k_new = torch.randn(1, 1, 1, 32, generator=gen).to(device, torch.float16)
+    cos = sin = torch.zeros(20, 8, device=device)
+    seqlens = torch.tensor([25], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="reach position 25"):
+        modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, k_new, cos, sin, cache_seqlens=seqlens)
+    # Left padding moves the positions back: 25 - 10 = 15 fits in 20.
+    leftpad = torch.tensor([10], dtype=torch.int32, device=device)
+    modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, k_new, cos, sin, cache_seqlens=seqlens,
+                                       cache_leftpad=leftpad)
+
+
 def test_page_size_must_be_a_power_of_two(device):
     q = torch.randn(1, 1, 2, 32, dtype=torch.float16, device=device)
     pool = torch.randn(4, 24, 2, 32, dtype=torch.float16, device=device)

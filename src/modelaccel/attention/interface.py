@@ -363,10 +363,11 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
         if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table points outside the pool of {k_cache.shape[0]} pages")
     if rotary_cos is not None:
-        first = min(p for p in (cache_leftpad.tolist() if cache_leftpad is not None else [0] * batch))
-        if max(lengths) + max(new, seqlen_q) - min(0, first) > rotary_cos.shape[0]:
-            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position "
-                             f"{max(lengths) + max(new, seqlen_q) - 1}")
+        # Token t of sequence b sits at position cache_seqlens[b] - cache_leftpad[b] + t.
+        pads = cache_leftpad.tolist() if cache_leftpad is not None else [0] * batch
+        last = max(n - p for n, p in zip(lengths, pads)) + max(new, seqlen_q) - 1
+        if last >= rotary_cos.shape[0]:
+            raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position {last}")
     return cache_seqlens
 
 
