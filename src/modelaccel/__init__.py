@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import integrations
 from .attention import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache, pad_input, unpad_input
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache", "pad_input", "unpad_input", "__version__"]

@@ -1,0 +1,116 @@
+"""Hugging Face Transformers integration: `attn_implementation="modelaccel"`.
+
+    import modelaccel.integrations.transformers  # registers (or call register())
+    model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="modelaccel", dtype=torch.bfloat16)
+
+Registers an attention function with Transformers' AttentionInterface, and flash-attn's
+mask preparation with its AttentionMaskInterface, so models hand us either no mask (no
+padding: the causal/window structure goes to the kernel as flags) or the 2D padding mask,
+which we turn into a packed batch for flash_attn_varlen_func. Any other mask (a custom 4D
+one) takes a plain PyTorch path with a one-time warning: slower, never wrong.
+
+`import modelaccel` does not import Transformers; only importing this module does.
+"""
+
+import warnings
+
+import torch
+
+from ..attention.interface import flash_attn_func, flash_attn_varlen_func
+from ..attention.padding import pad_input, unpad_input
+
+NAME = "modelaccel"
+_warned = set()
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def _explicit_mask_attention(q, k, v, mask, scaling, softcap, dropout, training):
+    """Attention under an arbitrary mask (bool: True = attend; float: added to the scores),
+    computed plainly in float32. q [b, sq, h, d], k/v [b, sk, hk, d] -> [b, sq, h, d]."""
+    group = q.shape[2] // k.shape[2]
+    qf = q.transpose(1, 2).float()
+    kf = k.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    vf = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
+    scores = qf @ kf.transpose(-1, -2) * scaling
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with every key masked give 0
+    probs = torch.nn.functional.dropout(probs, dropout, training)
+    return (probs @ vf).transpose(1, 2).to(q.dtype)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
+                      softcap=None, is_causal=None, **kwargs):
+    """Transformers attention function backed by modelaccel's kernels.
+
+    Args (Transformers' attention-interface conventions):
+        query: [batch, nheads, seqlen_q, headdim]; key, value: [batch, nheads_k, seqlen_k,
+            headdim], after the cache update (seqlen_k includes the past).
+        attention_mask: None, a 2D padding mask [batch, <= seqlen_k] (1 = real token; fewer
+            columns than seqlen_k means unfilled static-cache slots), or a 4D mask.
+        dropout, scaling, sliding_window, softcap: the layer's settings.
+        is_causal: defaults to module.is_causal.
+    Returns:
+        (attn_output [batch, seqlen_q, nheads, headdim], None): no attention weights.
+    """
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    in_dtype = q.dtype
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
+    window = (-1, -1)
+    if sliding_window is not None and seqlen_k > sliding_window:
+        window = (sliding_window - 1, sliding_window - 1)
+    options = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=bool(causal), window_size=window,
+                   softcap=float(softcap or 0.0))
+
+    if attention_mask is not None and attention_mask.dim() != 2:
+        _warn_once("mask", f"modelaccel attention got a {attention_mask.dim()}D attention mask it cannot hand to "
+                           "its kernels; computing attention in plain PyTorch for such calls")
+        # A 4D mask already holds the causal and window structure.
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        out = _explicit_mask_attention(q, k, v, attention_mask, scale, softcap, float(dropout), module.training)
+        return out, None
+    if in_dtype not in (torch.float16, torch.bfloat16):
+        # The kernels take fp16/bf16, as flash-attn's do; Transformers' flash integration
+        # casts the same way.
+        target = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else torch.bfloat16
+        _warn_once(("dtype", in_dtype), f"modelaccel attention computes in {target}; the model runs in {in_dtype}")
+        q, k, v = (t.to(target) for t in (q, k, v))
+    if attention_mask is None:
+        out = flash_attn_func(q, k, v, **options)
+    else:
+        mask = attention_mask.bool()
+        q_mask = mask[:, -seqlen_q:]  # the queries are the last tokens the mask covers
+        if mask.shape[1] < seqlen_k:  # static cache: slots past the mask are not filled yet
+            mask = torch.cat([mask, mask.new_zeros(batch, seqlen_k - mask.shape[1])], dim=1)
+        q_packed, q_index, cu_q, max_q, _ = unpad_input(q, q_mask)
+        k_packed, _, cu_k, max_k, _ = unpad_input(k, mask)
+        v_packed = unpad_input(v, mask)[0]
+        out_packed = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **options)
+        out = pad_input(out_packed, q_index, batch, seqlen_q)
+    return out.to(in_dtype), None
+
+
+def register():
+    """Register attn_implementation="modelaccel" with Transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    try:  # the mask interface exists in Transformers >= 4.53
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError:
+        return
+    AttentionMaskInterface.register(NAME, flash_attention_mask)
+
+
+register()
