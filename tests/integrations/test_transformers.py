@@ -190,3 +190,12 @@ def test_pretrained_minilm_embeddings_match_stock(device):
         embeddings[impl] = torch.nn.functional.normalize(pooled, dim=-1)
     cosine = (embeddings["eager"] * embeddings["modelaccel"]).sum(-1)
     assert cosine.min().item() > 0.999, cosine
+
+
+def test_compiled_model_forward_has_no_graph_breaks(device):
+    _, ours = model_pair(family_configs()["llama"], device)
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(8)).to(device)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids, use_cache=False).logits, ours(ids, use_cache=False).logits)

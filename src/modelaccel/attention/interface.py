@@ -3,6 +3,7 @@
 import math
 import numbers
 import weakref
+from typing import Optional
 
 import torch
 
@@ -138,23 +139,54 @@ def _new_dropout_seed(batch, nheads):
     return int(torch.randint(0, 2**31 - 1 - batch * nheads, (1,)).item())
 
 
-class FlashAttnFunc(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, seed):
-        out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                      dropout_p, seed)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-        ctx.options = (softmax_scale, causal, window_size, softcap, dropout_p, seed)
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# The dense kernels as PyTorch custom ops, so torch.compile sees one opaque node (no graph
+# break) and autograd reaches the backward kernels. Eager inference calls the launcher
+# directly: the op dispatch costs host time that small problems feel.
+@torch.library.custom_op("modelaccel::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+                       window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+                       dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return flash_attn_forward(q, k, v, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
+                              dropout_p, seed)
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        softmax_scale, causal, window_size, softcap, dropout_p, seed = ctx.options
-        dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap,
-                                         alibi_slopes, dropout_p, seed)
-        return dq, dk, dv, None, None, None, None, None, None, None
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("modelaccel::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                       softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, (window_left, window_right), softcap,
+                               alibi_slopes, dropout_p, seed)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
+      seed):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_attn_setup_context(ctx, inputs, output):
+    q, k, v, *options = inputs
+    alibi_slopes = options[5]
+    ctx.save_for_backward(q, k, v, output[0], output[1], alibi_slopes)
+    ctx.options = options[:5] + options[6:]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _flash_attn_backward(ctx, dout, dlse):
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed = ctx.options
+    dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
+                                    softcap, alibi_slopes, dropout_p, seed)
+    return dq, dk, dv, *([None] * 8)
+
+
+_flash_attn_fwd_op.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup_context)
 
 
 class FlashAttnVarlenFunc(torch.autograd.Function):
@@ -218,7 +250,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     seed = _new_dropout_seed(batch, nheads) if dropout_p > 0 else 0
     options = (float(softmax_scale), bool(causal), tuple(window_size), float(softcap))
     if _use_triton(q):
-        out, lse = FlashAttnFunc.apply(q, k, v, *options, alibi_slopes, dropout_p, seed)
+        scale, causal, (left, right), softcap = options
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
+                                             (q.requires_grad or k.requires_grad or v.requires_grad)):
+            out, lse = _flash_attn_fwd_op(q, k, v, scale, causal, left, right, softcap, alibi_slopes, dropout_p, seed)
+        else:
+            out, lse = flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
+                                          seed)
         keep = dropout_keep_mask(batch, nheads, seqlen_q, k.shape[1], dropout_p, seed, q.device) \
             if return_attn_probs and dropout_p > 0 else None
     else:

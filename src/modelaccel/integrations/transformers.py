@@ -24,7 +24,8 @@ _warned = set()
 
 
 def _warn_once(key, message):
-    if key not in _warned:
+    # Under torch.compile a warning would break the graph; the eager run warns instead.
+    if key not in _warned and not torch.compiler.is_compiling():
         _warned.add(key)
         warnings.warn(message, stacklevel=3)
 
