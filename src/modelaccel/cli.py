@@ -10,6 +10,8 @@
     modelaccel bench decode-attention
                                     flash_attn_with_kvcache (contiguous and paged caches) vs SDPA,
                                     in TB/s of K+V read against the measured read bandwidth
+    modelaccel bench transformers   Llama-3-8B-shaped model (random bf16 weights): time to first
+                                    token and training step with modelaccel, SDPA and eager attention
 """
 
 import argparse
@@ -235,6 +237,24 @@ def cmd_bench_train(args):
     return train_check.main(steps=args.steps, out_dir=args.out)
 
 
+def run_transformers_smoke():
+    """The Transformers benchmark's CPU smoke test in a child process with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-m", "modelaccel.bench.transformers_bench"], env=env).returncode
+
+
+def cmd_bench_transformers(args):
+    import torch
+
+    if not torch.cuda.is_available():
+        print("No CUDA GPU found: skipping the Transformers benchmark and running a tiny CPU smoke test of it "
+              "(a 2-layer Llama, attention kernels in the Triton interpreter).", flush=True)
+        return run_transformers_smoke()
+    from modelaccel.bench import transformers_bench
+
+    return transformers_bench.main(suite=args.suite, out_dir=args.out)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="modelaccel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +318,23 @@ def build_parser():
     decode.add_argument("--read-gib", type=int, default=4,
                         help="GiB of bf16 summed to measure the read bandwidth (default 4)")
     decode.set_defaults(func=cmd_bench_decode_attention)
+
+    hf = targets.add_parser(
+        "transformers",
+        help="Llama-3-8B-shaped Transformers model: time to first token and training step, modelaccel vs SDPA/eager",
+        description="A Llama-3-8B-shaped LlamaForCausalLM with random bf16 weights on one CUDA GPU, its attention "
+                    "switched between attn_implementation modelaccel, sdpa and eager. Times the first token (one "
+                    "forward over prompts of 512, 2048, 8192 tokens at batch 1 and 8) and a training step "
+                    "(forward + backward, sequence 4096, batch 1; fewer layers if the full model does not fit). "
+                    "Out-of-memory rows are recorded without a number. Prints a table with modelaccel/SDPA time "
+                    "ratios and the targets as pass/fail, writes transformers_<device>_<date>.{json,md,png}. "
+                    "Without a GPU: says so and runs a tiny CPU smoke test.")
+    hf.add_argument("--suite", choices=("default", "quick"), default="default",
+                    help="default: all 6 TTFT rows and the training step; quick: 512 tokens at batch 1 and the "
+                         "training step with 2 layers")
+    hf.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                    help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
+    hf.set_defaults(func=cmd_bench_transformers)
     return parser
 
 

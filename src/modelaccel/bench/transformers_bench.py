@@ -1,0 +1,636 @@
+"""Hugging Face Transformers benchmark: a Llama-3-8B-shaped model with each attention.
+
+The model has Llama-3-8B's shape (`LLAMA3_8B`: 32 layers, hidden 4096, 32 query heads over 8
+KV heads, head dim 128, vocabulary 128256) with random bf16 weights, built directly on the
+GPU (no fp32 CPU copy). One model is built; its attention implementation is switched
+between the providers ("modelaccel", "sdpa", "eager"), so every provider runs the same
+weights on the same inputs.
+
+Two measurements:
+
+- Time to first token (TTFT): one forward over the prompt producing the first token, i.e.
+  `model(ids, logits_to_keep=1).logits[:, -1].argmax(-1)`, the prefill `generate` does
+  (it also keeps only the last position's logits and builds the KV cache). Prompts of 512,
+  2048 and 8192 tokens at batch 1 and 8.
+- Training step: forward with labels + backward (parameter gradients only, no optimizer,
+  no gradient checkpointing), sequence 4096, batch 1. If modelaccel or SDPA cannot fit the
+  full 32-layer model with its gradients and activations, the step is measured on a model
+  with fewer layers (`TRAIN_FALLBACK_LAYERS`), and the result says so.
+
+Times are medians of CUDA-event timings after untimed warm-up calls (`time_cuda`). A
+provider that runs out of memory gets no number and its reason (eager attention
+materializes the scores and runs out at long prompts); memory is freed between rows.
+Before timing, each provider's last-position logits are compared with SDPA's (relative
+error, a sanity check: random weights, bf16).
+
+Targets (issue 5): modelaccel's time <= SDPA's at every size, and < SDPA's at >= 2048
+tokens, for TTFT and the training step. A target without both numbers fails.
+
+Without a GPU, `python -m modelaccel.bench.transformers_bench` (in a process started with
+TRITON_INTERPRET=1) runs a tiny CPU smoke test of the same code paths instead.
+"""
+
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from . import report
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+PROVIDERS = ("modelaccel", "sdpa", "eager")
+BASELINE = "sdpa"
+DTYPE = torch.bfloat16
+
+PROMPT_LENS = (512, 2048, 8192)
+BATCHES = (1, 8)
+TRAIN_SEQLEN = 4096
+TRAIN_BATCH = 1
+TRAIN_FALLBACK_LAYERS = 8
+# suite -> (TTFT (batch, prompt) rows, training layer counts to try in order)
+SUITES = {
+    "default": ([(b, n) for b in BATCHES for n in PROMPT_LENS], (LLAMA3_8B["num_hidden_layers"], TRAIN_FALLBACK_LAYERS)),
+    "quick": ([(1, 512)], (2,)),
+}
+
+# Targets: not slower than SDPA everywhere, faster from this many tokens on.
+TARGET_BETTER_FROM = 2048
+
+# Timing: WARMUP_CALLS untimed calls, then at least MIN_REPS timed ones, more while the
+# timed total stays under BUDGET_MS, at most MAX_REPS; the median counts.
+WARMUP_CALLS = 1
+MIN_REPS = 3
+MAX_REPS = 20
+BUDGET_MS = 2000.0
+SEED = 0
+# Above this relative error of the last-position logits against SDPA's, a modelaccel row
+# counts as a mismatch (bf16 noise through 32 random layers is far below it).
+CHECK_REL_ERR = 0.1
+
+DEVICE = "cuda"
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def llama_config(num_layers=None, **overrides):
+    """The Llama-3-8B-shaped LlamaConfig, optionally with fewer layers or other overrides."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(LLAMA3_8B, **overrides)
+    if num_layers is not None:
+        kwargs["num_hidden_layers"] = num_layers
+    return LlamaConfig(**kwargs)
+
+
+def build_model(config, device=None, dtype=DTYPE, seed=SEED):
+    """A LlamaForCausalLM with random weights, created directly on `device` in `dtype`
+    (an 8B model never exists in fp32 or on the CPU). Registers attn_implementation="modelaccel"."""
+    import transformers
+
+    import modelaccel.integrations.transformers  # noqa: F401  (registers "modelaccel")
+
+    device = device or DEVICE
+    torch.manual_seed(seed)
+    with torch.device(device):
+        try:
+            model = transformers.LlamaForCausalLM._from_config(config, dtype=dtype)
+        except TypeError:  # a Transformers whose _from_config takes no dtype: the default dtype decides
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(dtype)
+            try:
+                model = transformers.LlamaForCausalLM(config)
+            finally:
+                torch.set_default_dtype(previous)
+    return model.to(dtype)
+
+
+def set_attention(model, provider):
+    """Switch the model's attention implementation in place (same weights). Uses
+    `set_attn_implementation` where Transformers has it, else sets the config attribute the
+    attention layers and mask functions read at call time."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(provider)
+    else:
+        model.config._attn_implementation = provider
+    if model.config._attn_implementation != provider:
+        raise RuntimeError(f"could not switch attention to {provider!r} "
+                           f"(model reports {model.config._attn_implementation!r})")
+
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------
+# Timing and memory
+
+
+def time_cuda(fn, warmup=WARMUP_CALLS, min_reps=MIN_REPS, max_reps=MAX_REPS, budget_ms=BUDGET_MS):
+    """(median ms, timed calls) of fn() between CUDA events, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    while len(times) < min_reps or (len(times) < max_reps and sum(times) < budget_ms):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), len(times)
+
+
+def time_wall(fn, warmup=WARMUP_CALLS, reps=MIN_REPS):
+    """(median ms, calls) by wall clock: the CPU smoke run's timer (numbers mean nothing there)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), len(times)
+
+
+def _oom_types():
+    types = [torch.cuda.OutOfMemoryError]
+    if hasattr(torch, "OutOfMemoryError"):
+        types.append(torch.OutOfMemoryError)
+    return tuple(types)
+
+
+def is_oom(exc):
+    """Whether exc is an out-of-memory error (PyTorch's, or a kernel launch failing for memory)."""
+    return isinstance(exc, _oom_types()) or "out of memory" in str(exc).lower()
+
+
+def _first_line(text):
+    text = str(text).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def failure_reason(exc):
+    """One line for the results: "OOM: ..." for out-of-memory, else "<Type>: ..."."""
+    return ("OOM: " if is_oom(exc) else f"{type(exc).__name__}: ") + _first_line(exc)[:300]
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _reset_peak(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_gib(device):
+    if str(device).startswith("cuda"):
+        return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return None
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------
+# Rows
+
+
+def make_ids(batch, seqlen, vocab_size, device=None, seed=SEED):
+    gen = torch.Generator().manual_seed(seed + 1000 * batch + seqlen)
+    return torch.randint(0, vocab_size, (batch, seqlen), generator=gen).to(device or DEVICE)
+
+
+def _empty_row(kind, batch, seqlen, layers, providers):
+    return {"kind": kind, "batch": batch, "seqlen": seqlen, "tokens": batch * seqlen, "layers": layers,
+            "ms": {p: None for p in providers}, "reps": {p: None for p in providers},
+            "peak_gib": {p: None for p in providers}, "errors": {},
+            "check": {p: None for p in providers if p != BASELINE}}
+
+
+def _measure(row, model, provider, run_once, timer, device, log):
+    """Switch to `provider`, run run_once() untimed (its output is returned for the check),
+    then time it. Failures (OOM or other) go to row["errors"]; returns the untimed output or None."""
+    out = None
+    try:
+        set_attention(model, provider)
+        free_memory()
+        _reset_peak(device)
+        out = run_once()
+        row["ms"][provider], row["reps"][provider] = timer(run_once)
+        row["peak_gib"][provider] = _peak_gib(device)
+    except Exception as e:  # noqa: BLE001 - an OOM or a failing provider costs its number, never the run
+        row["ms"][provider] = None
+        row["errors"][provider] = failure_reason(e)
+        log(f"  {provider}: {row['errors'][provider]}")
+    free_memory()
+    return out
+
+
+def _fill_checks(row, outputs, providers):
+    ref = outputs.get(BASELINE)
+    for p in providers:
+        if p == BASELINE:
+            continue
+        if ref is None or outputs.get(p) is None:
+            row["check"][p] = None
+        else:
+            err = rel_err(outputs[p], ref)
+            row["check"][p] = {"rel_err": err, "status": "ok" if err <= CHECK_REL_ERR else "mismatch"}
+
+
+def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, timer=None, device=None, log=print):
+    """TTFT of one (batch, prompt length) for every provider on the same ids; see the module doc."""
+    device = device or DEVICE
+    timer = timer or time_cuda
+    row = _empty_row("ttft", batch, seqlen, model.config.num_hidden_layers, providers)
+    ids = make_ids(batch, seqlen, model.config.vocab_size, device)
+    outputs = {}
+
+    def prefill():
+        with torch.inference_mode():
+            logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
+            return logits, logits.argmax(-1)
+
+    for provider in providers:
+        out = _measure(row, model, provider, prefill, timer, device, log)
+        if out is not None:
+            outputs[provider] = out[0].float().cpu()
+        del out
+    _fill_checks(row, outputs, providers)
+    row["first_tokens"] = {p: o.argmax(-1).tolist() for p, o in outputs.items()}
+    del ids
+    free_memory()
+    return row
+
+
+def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVIDERS, timer=None, device=None,
+                  log=print):
+    """Training step (forward with labels + backward into parameter grads) of every provider."""
+    device = device or DEVICE
+    timer = timer or time_cuda
+    row = _empty_row("train", batch, seqlen, model.config.num_hidden_layers, providers)
+    ids = make_ids(batch, seqlen, model.config.vocab_size, device)
+    model.train()
+    model.requires_grad_(True)
+    outputs = {}
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        return loss.detach()
+
+    for provider in providers:
+        loss = _measure(row, model, provider, step, timer, device, log)
+        if loss is not None:
+            outputs[provider] = loss.float().cpu().reshape(1)
+        del loss
+        model.zero_grad(set_to_none=True)
+    row["loss"] = {p: o.item() for p, o in outputs.items()}
+    _fill_checks(row, outputs, providers)
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
+    model.eval()
+    del ids
+    free_memory()
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# Targets
+
+
+def ratio(row, provider="modelaccel", baseline=BASELINE):
+    """provider's time over baseline's (below 1: provider is faster); None without both."""
+    mine, theirs = row["ms"].get(provider), row["ms"].get(baseline)
+    return mine / theirs if mine and theirs else None
+
+
+def evaluate_target(row):
+    """{"rule", "value", "pass", "detail"}: modelaccel/SDPA time <= 1 on every row, < 1 on rows
+    with seqlen >= TARGET_BETTER_FROM. No number is a fail."""
+    strict = row["seqlen"] >= TARGET_BETTER_FROM
+    rule = "faster than sdpa" if strict else "not slower than sdpa"
+    r = ratio(row)
+    if r is None:
+        missing = [p for p in ("modelaccel", BASELINE) if row["ms"].get(p) is None]
+        return {"rule": rule, "value": None, "pass": False, "detail": "no number for " + ", ".join(missing)}
+    passed = r < 1.0 if strict else r <= 1.0
+    return {"rule": rule, "value": r, "pass": passed, "detail": f"{r:.3f}x sdpa's time"}
+
+
+def annotate(row):
+    row["ratio_vs_sdpa"] = ratio(row)
+    row["eager_ratio_vs_sdpa"] = ratio(row, "eager")
+    row["target"] = evaluate_target(row)
+    return row
+
+
+def summarize_targets(rows):
+    results = [r["target"]["pass"] for r in rows]
+    return {"pass": sum(1 for p in results if p), "fail": sum(1 for p in results if not p), "rows": len(results),
+            "ok": all(results) if results else None}
+
+
+def check_failures(result):
+    """Lines naming every modelaccel failure that is not a target miss: a logits/loss
+    mismatch against SDPA, or an error other than running out of memory."""
+    bad = []
+    for row in result["ttft"] + result["train"]["rows"]:
+        where = f"{row['kind']} (batch {row['batch']}, seqlen {row['seqlen']})"
+        check = row["check"].get("modelaccel")
+        if check and check["status"] != "ok":
+            bad.append(f"{where}: rel err {check['rel_err']:.2e} against sdpa")
+        err = row["errors"].get("modelaccel")
+        if err and not err.startswith("OOM"):
+            bad.append(f"{where}: {err}")
+    return bad
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+
+
+def collect_metadata():
+    """The attention benchmark's device/software/commit facts, with this benchmark's settings."""
+    import transformers
+
+    from modelaccel.bench.attention import collect_metadata as attention_metadata
+
+    meta = attention_metadata()
+    meta.pop("do_bench", None)
+    meta["transformers"] = transformers.__version__
+    meta["timing"] = {"method": "CUDA events, median", "warmup_calls": WARMUP_CALLS, "min_reps": MIN_REPS,
+                      "max_reps": MAX_REPS, "budget_ms": BUDGET_MS}
+    return meta
+
+
+def run_benchmark(suite="default", providers=PROVIDERS, log=print):
+    """Build the model, run the suite's TTFT rows, then the training step; returns the result dict:
+    {"metadata", "suite", "providers", "model", "ttft": [rows], "train": {"layers", "note", "attempts",
+    "rows"}, "targets": {"ttft", "train", "ok"}}."""
+    ttft_shapes, train_layers = SUITES[suite]
+    providers = list(providers)
+    config = llama_config()
+    result = {"metadata": collect_metadata(), "suite": suite, "providers": providers,
+              "model": {"shape": "Llama-3-8B", "config": dict(LLAMA3_8B), "dtype": "bf16",
+                        "weights": "random (seeded)"}}
+    t0 = time.perf_counter()
+    model = build_model(config).eval().requires_grad_(False)
+    result["model"]["params"] = count_params(model)
+    log(f"built the Llama-3-8B-shaped model ({result['model']['params'] / 1e9:.2f}B params, bf16) in "
+        f"{time.perf_counter() - t0:.1f} s; {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated")
+
+    log(f"== Time to first token, {config.num_hidden_layers} layers")
+    log(format_header(providers))
+    result["ttft"] = []
+    for batch, seqlen in ttft_shapes:
+        row = annotate(run_ttft_row(model, batch, seqlen, providers, log=log))
+        log(format_row(row, providers))
+        result["ttft"].append(row)
+
+    train = {"layers": None, "note": "", "attempts": [], "rows": []}
+    for i, layers in enumerate(train_layers):
+        if layers != model.config.num_hidden_layers:
+            del model
+            free_memory()
+            model = build_model(llama_config(layers)).eval().requires_grad_(False)
+        log(f"== Training step (seq {TRAIN_SEQLEN}, batch {TRAIN_BATCH}), {layers} layers")
+        row = annotate(run_train_row(model, providers=providers, log=log))
+        fits = all(row["ms"].get(p) is not None or not row["errors"].get(p, "").startswith("OOM")
+                   for p in ("modelaccel", BASELINE) if p in providers)
+        if not fits and i + 1 < len(train_layers):
+            train["attempts"].append({"layers": layers, "errors": row["errors"]})
+            log(f"  {layers} layers do not fit for modelaccel or sdpa; trying {train_layers[i + 1]} layers")
+            continue
+        log(format_row(row, providers))
+        train["layers"] = layers
+        train["rows"].append(row)
+        break
+    full = LLAMA3_8B["num_hidden_layers"]
+    if train["layers"] is not None and train["layers"] != full:
+        train["note"] = (f"training step on {train['layers']} of the model's {full} layers"
+                         + (": the full model with gradients and activations did not fit for modelaccel or sdpa"
+                            if train["attempts"] else f" (--suite {suite})"))
+    result["train"] = train
+    del model
+    free_memory()
+    result["targets"] = {"ttft": summarize_targets(result["ttft"]), "train": summarize_targets(train["rows"])}
+    result["targets"]["ok"] = bool(result["targets"]["ttft"]["ok"]) and bool(result["targets"]["train"]["ok"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+
+_W = 11
+
+
+def _ms_text(row, provider):
+    ms = row["ms"].get(provider)
+    if ms is not None:
+        return f"{ms:.1f}"
+    err = row["errors"].get(provider, "")
+    return "OOM" if err.startswith("OOM") else ("error" if err else "-")
+
+
+def _ratio_text(value):
+    return f"{value:.3f}" if value is not None else "-"
+
+
+def _target_text(target):
+    verdict = "PASS" if target["pass"] else "FAIL"
+    return f"{verdict} ({target['rule']})"
+
+
+def format_header(providers):
+    cells = [f"{'kind':>5}", f"{'layers':>6}", f"{'batch':>5}", f"{'seqlen':>6}"]
+    cells += [f"{p + ' ms':>{_W}}" for p in providers]
+    return " ".join(cells) + f" | {'ma/sdpa':>8} | target"
+
+
+def format_row(row, providers):
+    cells = [f"{row['kind']:>5}", f"{row['layers']:>6}", f"{row['batch']:>5}", f"{row['seqlen']:>6}"]
+    cells += [f"{_ms_text(row, p):>{_W}}" for p in providers]
+    target = _target_text(row["target"]) if "target" in row else ""
+    return " ".join(cells) + f" | {_ratio_text(ratio(row)):>8} | {target}"
+
+
+def format_summary(result):
+    """Console lines: the table, missing numbers, the training note and the targets."""
+    providers = result["providers"]
+    rows = result["ttft"] + result["train"]["rows"]
+    lines = ["== Llama-3-8B-shaped model, bf16, random weights: TTFT and training step (ms, median)",
+             format_header(providers)]
+    lines += [format_row(r, providers) for r in rows]
+    lines.append("ma/sdpa: modelaccel's time over SDPA's (below 1: modelaccel is faster)")
+    if result["train"]["note"]:
+        lines.append("note: " + result["train"]["note"])
+    for r in rows:
+        for p, reason in r["errors"].items():
+            lines.append(f"{r['kind']} batch {r['batch']} seqlen {r['seqlen']} {p}: {reason}")
+    t = result["targets"]
+    for name in ("ttft", "train"):
+        s = t[name]
+        lines.append(f"target {name}: {s['pass']}/{s['rows']} rows pass"
+                     + ("" if s["ok"] is None else (" -> PASS" if s["ok"] else " -> FAIL")))
+    lines.append("targets overall: " + ("PASS" if t["ok"] else "FAIL"))
+    return lines
+
+
+def format_markdown(result):
+    meta, providers = result["metadata"], result["providers"]
+    lines = [f"# Transformers: Llama-3-8B-shaped model, {meta['device_name']}", ""]
+    for key in ("device_name", "total_memory_gib", "torch", "triton", "transformers", "cuda", "cudnn", "date",
+                "modelaccel_commit", "modelaccel_dirty", "timing"):
+        if key in meta:
+            lines.append(f"- {key}: {meta[key]}")
+    model = result["model"]
+    lines += [f"- model: {model['shape']} shape, {model.get('params', 0) / 1e9:.2f}B params, {model['dtype']}, "
+              f"{model['weights']} weights", f"- suite: {result['suite']}", "",
+              "TTFT: one forward over the prompt producing the first token (`logits_to_keep=1`, as `generate`'s "
+              "prefill). Training step: forward with labels + backward, parameter gradients only, no optimizer, "
+              "no gradient checkpointing. Times in ms (median); ma/sdpa is modelaccel's time over SDPA's "
+              "(below 1: modelaccel is faster); check is the relative error of modelaccel's last-position "
+              "logits (TTFT) or loss (training) against SDPA's.", ""]
+    header = ["kind", "layers", "batch", "seqlen"] + [f"{p} ms" for p in providers] + ["ma/sdpa", "check",
+                                                                                       "target"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
+    rows = result["ttft"] + result["train"]["rows"]
+    notes = []
+    for r in rows:
+        check = r["check"].get("modelaccel")
+        cells = [r["kind"], str(r["layers"]), str(r["batch"]), str(r["seqlen"])]
+        cells += [_ms_text(r, p) for p in providers]
+        cells += [_ratio_text(r.get("ratio_vs_sdpa")), f"{check['rel_err']:.1e}" if check else "-",
+                  _target_text(r["target"])]
+        lines.append("| " + " | ".join(cells) + " |")
+        notes += [f"- {r['kind']} (batch {r['batch']}, seqlen {r['seqlen']}) {p}: {why}" for p, why in r["errors"].items()]
+    if result["train"]["note"]:
+        lines += ["", "Note: " + result["train"]["note"] + "."]
+    for attempt in result["train"]["attempts"]:
+        notes.append(f"- training step with {attempt['layers']} layers: " +
+                     "; ".join(f"{p}: {why}" for p, why in attempt["errors"].items()))
+    if notes:
+        lines += ["", "Missing numbers:", ""] + notes
+    t = result["targets"]
+    lines += ["", "## Targets", "",
+              f"modelaccel at least as fast as SDPA at every size, faster from {TARGET_BETTER_FROM} tokens on.", ""]
+    for name in ("ttft", "train"):
+        s = t[name]
+        lines.append(f"- {name}: {s['pass']}/{s['rows']} rows pass")
+    lines.append(f"- overall: {'PASS' if t['ok'] else 'FAIL'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(result, path):
+    """Bars of ms per provider: TTFT rows, then the training step. None if matplotlib is missing."""
+    plt = report.pyplot()
+    if plt is None:
+        return None
+    providers = result["providers"]
+    groups = [("Time to first token", result["ttft"]), ("Training step", result["train"]["rows"])]
+    groups = [g for g in groups if g[1]]
+    fig, axes = plt.subplots(1, len(groups), figsize=(6 + 2 * len(result["ttft"]), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(1, len(rows)) for _, rows in groups]})
+    width = 0.8 / len(providers)
+    for ax, (title, rows) in zip(axes[0], groups):
+        for i, p in enumerate(providers):
+            xs = [x + (i - (len(providers) - 1) / 2) * width for x in range(len(rows))]
+            ax.bar(xs, [r["ms"].get(p) or 0.0 for r in rows], width, label=p)
+        ax.set_xticks(list(range(len(rows))))
+        ax.set_xticklabels([f"b{r['batch']} x {r['seqlen']}\n{r['layers']} layers" for r in rows], fontsize=8)
+        ax.set_ylabel("ms (median)")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"Llama-3-8B-shaped model, bf16, {result['metadata']['device_name']} (missing bars: OOM or error)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_results(result, out_dir, tag=""):
+    """Write transformers_<device-slug>_<date>[_<tag>].{json,md,png} into out_dir (created if
+    missing). Returns {"json", "md", "png"}, "png" None if the plot was skipped."""
+    os.makedirs(out_dir, exist_ok=True)
+    meta = result["metadata"]
+    stem = f"transformers_{report.device_slug(meta['device_name'])}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
+    base = os.path.join(out_dir, stem)
+    with open(base + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    with open(base + ".md", "w") as f:
+        f.write(format_markdown(result))
+    return {"json": base + ".json", "md": base + ".md", "png": plot_results(result, base + ".png")}
+
+
+def main(suite="default", out_dir=os.path.join("benchmarks", "results")):
+    """The GPU benchmark: run, print, write; exit code 1 if modelaccel mismatched SDPA or failed
+    other than by running out of memory (missed speed targets are reported, not an error)."""
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    result = run_benchmark(suite, log=log)
+    print()
+    for line in format_summary(result):
+        print(line)
+    paths = write_results(result, out_dir, tag="" if suite == "default" else suite)
+    for path in paths.values():
+        if path:
+            print(f"wrote {path}")
+    bad = check_failures(result)
+    if bad:
+        print("FAILED: " + "; ".join(bad))
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# CPU smoke test (no GPU): the same row functions on a tiny Llama
+
+SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=128, initializer_range=0.3)
+
+
+def smoke_main():
+    """Tiny Llama (fp32 weights; modelaccel computes attention in bf16) on CPU: one TTFT row and
+    one training row through every provider; fails if modelaccel errs or disagrees with SDPA.
+    Run in a process with TRITON_INTERPRET=1 so the kernels run in the Triton interpreter."""
+    from transformers import LlamaConfig
+
+    t0 = time.perf_counter()
+    print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}; tiny Llama on CPU "
+          "(times mean nothing here)", flush=True)
+    model = build_model(LlamaConfig(**SMOKE_CONFIG), device="cpu", dtype=torch.float32).eval()
+    timer = lambda fn: time_wall(fn, warmup=0, reps=1)  # noqa: E731
+    rows = [run_ttft_row(model, 2, 16, timer=timer, device="cpu"),
+            run_train_row(model, seqlen=16, batch=2, timer=timer, device="cpu")]
+    print(format_header(PROVIDERS))
+    failed = False
+    for row in rows:
+        print(format_row(row, PROVIDERS))
+        check = row["check"]["modelaccel"]
+        ok = check is not None and check["status"] == "ok" and "modelaccel" not in row["errors"]
+        failed |= not ok
+        detail = f"rel err {check['rel_err']:.2e}" if check else "no check"
+        print(f"  {row['kind']}: modelaccel vs sdpa {detail}: {'PASS' if ok else 'FAIL'}")
+        for p, why in row["errors"].items():
+            print(f"  {p}: {why}")
+    print(f"smoke test {'FAILED' if failed else 'passed'} in {time.perf_counter() - t0:.1f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(smoke_main())
