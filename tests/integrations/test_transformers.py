@@ -199,3 +199,18 @@ def test_compiled_model_forward_has_no_graph_breaks(device):
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, ours(ids, use_cache=False).logits)
+
+
+def test_decoding_steps_use_the_split_kv_kernel(monkeypatch, device):
+    from modelaccel.integrations import transformers as integration
+
+    calls = []
+    real = integration.flash_attn_with_kvcache
+    monkeypatch.setattr(integration, "flash_attn_with_kvcache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    eager, ours = model_pair(family_configs()["mistral"], device)
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(9)).to(device)
+    with torch.no_grad():
+        ref = eager.generate(ids, max_new_tokens=5, do_sample=False)
+        got = ours.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(ref, got)
+    assert len(calls) >= 2 * 4  # two layers, at least the four steps after the prompt

@@ -352,7 +352,9 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
         if k_cache.shape[0] < batch and cache_batch_idx is None:
             raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}")
         capacity = k_cache.shape[1]
+    lengths = None  # known on the host only when given as an int: then nothing is read back
     if isinstance(cache_seqlens, numbers.Integral):
+        lengths = [int(cache_seqlens)] * batch
         cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     elif cache_seqlens is None:
         cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
@@ -383,7 +385,8 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
             raise ValueError(f"rotary_dim (2 * {rotary_cos.shape[1]}) must be a multiple of 16 and <= headdim {headdim}")
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return cache_seqlens
-    lengths = cache_seqlens.tolist()
+    if lengths is None:
+        lengths = cache_seqlens.tolist()
     if min(lengths) < 0 or max(lengths) + new > capacity:
         raise ValueError(f"cache_seqlens + new tokens must lie in [0, {capacity}] (the cache length), got "
                          f"cache_seqlens {lengths} with {new} new tokens")

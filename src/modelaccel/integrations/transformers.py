@@ -16,10 +16,13 @@ import warnings
 
 import torch
 
-from ..attention.interface import flash_attn_func, flash_attn_varlen_func
+from ..attention.interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..attention.padding import pad_input, unpad_input
 
 NAME = "modelaccel"
+# Calls with at most this many query rows over a longer key sequence are decoding steps
+# (or speculative-decoding verifies) and go to the split-KV kernel.
+_DECODE_MAX_QUERIES = 16
 _warned = set()
 
 
@@ -87,7 +90,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         target = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else torch.bfloat16
         _warn_once(("dtype", in_dtype), f"modelaccel attention computes in {target}; the model runs in {in_dtype}")
         q, k, v = (t.to(target) for t in (q, k, v))
-    if attention_mask is None:
+    if attention_mask is None and seqlen_q <= _DECODE_MAX_QUERIES and seqlen_k > seqlen_q \
+            and not torch.compiler.is_compiling() \
+            and not (torch.is_grad_enabled() and q.requires_grad):
+        # A decoding step over the cache: the split-KV kernel fills the GPU even at batch 1.
+        options.pop("dropout_p")
+        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlen_k, **options)
+    elif attention_mask is None:
         out = flash_attn_func(q, k, v, **options)
     else:
         mask = attention_mask.bool()
