@@ -15,8 +15,10 @@ the token checks the same weights (bf16 values) are cast to fp32 in place: only 
 differs (modelaccel computes it in bf16, eager in fp32), and its error no longer spreads
 through bf16 re-rounding; and o_proj is scaled by ATTN_OUT_SCALE, so attention's error in
 the logits is proportionally smaller. A broken attention (a wrong mask, wrong positions,
-padding leaking in) changes attention outputs by O(1), still enough to flip tokens. The
-bf16 model itself is checked by logits against eager, within the noise SDPA shows in the
+padding leaking in) changes attention outputs by O(1), still enough to flip tokens. Even so, a CPU run of 8 such
+layers in fp32 still flipped ~1% of argmaxes (logit differences up to ~0.09), so a
+divergence is accepted only at a near tie of eager's scores (NEAR_TIE); anywhere else it
+fails. The bf16 model itself is checked by logits against eager, within the noise SDPA shows in the
 same run.
 """
 
@@ -114,29 +116,49 @@ def fp32_scaled(model):
         torch.cuda.empty_cache()
 
 
+# A divergence is accepted only where eager's own top-1 minus top-2 logit is below this (a near
+# tie): ~2.5x the largest logit difference modelaccel-vs-eager-like noise gave on CPU (fp32, 8 layers).
+NEAR_TIE = 0.25
+
+
 def _generate(model, impl, ids, mask):
     set_attention(model, impl)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
-                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
+                              output_scores=True, return_dict_in_generate=True)
 
 
-def _divergence(ref, got):
-    diff = (ref != got).nonzero()
-    return None if diff.numel() == 0 else tuple(diff[0].tolist())
+def _check_identical(ref, got):
+    """Token ids identical; if not, the first divergence must be a near tie in eager's scores
+    (random weights give flat logits; see the module docstring), else the test fails."""
+    ref_ids, got_ids = ref.sequences, got.sequences
+    assert ref_ids.shape == got_ids.shape
+    if torch.equal(ref_ids, got_ids):
+        return
+    for row in range(ref_ids.shape[0]):
+        diff = (ref_ids[row] != got_ids[row]).nonzero()
+        if diff.numel() == 0:
+            continue
+        pos = diff[0].item()
+        step = pos - PROMPT_LEN
+        top2 = ref.scores[step][row].float().topk(2).values
+        margin = (top2[0] - top2[1]).item()
+        assert margin < NEAR_TIE, (f"row {row} differs at position {pos} (new token {step}), where eager's top-1 "
+                                   f"leads top-2 by {margin:.3f} (not a near tie)")
 
 
 def test_greedy_generation_identical_to_eager(fp32_scaled):
     single, _, _ = prompts(fp32_scaled.config.vocab_size)
     ref = _generate(fp32_scaled, "eager", single, None)
     got = _generate(fp32_scaled, "modelaccel", single, None)
-    assert ref.shape == (1, PROMPT_LEN + NEW_TOKENS)
-    assert torch.equal(ref, got), f"first differing (row, position): {_divergence(ref, got)}"
+    assert ref.sequences.shape == (1, PROMPT_LEN + NEW_TOKENS)
+    _check_identical(ref, got)
 
 
 def test_left_padded_batch_greedy_generation_identical_to_eager(fp32_scaled):
     _, ids, mask = prompts(fp32_scaled.config.vocab_size)
     ref = _generate(fp32_scaled, "eager", ids, mask)
     got = _generate(fp32_scaled, "modelaccel", ids, mask)
-    assert ref.shape == (2, PROMPT_LEN + NEW_TOKENS)
-    assert torch.equal(ref, got), f"first differing (row, position): {_divergence(ref, got)}"
+    assert ref.sequences.shape == (2, PROMPT_LEN + NEW_TOKENS)
+    _check_identical(ref, got)
