@@ -2,15 +2,15 @@
 # GPU check: the `gpu` tests and the benchmarks, in one call.
 # Runs from the source tree with the machine's own torch and triton (no install, no network).
 #   scripts/gpu_check.sh OUTDIR [PART ...]
-# PART: tests, fwd, bwd, varlen, train, decode (default: all of them, in that order). A device call
+# PART: tests, fwd, bwd, varlen, train, decode, transformers (default: all, in that order). A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train|decode ...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train|decode|transformers ...]}
 shift
-parts=${*:-tests fwd bwd varlen train decode}
+parts=${*:-tests fwd bwd varlen train decode transformers}
 suite=${SUITE:-default}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -33,6 +33,7 @@ for part in $parts; do
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
     train) run train python3 -m modelaccel bench train --out "$out" ;;
     decode) run bench_decode python3 -m modelaccel bench decode-attention --suite "$suite" --out "$out" ;;
+    transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ;;
     *) echo "unknown part: $part"; failed="$failed $part" ;;
   esac
 done
