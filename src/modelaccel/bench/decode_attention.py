@@ -660,20 +660,9 @@ def plot_results(result, path):
 
 
 def write_results(result, out_dir, tag=""):
-    """Write result as decode_attention_<device-slug>_<date>[_<tag>].{json,md,png} in
-    out_dir (created if missing). Returns {"json", "md", "png"}, "png" None if skipped."""
-    from modelaccel.bench.report import device_slug
-
-    os.makedirs(out_dir, exist_ok=True)
-    meta = result["metadata"]
-    stem = f"decode_attention_{device_slug(meta['device_name'])}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
-    base = os.path.join(out_dir, stem)
-    with open(base + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    with open(base + ".md", "w") as f:
-        f.write(format_markdown(result))
-    return {"json": base + ".json", "md": base + ".md", "png": plot_results(result, base + ".png")}
+    """Write result as decode_attention_<device-slug>_<date>[_<tag>].{json,md,png} into out_dir.
+    Returns {"json", "md", "png"}, "png" None if the plot was skipped."""
+    return report.write_files(result, out_dir, "decode_attention", tag, format_markdown, plot_results)
 
 
 # ---------------------------------------------------------------------------------------

@@ -212,22 +212,24 @@ def plot_results(result, path):
     return path
 
 
-def write_results(result, out_dir, tag=""):
-    """Write result as JSON, markdown and PNG into out_dir (created if missing).
-
-    Files are named <prefix>_<device-slug>_<date>[_<tag>].{json,md,png}, the prefix
-    attention_fwd, attention_bwd or attention_varlen by result["mode"] (fwd if absent); a
-    rerun on the same day with the same tag replaces them. Returns {"json", "md", "png"} paths,
-    "png" None if the plot was skipped.
-    """
+def write_files(result, out_dir, prefix, tag, markdown, plot):
+    """Write result as <prefix>_<device-slug>_<date>[_<tag>].{json,md,png} into out_dir
+    (created if missing); markdown(result) gives the text, plot(result, path) the PNG (or
+    None when skipped). A rerun on the same day with the same tag replaces the files.
+    Returns {"json", "md", "png"} paths, "png" None if the plot was skipped."""
     os.makedirs(out_dir, exist_ok=True)
     meta = result["metadata"]
-    stem = (f"{MODE_PREFIXES[_mode(result)]}_{device_slug(meta['device_name'])}_{meta['date'][:10]}"
-            + (f"_{tag}" if tag else ""))
+    stem = f"{prefix}_{device_slug(meta['device_name'])}_{meta['date'][:10]}" + (f"_{tag}" if tag else "")
     base = os.path.join(out_dir, stem)
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     with open(base + ".md", "w") as f:
-        f.write(format_markdown(result))
-    return {"json": base + ".json", "md": base + ".md", "png": plot_results(result, base + ".png")}
+        f.write(markdown(result))
+    return {"json": base + ".json", "md": base + ".md", "png": plot(result, base + ".png")}
+
+
+def write_results(result, out_dir, tag=""):
+    """Write an attention benchmark's result (JSON, markdown, PNG) into out_dir, prefixed
+    attention_fwd, attention_bwd or attention_varlen by result["mode"] (fwd if absent)."""
+    return write_files(result, out_dir, MODE_PREFIXES[_mode(result)], tag, format_markdown, plot_results)
