@@ -24,7 +24,6 @@ the CPU self-check of the decode kernel in the Triton interpreter.
 """
 
 import contextlib
-import json
 import os
 import sys
 import warnings

@@ -30,9 +30,7 @@ Without a GPU, `python -m modelaccel.bench.transformers_bench` (in a process sta
 TRITON_INTERPRET=1) runs a tiny CPU smoke test of the same code paths instead.
 """
 
-import datetime
 import gc
-import json
 import os
 import statistics
 import sys
