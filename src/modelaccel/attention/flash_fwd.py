@@ -297,10 +297,19 @@ _TMA_MIN_FLOPS = 8e10
 _tuner = LaunchTuner("attention_fwd")
 
 
+_candidate_lists = {}
+
+
 def config_candidates(configs, block_d, tma_ok):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) candidates for a padded head dim."""
-    return [(*c, t) for c in configs[min(c for c in configs if c >= block_d)]
-            for t in ((True, False) if tma_ok else (False,))]
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) candidates for a padded head dim.
+
+    Built once per (config table, head-dim class, TMA) and reused: every launch asks.
+    """
+    key = (id(configs), block_d, tma_ok)
+    if key not in _candidate_lists:
+        _candidate_lists[key] = [(*c, t) for c in configs[min(c for c in configs if c >= block_d)]
+                                 for t in ((True, False) if tma_ok else (False,))]
+    return _candidate_lists[key]
 
 
 def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,

@@ -79,15 +79,7 @@ QUICK_NONCAUSAL_SHAPES = ((4, 16, 16, 1024, 1024), (2, 48, 48, 1021, 1020), (4, 
 QUICK_CAUSAL_SHAPES = ((4, 16, 16, 1024, 1024), (4, 32, 8, 2048, 2048))
 
 # Backward rows: the forward's square shapes plus GQA 32/8 at 8K (all causal, so square).
-BWD_SHAPES = (
-    (16, 16, 16, 1024, 1024),
-    (8, 16, 16, 2048, 2048),
-    (4, 16, 16, 4096, 4096),
-    (2, 16, 16, 8192, 8192),
-    (1, 16, 16, 16384, 16384),
-    (2, 48, 48, 1024, 1024),
-    (2, 32, 8, 8192, 8192),
-)
+BWD_SHAPES = tuple(s for s in NONCAUSAL_SHAPES if s[3] == s[4]) + ((2, 32, 8, 8192, 8192),)
 QUICK_BWD_SHAPES = ((4, 16, 16, 1024, 1024), (2, 32, 8, 2048, 2048))
 # The backward does 5 matmuls (S = QK^T recomputed, dV, dP, dQ, dK) to the forward's 2.
 BWD_FLOPS_FACTOR = 2.5
