@@ -4,7 +4,7 @@ own process.
 A kernel that faults (misaligned address) poisons the CUDA context, so every configuration
 runs in a fresh subprocess with CUDA_LAUNCH_BLOCKING=1. Each prints the relative errors of
 out (forward) or dq/dk/dv (backward) against a float32 reference.
-Usage: python benchmarks/debug_launch_configs.py
+Usage: python benchmarks/debug_launch_configs.py [fwd|dq|dkdv ...]   (default: all three)
 """
 
 import os
@@ -15,7 +15,9 @@ CASES = [  # (batch, hq, hk, sq, sk, d, causal)
     (1, 32, 8, 2048, 2048, 128, True),
     (2, 8, 4, 700, 900, 160, True),
     (2, 8, 4, 700, 900, 256, True),
+    (2, 8, 8, 700, 900, 160, False),
 ]
+CASES = [c for c in CASES if os.environ.get("DEBUG_HEADDIM", str(c[5])) == str(c[5])]
 
 CHILD = r"""
 import sys, torch
@@ -49,12 +51,15 @@ print(f"{which} {cfg}: out {errs[0]:.2e} dq {errs[1]:.2e} dk {errs[2]:.2e} dv {e
 
 
 def main():
+    kinds = sys.argv[1:] or ["fwd", "dq", "dkdv"]
     from modelaccel.attention.flash_bwd import _DKDV_CONFIGS, _DQ_CONFIGS
     from modelaccel.attention.flash_fwd import _GPU_CONFIGS
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
     for case in CASES:
         key = min(c for c in _DQ_CONFIGS if c >= case[5])
         for which, configs in (("fwd", _GPU_CONFIGS[key]), ("dq", _DQ_CONFIGS[key]), ("dkdv", _DKDV_CONFIGS[key])):
+            if which not in kinds:
+                continue
             for idx in range(len(configs)):
                 arg = repr((*case, which, idx))
                 res = subprocess.run([sys.executable, "-c", CHILD, arg], capture_output=True, text=True, timeout=120,

@@ -27,7 +27,7 @@ run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
 }
 for part in $parts; do
   case $part in
-    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
+    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=25 --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
     bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
