@@ -1,5 +1,7 @@
 """Comparison helpers shared by the test suite, the GPU checks and the CLI self-check."""
 
+import math
+
 import torch
 
 # Bounds for fp16/bf16 attention against a float64 (or float32) reference. The kernel rounds
@@ -74,3 +76,22 @@ def assert_grads_close(grads, ref_grads, dtype, names=("dq", "dk", "dv")):
         assert rel <= tol["rel"] or abs_err <= tol["abs"] * 0.1, \
             f"{name} mismatch for {dtype}: {report[name]} (tolerance {tol}; all: {report})"
     return report
+
+
+def random_kv_cache(batch, capacity, nheads_k, headdim, dtype, device, gen, page_size=None):
+    """Random k/v caches [batch, capacity, nheads_k, headdim] and no block table; with
+    page_size, the same contents in a shuffled page pool [pages, page_size, nheads_k,
+    headdim] and its int32 block table [batch, pages per sequence]."""
+    k = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
+    v = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
+    if page_size is None:
+        return k, v, None
+    pages = math.ceil(capacity / page_size)
+    table = torch.randperm(batch * pages, generator=gen).view(batch, pages).to(device, torch.int32)
+    pools = []
+    for cache in (k, v):
+        padded = torch.cat([cache, cache.new_zeros(batch, pages * page_size - capacity, nheads_k, headdim)], 1)
+        pool = torch.empty(batch * pages, page_size, nheads_k, headdim, dtype=dtype, device=device)
+        pool[table.long()] = padded.view(batch, pages, page_size, nheads_k, headdim)
+        pools.append(pool)
+    return pools[0], pools[1], table

@@ -7,26 +7,9 @@ import pytest
 import torch
 
 import modelaccel
-from modelaccel.attention.decode import decode_attention
+from modelaccel.attention.decode import _DECODE_CONFIGS, decode_attention
 from modelaccel.attention.reference import apply_rotary, kvcache_attention_ref
-from modelaccel.testing import assert_attention_close
-
-
-def make_cache(batch, capacity, nheads_k, headdim, dtype, device, gen, page_size=None):
-    """A random contiguous cache, and the same contents in a shuffled page pool if page_size."""
-    k = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
-    v = torch.randn(batch, capacity, nheads_k, headdim, generator=gen).to(device, dtype)
-    if page_size is None:
-        return k, v, None
-    pages = math.ceil(capacity / page_size)
-    table = torch.randperm(batch * pages, generator=gen).view(batch, pages).to(device, torch.int32)
-    pools = []
-    for cache in (k, v):
-        padded = torch.cat([cache, cache.new_zeros(batch, pages * page_size - capacity, nheads_k, headdim)], 1)
-        pool = torch.empty(batch * pages, page_size, nheads_k, headdim, dtype=dtype, device=device)
-        pool[table.long()] = padded.view(batch, pages, page_size, nheads_k, headdim)
-        pools.append(pool)
-    return pools[0], pools[1], table
+from modelaccel.testing import assert_attention_close, random_kv_cache as make_cache
 
 
 def check(q, k_cache, v_cache, cache_seqlens, block_table=None, **kwargs):
@@ -191,3 +174,36 @@ def test_page_size_must_be_a_power_of_two(device):
     table = torch.zeros(1, 2, dtype=torch.int32, device=device)
     with pytest.raises(ValueError, match="power of two"):
         modelaccel.flash_attn_with_kvcache(q, pool, pool, cache_seqlens=10, block_table=table)
+
+
+def test_value_checks_run_once_per_tensor_version(device, monkeypatch):
+    """The device-value checks (one host sync) run once for a tensor the layers share, and
+    again after an in-place edit, which can make the input bad."""
+    import modelaccel.attention.interface as interface
+    gen = torch.Generator().manual_seed(8)
+    k_cache, v_cache, table = make_cache(2, 64, 2, 32, torch.float16, device, gen, 16)
+    q = torch.randn(2, 1, 4, 32, generator=gen).to(device, torch.float16)
+    seqlens = torch.tensor([10, 20], dtype=torch.int32, device=device)
+    calls = []
+    real = interface._check_cache_values
+    monkeypatch.setattr(interface, "_check_cache_values", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):
+        modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    assert len(calls) == 1
+    seqlens += 60  # in place, past the 64-row capacity
+    with pytest.raises(ValueError, match="cache length"):
+        modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("config", _DECODE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_every_gpu_launch_candidate(config, device):
+    """Each tuning candidate (key tile, split rule) computes the same attention."""
+    gen = torch.Generator().manual_seed(9)
+    k_cache, v_cache, table = make_cache(2, 300, 2, 64, torch.bfloat16, device, gen, 32)
+    q = torch.randn(2, 1, 8, 64, generator=gen).to(device, torch.bfloat16)
+    seqlens = torch.tensor([300, 77], dtype=torch.int32, device=device)
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 0.125, block_table=table, config=config)
+    ref_out, ref_lse = kvcache_attention_ref(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu(), 0.125,
+                                             block_table=table.cpu())
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import LOG2E, _dot, _scores_log2
-from .launch import interpreting
+from .launch import LaunchTuner, interpreting, size_bucket
 
 
 @triton.jit
@@ -149,16 +149,26 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64):
-    """Splits that give about two waves of programs, each with at least 4 key blocks."""
+# GPU launch candidates: (BLOCK_N, num_warps, num_stages, programs per SM, fewest key
+# blocks per split). The last two set the number of splits: short caches at small batch
+# want many one-block splits (every load in flight at once), long ones fewer, longer
+# splits. Each problem class times them once (LaunchTuner); the first is the fallback.
+_DECODE_CONFIGS = [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (64, 4, 2, 4, 1), (32, 4, 3, 4, 1),
+                   (128, 4, 2, 2, 2), (128, 8, 2, 2, 1), (64, 8, 4, 2, 2), (64, 4, 4, 1, 8)]
+_tuner = LaunchTuner("decode_attention")
+
+
+def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
+    """Splits that give about `programs_per_sm` programs per SM, each with at least
+    `min_blocks` key blocks."""
     programs = batch * nheads_k
-    want = max(1, (2 * _sm_count(device) + programs - 1) // programs)
-    return max(1, min(want, triton.cdiv(max_keys, 4 * block_n), 128))
+    want = max(1, (programs_per_sm * _sm_count(device) + programs - 1) // programs)
+    return max(1, min(want, triton.cdiv(max_keys, min_blocks * block_n), 128))
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=False, window_size=(-1, -1),
                      softcap=0.0, alibi_slopes=None, block_table=None, cache_batch_idx=None, cache_leftpad=None,
-                     num_splits=0, block_n=None):
+                     num_splits=0, block_n=None, config=None):
     """Attention of q over a KV cache, split along the cache and merged.
 
     Args:
@@ -169,6 +179,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         cache_batch_idx: int32 [batch], cache row of each sequence (contiguous cache only).
         cache_leftpad: int32 [batch], first valid key of each sequence.
         num_splits: 0 chooses from batch, heads, cache length and the SM count.
+        block_n / config: overrides for tests and tuning (config: one of _DECODE_CONFIGS).
+            By default the GPU launch is tuned per problem class.
     Returns:
         out [batch, seqlen_q, nheads, headdim] in q's dtype, lse [batch, nheads, seqlen_q] float32.
     """
@@ -183,39 +195,49 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         right = 0
     block_d = max(triton.next_power_of_2(headdim), 16)
     block_m = max(triton.next_power_of_2(group * seqlen_q), 16)
-    if block_n is None:
-        block_n = 16 if interpreting() else 64
-    if num_splits <= 0:
-        num_splits = choose_num_splits(batch, nheads_k, max_keys, q.device, block_n)
-    split_len = triton.cdiv(triton.cdiv(max_keys, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_keys, split_len)
-    o_part = torch.empty(num_splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(num_splits, batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     interp = interpreting()
     placeholder = cache_seqlens
-    extra = {} if interp else {"num_warps": 4, "num_stages": 3}
-    _decode_split_kernel[(num_splits, batch * nheads_k)](
-        q, k_cache, v_cache, o_part, lse_part,
-        block_table if paged else placeholder, cache_seqlens,
-        cache_batch_idx if cache_batch_idx is not None else placeholder,
-        cache_leftpad if cache_leftpad is not None else placeholder,
-        alibi_slopes if alibi_slopes is not None else o_part,
-        q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_table.stride(0) if paged else 0,
-        alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-        nheads, nheads_k, group, seqlen_q, page_size, split_len,
-        left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
-        softmax_scale / softcap if softcap > 0 else 1.0,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
-        HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
-        HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        UPCAST_DOT=interp and q.dtype == torch.bfloat16, **extra)
-    _decode_combine_kernel[(batch * seqlen_q * nheads,)](
-        o_part, lse_part, out, lse, num_splits, batch, nheads, seqlen_q,
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_S=max(triton.next_power_of_2(num_splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+
+    def launch(config):
+        bn, warps, stages, per_sm, min_blocks = config
+        splits = num_splits if num_splits > 0 else choose_num_splits(batch, nheads_k, max_keys, q.device, bn,
+                                                                     per_sm, min_blocks)
+        split_len = triton.cdiv(triton.cdiv(max_keys, splits), bn) * bn
+        splits = triton.cdiv(max_keys, split_len)
+        o_part = torch.empty(splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
+        lse_part = torch.empty(splits, batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+        extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        _decode_split_kernel[(splits, batch * nheads_k)](
+            q, k_cache, v_cache, o_part, lse_part,
+            block_table if paged else placeholder, cache_seqlens,
+            cache_batch_idx if cache_batch_idx is not None else placeholder,
+            cache_leftpad if cache_leftpad is not None else placeholder,
+            alibi_slopes if alibi_slopes is not None else o_part,
+            q.stride(0), q.stride(1), q.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_table.stride(0) if paged else 0,
+            alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+            nheads, nheads_k, group, seqlen_q, page_size, split_len,
+            left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
+            softmax_scale / softcap if softcap > 0 else 1.0,
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
+            HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
+            HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
+            HAS_ALIBI=alibi_slopes is not None, UPCAST_DOT=interp and q.dtype == torch.bfloat16, **extra)
+        _decode_combine_kernel[(batch * seqlen_q * nheads,)](
+            o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+
+    if config is None:
+        if interp or block_n is not None:
+            config = (block_n or 16, 4, 3, 2, 4)
+        else:
+            key = (q.dtype, headdim, block_m, paged, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
+                   num_splits, size_bucket(batch * nheads_k), size_bucket(max_keys))
+            config = _tuner.choose(key, _DECODE_CONFIGS, launch)
+    launch(config)
     return out, lse

@@ -72,11 +72,48 @@ def _check_options(q, batch, dropout_p, softmax_scale, window_size, softcap, ali
             raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
 
 
-# Lengths vectors already validated: id -> (weak reference, version, rows, max_seqlen, batch).
-# A model passes the same cu_seqlens to every layer; checking it once saves a device sync
-# per layer. The weak reference and torch's version counter catch a new tensor at a reused
-# id and in-place edits.
-_validated_cu_seqlens = {}
+# Value checks already passed: (context, (id, version) per tensor) -> (weak references,
+# result). A model passes the same cu_seqlens / cache_seqlens / block_table to every layer;
+# checking them once saves a device-to-host sync per layer (one per decoding step, not one
+# per layer). The weak references and torch's version counters catch a new tensor at a
+# reused id and in-place edits.
+_checked_values = {}
+
+
+def _version_counter(t):
+    # Inference-mode tensors keep no version counter; those are checked on every call.
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _value_check_key(context, tensors):
+    """Memo key for a check over `tensors` (None entries allowed), or None if not memoizable."""
+    parts = []
+    for t in tensors:
+        version = None if t is None else _version_counter(t)
+        if t is not None and version is None:
+            return None
+        parts.append(None if t is None else (id(t), version))
+    return context, tuple(parts)
+
+
+def _checked_before(key, tensors):
+    """(True, result) when the check under `key` passed for these very tensors."""
+    entry = _checked_values.get(key) if key is not None else None
+    if entry is not None and all((r is None) if t is None else (r is not None and r() is t)
+                                 for r, t in zip(entry[0], tensors)):
+        return True, entry[1]
+    return False, None
+
+
+def _remember_check(key, tensors, result=None):
+    if key is None:
+        return
+    if len(_checked_values) > 256:
+        _checked_values.clear()
+    _checked_values[key] = ([None if t is None else weakref.ref(t) for t in tensors], result)
 
 
 def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
@@ -95,11 +132,10 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
         raise ValueError(f"{name} is on {cu_seqlens.device}, q on {device}")
     if not isinstance(max_seqlen, numbers.Integral) or max_seqlen < 0:
         raise ValueError(f"max_seqlen for {name} must be an int >= 0, got {max_seqlen}")
-    version = _version_counter(cu_seqlens)
-    seen = _validated_cu_seqlens.get(id(cu_seqlens))
-    if (version is not None and seen is not None and seen[0]() is cu_seqlens
-            and seen[1:4] == (version, total, max_seqlen)):
-        return seen[4]
+    key = _value_check_key(("cu_seqlens", total, max_seqlen), (cu_seqlens,))
+    seen, batch = _checked_before(key, (cu_seqlens,))
+    if seen:
+        return batch
     values = cu_seqlens.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or min(lengths) < 0:
@@ -108,19 +144,8 @@ def _check_cu_seqlens(name, cu_seqlens, total, max_seqlen, device):
         raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
     if max(lengths) > max_seqlen:
         raise ValueError(f"max_seqlen {max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
-    if version is not None:
-        if len(_validated_cu_seqlens) > 64:
-            _validated_cu_seqlens.clear()
-        _validated_cu_seqlens[id(cu_seqlens)] = (weakref.ref(cu_seqlens), version, total, max_seqlen, len(lengths))
+    _remember_check(key, (cu_seqlens,), len(lengths))
     return len(lengths)
-
-
-def _version_counter(t):
-    # Inference-mode tensors keep no version counter; those are checked on every call.
-    try:
-        return t._version
-    except RuntimeError:
-        return None
 
 
 def _use_triton(q):
@@ -357,7 +382,8 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
         lengths = [int(cache_seqlens)] * batch
         cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
     elif cache_seqlens is None:
-        cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
+        lengths = [capacity if k is None else 0] * batch
+        cache_seqlens = torch.full((batch,), lengths[0], dtype=torch.int32, device=q.device)
     _int32_vector("cache_seqlens", cache_seqlens, batch, q.device)
     if cache_batch_idx is not None:
         _int32_vector("cache_batch_idx", cache_batch_idx, batch, q.device)
@@ -385,6 +411,23 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
             raise ValueError(f"rotary_dim (2 * {rotary_cos.shape[1]}) must be a multiple of 16 and <= headdim {headdim}")
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return cache_seqlens
+    value_tensors = (None if lengths is not None else cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
+    key = _value_check_key(("kvcache", new, seqlen_q, capacity, k_cache.shape[0],
+                            None if rotary_cos is None else rotary_cos.shape[0],
+                            None if lengths is None else lengths[0]), value_tensors)
+    if _checked_before(key, value_tensors)[0]:
+        return cache_seqlens
+    _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens, cache_leftpad, cache_batch_idx,
+                        block_table, rotary_cos)
+    _remember_check(key, value_tensors)
+    return cache_seqlens
+
+
+def _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens, cache_leftpad, cache_batch_idx,
+                        block_table, rotary_cos):
+    """The checks of _check_kvcache_inputs that read device values to the host."""
+    batch = cache_seqlens.shape[0]
+    paged = block_table is not None
     if lengths is None:
         lengths = cache_seqlens.tolist()
     if min(lengths) < 0 or max(lengths) + new > capacity:
@@ -409,7 +452,6 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
         last = max(n - p for n, p in zip(lengths, pads)) + max(new, seqlen_q) - 1
         if last >= rotary_cos.shape[0]:
             raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position {last}")
-    return cache_seqlens
 
 
 def _append_to_cache(cache, new, cache_seqlens, cache_batch_idx, block_table):

@@ -82,6 +82,10 @@ class LaunchTuner:
         if self.choices is None:
             self._load()
         key = "|".join(map(str, key))
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Timing inside a CUDA graph capture would break it: take the stored choice, or
+            # the first candidate until an eager call tunes this class.
+            return self.choices[key] if self.choices.get(key) in candidates else candidates[0]
         # A stored choice that is no longer a candidate (a configuration dropped since, say
         # for computing wrong results on some compiler) is tuned again.
         if self.choices.get(key) not in candidates:

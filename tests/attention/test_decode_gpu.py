@@ -1,0 +1,76 @@
+"""flash_attn_with_kvcache at real decoding sizes on a GPU, against a float32 reference."""
+
+import pytest
+import torch
+
+import modelaccel
+from modelaccel.attention.decode import _DECODE_CONFIGS, decode_attention
+from modelaccel.attention.reference import apply_rotary, kvcache_attention_ref
+from modelaccel.testing import assert_attention_close, random_kv_cache as make_cache
+
+pytestmark = pytest.mark.gpu
+
+
+def reference(q, k_cache, v_cache, seqlens, **kwargs):
+    return kvcache_attention_ref(q, k_cache, v_cache, seqlens, compute_dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("page_size", [None, 16, 256], ids=["contiguous", "page16", "page256"])
+@pytest.mark.parametrize("batch,capacity", [(1, 32768), (4, 8192), (64, 1024)])
+def test_llama_sized_decode(batch, capacity, page_size):
+    gen = torch.Generator().manual_seed(batch)
+    k_cache, v_cache, table = make_cache(batch, capacity, 8, 128, torch.bfloat16, "cuda", gen, page_size)
+    q = torch.randn(batch, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    seqlens = torch.randint(1, capacity + 1, (batch,), generator=gen, dtype=torch.int32).cuda()
+    seqlens[0] = capacity
+    out, lse = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                                  return_softmax_lse=True)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens, block_table=table)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+@pytest.mark.parametrize("config", _DECODE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_every_launch_candidate(config):
+    gen = torch.Generator().manual_seed(1)
+    k_cache, v_cache, _ = make_cache(2, 20000, 8, 128, torch.bfloat16, "cuda", gen)
+    q = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    seqlens = torch.tensor([20000, 4321], dtype=torch.int32, device="cuda")
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, config=config)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+def test_splits_agree_to_rounding():
+    gen = torch.Generator().manual_seed(2)
+    k_cache, v_cache, _ = make_cache(2, 16384, 8, 128, torch.float16, "cuda", gen)
+    q = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.float16)
+    outs = [modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=16000, num_splits=n)
+            for n in (1, 7, 64, 0)]
+    for out in outs[1:]:
+        torch.testing.assert_close(out.float(), outs[0].float(), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("headdim", [64, 96, 256])
+def test_head_dims_with_append_rotary_and_speculative_queries(headdim):
+    gen = torch.Generator().manual_seed(headdim)
+    k_cache, v_cache, table = make_cache(3, 4096, 4, headdim, torch.bfloat16, "cuda", gen, 64)
+    q = torch.randn(3, 4, 16, headdim, generator=gen).to("cuda", torch.bfloat16)
+    k_new, v_new = (torch.randn(3, 4, 4, headdim, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([4000, 17, 2048], dtype=torch.int32, device="cuda")
+    angles = torch.rand(4096, headdim // 2, generator=gen).cuda() * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    out, lse = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cos, sin, cache_seqlens=seqlens,
+                                                  block_table=table, causal=True, return_softmax_lse=True)
+    # The cache now holds the rotated new keys; rebuild them independently.
+    pos = seqlens.long()[:, None] + torch.arange(4, device="cuda")
+    k_rot = apply_rotary(k_new, cos, sin, pos, True)
+    q_rot = apply_rotary(q, cos, sin, pos, True)
+    for b in range(3):
+        for t in range(4):
+            p = int(seqlens[b]) + t
+            page = table[b, p // 64].long()
+            torch.testing.assert_close(k_cache[page, p % 64].float(), k_rot[b, t].float(), atol=1e-2, rtol=0)
+            k_ref[page, p % 64], v_ref[page, p % 64] = k_rot[b, t], v_new[b, t]
+    ref_out, ref_lse = reference(q_rot, k_ref, v_ref, seqlens + 4, block_table=table, causal=True)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
