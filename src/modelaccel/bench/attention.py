@@ -689,9 +689,11 @@ def geomean_ratios(rows, provider, baseline):
 def _git_commit():
     """(commit, dirty) of the checkout modelaccel is imported from.
 
-    A copy of the tree without .git (as shipped to a remote GPU box) can name its commit in
-    MODELACCEL_COMMIT; dirty is then unknown (None). (None, None) if neither is available.
+    MODELACCEL_COMMIT, when set, names the commit instead (a copy of the tree shipped to a
+    remote GPU box may carry a stale .git); dirty is then unknown (None). (None, None) if neither is available.
     """
+    if os.environ.get("MODELACCEL_COMMIT"):  # the caller knows better than a copied .git
+        return os.environ["MODELACCEL_COMMIT"], None
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         commit = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
