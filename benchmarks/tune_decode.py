@@ -1,0 +1,54 @@
+"""Sweep the split-KV decode launch (key tile, warps, stages, number of splits) under CUDA
+graph replay, to see where decoding at small batch loses bandwidth.
+
+bf16, 32 query heads over 8 KV heads, head dim 128, one query token, contiguous cache.
+Prints TB/s (K+V bytes / time) per launch and the best per shape; writes JSON.
+Usage: python benchmarks/tune_decode.py OUT.json
+"""
+
+import itertools
+import json
+import sys
+
+import torch
+
+from modelaccel.attention.decode import decode_attention
+from modelaccel.bench.decode_attention import kv_bytes, make_inputs, measure_read_bandwidth, tbps, time_graph
+
+SHAPES = [(1, 4096), (1, 32768), (8, 4096), (1, 131072)]
+TILES = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3)]
+
+
+def main():
+    results = {"read_bw_tbps": measure_read_bandwidth(), "device": torch.cuda.get_device_name(),
+               "torch": torch.__version__, "rows": []}
+    print(f"read bandwidth {results['read_bw_tbps']['tbps']:.2f} TB/s", flush=True)
+    for batch, cache_len in SHAPES:
+        q, k_cache, v_cache, seqlens = make_inputs(batch, cache_len)[:4]
+        nbytes = kv_bytes(batch, cache_len)
+        best = None
+        for (bn, warps, stages), splits in itertools.product(TILES, (1, 2, 4, 8, 16, 33, 64, 128)):
+            if splits * bn > cache_len:
+                continue
+            config = (bn, warps, stages, 2, 1)
+
+            def call():
+                return decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, num_splits=splits,
+                                        config=config)[0]
+            try:
+                ms = time_graph(call)
+            except Exception as exc:  # noqa: BLE001 - out of shared memory and the like
+                print(batch, cache_len, config, splits, "skip:", str(exc).splitlines()[0][:80], flush=True)
+                continue
+            row = {"batch": batch, "cache_len": cache_len, "block_n": bn, "warps": warps, "stages": stages,
+                   "splits": splits, "ms": ms, "tbps": tbps(nbytes, ms)}
+            results["rows"].append(row)
+            if best is None or ms < best["ms"]:
+                best = row
+        print("best", best, flush=True)
+    with open(sys.argv[1], "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
