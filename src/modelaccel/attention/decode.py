@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import LOG2E, _dot, _scores_log2
-from .launch import LaunchTuner, interpreting, size_bucket
+from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
 
 
 @triton.jit
@@ -163,7 +163,7 @@ def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_pe
     `min_blocks` key blocks."""
     programs = batch * nheads_k
     want = max(1, (programs_per_sm * _sm_count(device) + programs - 1) // programs)
-    return max(1, min(want, triton.cdiv(max_keys, min_blocks * block_n), 128))
+    return max(1, min(want, cdiv(max_keys, min_blocks * block_n), 128))
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=False, window_size=(-1, -1),
@@ -193,8 +193,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     left, right = window_size
     if causal:
         right = 0
-    block_d = max(triton.next_power_of_2(headdim), 16)
-    block_m = max(triton.next_power_of_2(group * seqlen_q), 16)
+    block_d = max(next_power_of_2(headdim), 16)
+    block_m = max(next_power_of_2(group * seqlen_q), 16)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     interp = interpreting()
@@ -204,8 +204,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         bn, warps, stages, per_sm, min_blocks = config
         splits = num_splits if num_splits > 0 else choose_num_splits(batch, nheads_k, max_keys, q.device, bn,
                                                                      per_sm, min_blocks)
-        split_len = triton.cdiv(triton.cdiv(max_keys, splits), bn) * bn
-        splits = triton.cdiv(max_keys, split_len)
+        split_len = cdiv(cdiv(max_keys, splits), bn) * bn
+        splits = cdiv(max_keys, split_len)
         o_part = torch.empty(splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
         lse_part = torch.empty(splits, batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
@@ -230,7 +230,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         _decode_combine_kernel[(batch * seqlen_q * nheads,)](
             o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
             out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+            BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
 
     if config is None:
         if interp or block_n is not None:

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from .flash_fwd import (LOG2E, _dot, _dropout_keep, _key_block_range, _load_tile, _scores_log2,
                         _sequence_bounds, _store_tile, _tanh, config_candidates)
-from .launch import LaunchTuner, interpreting, size_bucket
+from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
 
 
 @triton.jit
@@ -318,7 +318,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     left, right = window_size
     if causal:
         right = 0
-    block_d = max(triton.next_power_of_2(headdim), 16)
+    block_d = max(next_power_of_2(headdim), 16)
     alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     interp = interpreting()
     common_args = (left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
@@ -333,7 +333,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     def launch_dq(config):
         bm, bn, warps, stages, _ = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _attn_bwd_dq_kernel[(triton.cdiv(seqlen_q, bm), batch * nheads)](
+        _attn_bwd_dq_kernel[(cdiv(seqlen_q, bm), batch * nheads)](
             q4, k4, v4, o4, do4, dq4, lse, delta, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
@@ -343,7 +343,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     def launch_dkdv(config):
         bm, bn, warps, stages, _ = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _attn_bwd_dkdv_kernel[(triton.cdiv(seqlen_k, bn), batch * nheads_k)](
+        _attn_bwd_dkdv_kernel[(cdiv(seqlen_k, bn), batch * nheads_k)](
             q4, k4, v4, do4, dk4, dv4, lse, delta, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import LaunchTuner, TensorDescriptor, interpreting, size_bucket, tma_usable
+from .launch import LaunchTuner, TensorDescriptor, cdiv, interpreting, next_power_of_2, size_bucket, tma_usable
 
 LOG2E = 1.4426950408889634
 
@@ -362,7 +362,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
     left, right = window_size
     if causal:
         right = 0
-    block_d = max(triton.next_power_of_2(headdim), 16)
+    block_d = max(next_power_of_2(headdim), 16)
     # Packed batches take the pointer path: a TMA box would read across sequence ends.
     tma_ok = not varlen and use_tma is not False and tma_usable(q, k, v, out)
     if use_tma is None and q.is_cuda and 4 * batch * nheads * seqlen_q * seqlen_k * headdim < _TMA_MIN_FLOPS:
@@ -379,7 +379,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         else:
             Q, K, V, O = q4, k4, v4, o4
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _attn_fwd_kernel[(triton.cdiv(seqlen_q, bm), batch * nheads)](
+        _attn_fwd_kernel[(cdiv(seqlen_q, bm), batch * nheads)](
             Q, K, V, O, lse, alibi_slopes if alibi_slopes is not None else lse,
             cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
             q4.stride(0), q4.stride(1), q4.stride(2),
@@ -411,6 +411,6 @@ def dropout_keep_mask(batch, nheads, seqlen_q, seqlen_k, dropout_p, seed, device
     """The keep mask (bool [batch, nheads, seqlen_q, seqlen_k]) that dropout with this seed
     applies in the dense kernels; for tests and debugging."""
     mask = torch.empty(batch, nheads, seqlen_q, seqlen_k, dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(seqlen_q, 32), batch * nheads)](
+    _dropout_mask_kernel[(cdiv(seqlen_q, 32), batch * nheads)](
         mask, nheads, seqlen_q, seqlen_k, seed, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
