@@ -78,13 +78,16 @@ def _gpu_ms(fn):
 class LaunchTuner:
     """Chooses a kernel's launch configuration per problem class, once.
 
-    Each candidate is timed on the GPU (a CUDA graph of the real launch, do_bench) the
-    first time a class is seen. Choices persist in a JSON file per kernel, device and triton version
+    Each candidate is timed with do_bench on the real launch the first time a class is
+    seen; with graph_timing, on a CUDA graph of it (GPU time alone), for launches whose
+    host time exceeds the GPU time of the 256 MB L2 flush do_bench puts between calls.
+    Choices persist in a JSON file per kernel, device and triton version
     ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once per machine.
     """
 
-    def __init__(self, name):
+    def __init__(self, name, graph_timing=False):
         self.name = name
+        self.graph_timing = graph_timing
         self.choices = None
         self.path = None
 
@@ -123,7 +126,10 @@ class LaunchTuner:
             timings = {}
             for config in candidates:
                 try:
-                    timings[config] = _gpu_ms(lambda: launch(config))
+                    if self.graph_timing:
+                        timings[config] = _gpu_ms(lambda: launch(config))
+                    else:
+                        timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
                 except triton.runtime.errors.OutOfResources:  # too much shared memory here
                     continue
             if not timings:
