@@ -88,10 +88,25 @@ def random_kv_cache(batch, capacity, nheads_k, headdim, dtype, device, gen, page
         return k, v, None
     pages = math.ceil(capacity / page_size)
     table = torch.randperm(batch * pages, generator=gen).view(batch, pages).to(device, torch.int32)
-    pools = []
-    for cache in (k, v):
-        padded = torch.cat([cache, cache.new_zeros(batch, pages * page_size - capacity, nheads_k, headdim)], 1)
-        pool = torch.empty(batch * pages, page_size, nheads_k, headdim, dtype=dtype, device=device)
-        pool[table.long()] = padded.view(batch, pages, page_size, nheads_k, headdim)
-        pools.append(pool)
-    return pools[0], pools[1], table
+    return to_paged(k, table, page_size), to_paged(v, table, page_size), table
+
+
+def to_paged(cache, block_table, page_size):
+    """Copy a contiguous cache [batch, cache_len, nheads_k, headdim] into pages
+    [num_blocks, page_size, nheads_k, headdim] (num_blocks = block_table.numel()) so that
+    logical page j of sequence b is physical page block_table[b, j]. If cache_len is not a
+    whole number of pages, the last page's tail is filled with random values (never read
+    when cache_seqlens <= cache_len)."""
+    batch, cache_len, nheads_k, headdim = cache.shape
+    blocks_per_seq = block_table.shape[1]
+    padded_len = blocks_per_seq * page_size
+    if block_table.shape[0] != batch or padded_len < cache_len:
+        raise ValueError(f"block table {tuple(block_table.shape)} with pages of {page_size} cannot hold a cache "
+                         f"of {tuple(cache.shape)}")
+    if padded_len > cache_len:
+        tail = torch.randn(batch, padded_len - cache_len, nheads_k, headdim, device=cache.device, dtype=cache.dtype)
+        cache = torch.cat([cache, tail], dim=1)
+    pages = torch.empty(block_table.numel(), page_size, nheads_k, headdim, device=cache.device, dtype=cache.dtype)
+    pages[block_table.reshape(-1).long().to(cache.device)] = cache.reshape(batch * blocks_per_seq, page_size,
+                                                                           nheads_k, headdim)
+    return pages

@@ -291,6 +291,16 @@ def compare_outputs(out, ref, dtype):
     return {"max_abs_err": max_abs, "rel_err": rel, "ok": ok}
 
 
+def _log_check(check, what, shape, table, log):
+    """Warn about a modelaccel check that did not pass (a mismatch is then not timed)."""
+    if check["status"] == "mismatch":
+        log(f"WARNING: modelaccel {what} differs from SDPA {check['reference']} for {shape} "
+            f"({table.title}): max abs err {check['max_abs_err']:.3e}, rel err {check['rel_err']:.3e}; "
+            "not timing it")
+    elif check["status"] != "ok":
+        log(f"WARNING: {shape} ({table.title}): modelaccel {check['status']}: {check['detail']}")
+
+
 def _check_modelaccel(q, k, v, causal, dtype):
     """Run modelaccel once and compare it with SDPA; returns the row's "check" dict."""
     out, reason = _run_capturing(*_provider_call("modelaccel", q, k, v, causal))
@@ -329,13 +339,7 @@ def run_row(table, shape, providers, log=print):
            "check": None, "ms": {}, "tflops": {}, "errors": {}}
     if "modelaccel" in providers:
         row["check"] = _check_modelaccel(q, k, v, table.causal, table.dtype)
-        check = row["check"]
-        if check["status"] == "mismatch":
-            log(f"WARNING: modelaccel output differs from SDPA {check['reference']} for {shape} "
-                f"({table.title}): max abs err {check['max_abs_err']:.3e}, rel err {check['rel_err']:.3e}; "
-                "not timing it")
-        elif check["status"] != "ok":
-            log(f"WARNING: {shape} ({table.title}): modelaccel {check['status']}: {check['detail']}")
+        _log_check(row["check"], "output", shape, table, log)
 
     for provider in providers:
         ms, reason = None, None
@@ -628,12 +632,7 @@ def run_varlen_row(table, shape, providers, log=print):
             check = {"status": "ok" if cmp["ok"] else "mismatch", "reference": ref_name,
                      "max_abs_err": cmp["max_abs_err"], "rel_err": cmp["rel_err"], "detail": None}
         row["check"] = check
-        if check["status"] == "mismatch":
-            log(f"WARNING: modelaccel varlen output differs from SDPA {check['reference']} for {shape} "
-                f"({table.title}): max abs err {check['max_abs_err']:.3e}, rel err {check['rel_err']:.3e}; "
-                "not timing it")
-        elif check["status"] != "ok":
-            log(f"WARNING: {shape} ({table.title}): modelaccel {check['status']}: {check['detail']}")
+        _log_check(check, "varlen output", shape, table, log)
     if table.causal and ref is not None and "flash" in providers:
         out, reason = _run_capturing(*_varlen_provider_call("flash", q, k, v, cu_seqlens, max_len, padded, True))
         if out is not None:

@@ -32,6 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from ..testing import to_paged  # noqa: F401 - part of this module's paging helpers
 from . import report
 
 # The issue's shape family: Llama-3-8B-like GQA (32 query heads over 8 KV heads), head dim 128.
@@ -134,27 +135,6 @@ def make_block_table(batch, blocks_per_seq, seed=SEED, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(batch * blocks_per_seq, generator=gen)
     return perm.view(batch, blocks_per_seq).to(device=device, dtype=torch.int32)
-
-
-def to_paged(cache, block_table, page_size):
-    """Copy a contiguous cache [batch, cache_len, nheads_k, headdim] into pages
-    [num_blocks, page_size, nheads_k, headdim] (num_blocks = block_table.numel()) so that
-    logical page j of sequence b is physical page block_table[b, j]. If cache_len is not a
-    whole number of pages, the last page's tail is filled with random values (never read
-    when cache_seqlens <= cache_len)."""
-    batch, cache_len, nheads_k, headdim = cache.shape
-    blocks_per_seq = block_table.shape[1]
-    padded_len = blocks_per_seq * page_size
-    if block_table.shape[0] != batch or padded_len < cache_len:
-        raise ValueError(f"block table {tuple(block_table.shape)} with pages of {page_size} cannot hold a cache "
-                         f"of {tuple(cache.shape)}")
-    if padded_len > cache_len:
-        tail = torch.randn(batch, padded_len - cache_len, nheads_k, headdim, device=cache.device, dtype=cache.dtype)
-        cache = torch.cat([cache, tail], dim=1)
-    pages = torch.empty(block_table.numel(), page_size, nheads_k, headdim, device=cache.device, dtype=cache.dtype)
-    pages[block_table.reshape(-1).long().to(cache.device)] = cache.reshape(batch * blocks_per_seq, page_size,
-                                                                           nheads_k, headdim)
-    return pages
 
 
 def paged_to_contiguous(pages, block_table, cache_len):
@@ -688,11 +668,7 @@ def plot_results(result, path):
         ax.set_title("CUDA graph replay" if timing == "graph" else "plain launches")
         ax.legend(fontsize=7, ncol=2)
     axes[-1, 0].set_xlabel("batch x cache length, K+V bytes (missing bars: no number, see the markdown report)")
-    fig.suptitle(f"Decoding attention, {result['metadata']['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, f"Decoding attention, {result['metadata']['device_name']}", path)
 
 
 def write_results(result, out_dir, tag=""):

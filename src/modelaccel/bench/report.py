@@ -177,6 +177,17 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, title, path):
+    """Title, lay out, write (PNG at 110 dpi) and close a benchmark figure; returns path."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
 def plot_results(result, path):
     """Bar chart of TFLOPS per provider per shape, one subplot per table, saved as PNG.
 
@@ -205,11 +216,7 @@ def plot_results(result, path):
         ax.legend()
     columns = ",".join(_shape_spec(mode == "varlen")[0])
     axes[-1, 0].set_xlabel(f"{columns} (missing bars: no number, see the markdown report)")
-    fig.suptitle(f"{MODE_TITLES[mode]}, {result['metadata']['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, f"{MODE_TITLES[mode]}, {result['metadata']['device_name']}", path)
 
 
 def write_files(result, out_dir, prefix, tag, markdown, plot):

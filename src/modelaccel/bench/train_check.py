@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import report
+
 GPU_CONFIG = {"steps": 300, "seq": 1024, "batch": 8, "d_model": 512, "n_layers": 8, "n_heads": 8,
               "vocab": 512, "dtype": "bfloat16"}
 # Small enough for the Triton interpreter (every kernel instance runs in numpy). fp16, since
@@ -237,13 +239,8 @@ def _metadata(device):
 
 def plot_losses(result, path):
     """Both loss curves and their difference, saved as PNG; None if matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed; skipping the plot (pip install matplotlib)")
+    plt = report.pyplot()
+    if plt is None:
         return None
     runs = result["runs"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
@@ -256,11 +253,7 @@ def plot_losses(result, path):
     bottom.plot(diff, color="black", linewidth=1)
     bottom.set_ylabel("modelaccel - sdpa")
     bottom.set_xlabel("step")
-    fig.suptitle(f"GPT training check, {result['metadata']['device_name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(fig, f"GPT training check, {result['metadata']['device_name']}", path)
 
 
 def main(steps=None, out_dir=os.path.join("benchmarks", "results"), seed=0):
@@ -300,10 +293,8 @@ def main(steps=None, out_dir=os.path.join("benchmarks", "results"), seed=0):
         print(f"step time: sdpa {summary['mean_step_ms']['sdpa']:.2f} ms, modelaccel "
               f"{summary['mean_step_ms']['modelaccel']:.2f} ms ({summary['speedup_vs_sdpa']:.3f}x)")
 
-    from modelaccel.bench.report import device_slug
-
     os.makedirs(out_dir, exist_ok=True)
-    base = os.path.join(out_dir, f"train_check_{device_slug(result['metadata']['device_name'])}_"
+    base = os.path.join(out_dir, f"train_check_{report.device_slug(result['metadata']['device_name'])}_"
                                  f"{result['metadata']['date'][:10]}")
     with open(base + ".json", "w") as f:
         json.dump(result, f, indent=2)

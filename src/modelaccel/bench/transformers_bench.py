@@ -554,11 +554,8 @@ def plot_results(result, path):
         ax.set_ylabel("ms (median)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"Llama-3-8B-shaped model, bf16, {result['metadata']['device_name']} (missing bars: OOM or error)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return report.save_figure(
+        fig, f"Llama-3-8B-shaped model, bf16, {result['metadata']['device_name']} (missing bars: OOM or error)", path)
 
 
 def write_results(result, out_dir, tag=""):
