@@ -255,6 +255,11 @@ def cmd_bench_transformers(args):
     return transformers_bench.main(suite=args.suite, out_dir=args.out)
 
 
+def _add_out_argument(parser, files):
+    parser.add_argument("--out", default=os.path.join("benchmarks", "results"),
+                        help=f"directory for the {files} results (default: benchmarks/results)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="modelaccel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -282,8 +287,7 @@ def build_parser():
                       help="variable-length batches: flash_attn_varlen_func against SDPA on the padded batch")
     attn.add_argument("--suite", choices=("default", "quick"), default="default",
                       help="default: the full tables; quick: a few rows for smoke tests")
-    attn.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                      help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
+    _add_out_argument(attn, "JSON, markdown and PNG")
     attn.add_argument("--providers", type=_providers, default=None,
                       help="comma list of modelaccel, flash, cudnn, and with --varlen flash_varlen "
                            "(default: all of the mode's)")
@@ -297,8 +301,7 @@ def build_parser():
                     "GPU for the real run; without one, says so and runs a tiny version on CPU with the "
                     "Triton interpreter.")
     train.add_argument("--steps", type=int, default=None, help="training steps per run (GPU default 300)")
-    train.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                       help="directory for the JSON and PNG results (default: benchmarks/results)")
+    _add_out_argument(train, "JSON and PNG")
     train.set_defaults(func=cmd_bench_train)
 
     decode = targets.add_parser(
@@ -313,8 +316,7 @@ def build_parser():
                     "check of it in the Triton interpreter.")
     decode.add_argument("--suite", choices=("default", "quick"), default="default",
                         help="default: all 7 shapes; quick: (1, 4096) and (8, 4096)")
-    decode.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                        help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
+    _add_out_argument(decode, "JSON, markdown and PNG")
     decode.add_argument("--read-gib", type=int, default=4,
                         help="GiB of bf16 summed to measure the read bandwidth (default 4)")
     decode.set_defaults(func=cmd_bench_decode_attention)
@@ -332,8 +334,7 @@ def build_parser():
     hf.add_argument("--suite", choices=("default", "quick"), default="default",
                     help="default: all 6 TTFT rows and the training step; quick: 512 tokens at batch 1 and the "
                          "training step with 2 layers")
-    hf.add_argument("--out", default=os.path.join("benchmarks", "results"),
-                    help="directory for the JSON, markdown and PNG results (default: benchmarks/results)")
+    _add_out_argument(hf, "JSON, markdown and PNG")
     hf.set_defaults(func=cmd_bench_transformers)
     return parser
 
