@@ -9,7 +9,7 @@ import torch
 
 import modelaccel
 from modelaccel.attention.flash_bwd import flash_attn_backward
-from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.flash_fwd import dropout_keep_mask, flash_attn_forward
 from modelaccel.attention.reference import attention_ref, varlen_attention_ref
 from modelaccel.testing import assert_attention_close, assert_grads_close, random_qkv as make_qkv
 
@@ -28,18 +28,18 @@ def reference_grads(q, k, v, dout, **kwargs):
     return out.detach(), lse, (q64.grad, k64.grad, v64.grad)
 
 
-def kernel_grads(q, k, v, dout, blocks=None, **kwargs):
+def kernel_grads(q, k, v, dout, blocks=None, atomic_dq=None, **kwargs):
     """Forward then backward through the launchers, into NaN-poisoned gradient buffers."""
     scale = kwargs.pop("softmax_scale", q.shape[-1] ** -0.5)
     out, lse = flash_attn_forward(q, k, v, scale, **kwargs)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    flash_attn_backward(dout, q, k, v, out, lse, scale, blocks=blocks, grads=grads, **kwargs)
+    flash_attn_backward(dout, q, k, v, out, lse, scale, atomic_dq=atomic_dq, blocks=blocks, grads=grads, **kwargs)
     return out, lse, grads
 
 
-def check_grads(q, k, v, blocks=None, seed=0, **kwargs):
+def check_grads(q, k, v, blocks=None, seed=0, atomic_dq=None, **kwargs):
     dout = randn(q.shape, q.dtype, q.device, torch.Generator().manual_seed(seed + 100))
-    out, lse, grads = kernel_grads(q, k, v, dout, blocks=blocks, **kwargs)
+    out, lse, grads = kernel_grads(q, k, v, dout, blocks=blocks, atomic_dq=atomic_dq, **kwargs)
     ref_out, ref_lse, ref_grads = reference_grads(q, k, v, dout, **kwargs)
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
     return assert_grads_close(grads, ref_grads, q.dtype)
@@ -93,6 +93,40 @@ def test_rows_that_see_no_key_get_zero_grads(device):
     dout = torch.randn_like(q)
     _, _, (dq, _, _) = kernel_grads(q, k, v, dout, causal=True)
     assert torch.equal(dq[:, :30], torch.zeros_like(dq[:, :30]))
+
+
+@pytest.mark.parametrize("causal,window_size,softcap", [(True, (-1, -1), 0.0), (False, (9, 5), 3.0),
+                                                        (True, (20, -1), 0.0)])
+def test_atomic_dq_matches_reference(causal, window_size, softcap, device):
+    """The atomic-dQ strategy (deterministic=False on a GPU) over masks, GQA and softcap."""
+    slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)).to(device) * 0.3
+    for shape, blocks in [((2, 45, 77, 4, 1, 64), ((16, 32), (32, 16))), ((1, 77, 45, 4, 4, 48), ((32, 16), (16, 32)))]:
+        q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device=device, seed=sum(shape))
+        check_grads(q, k, v, blocks=blocks, atomic_dq=True, causal=causal, window_size=window_size,
+                    softcap=softcap, alibi_slopes=slopes if softcap else None)
+
+
+def test_atomic_dq_with_dropout_and_varlen(device):
+    q, k, v = make_qkv(2, 40, 56, 4, 2, 64, dtype=torch.float16, device=device, seed=5)
+    dout = randn(q.shape, q.dtype, device, torch.Generator().manual_seed(3))
+    _, _, grads = kernel_grads(q, k, v, dout, atomic_dq=True, causal=True, dropout_p=0.3, seed=77)
+    keep = dropout_keep_mask(2, 4, 40, 56, 0.3, 77, device)
+    _, _, ref_grads = reference_grads(q, k, v, dout, causal=True, dropout_p=0.3, dropout_mask=keep.cpu())
+    assert_grads_close(grads, ref_grads, q.dtype)
+
+    gen = torch.Generator().manual_seed(7)
+    lens_q, lens_k = [5, 0, 17, 33, 1], [9, 3, 17, 20, 0]
+    (q, cu_q), (k, cu_k), (v, _) = (packed(lens, h, 64, torch.float16, device, gen)
+                                    for lens, h in ((lens_q, 4), (lens_k, 2), (lens_k, 2)))
+    varlen = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=33, max_seqlen_k=20)
+    out, lse = flash_attn_forward(q, k, v, 0.125, causal=True, **varlen)
+    dout = randn(q.shape, q.dtype, device, gen)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_attn_backward(dout, q, k, v, out, lse, 0.125, causal=True, atomic_dq=True, grads=grads, **varlen)
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = varlen_attention_ref(q64, k64, v64, cu_q.cpu(), cu_k.cpu(), softmax_scale=0.125, causal=True)
+    ref_out.backward(dout.cpu().double())
+    assert_grads_close(grads, (q64.grad, k64.grad, v64.grad), q.dtype)
 
 
 def test_public_api_autograd_and_determinism(device):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 import modelaccel
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.reference import attention_ref, varlen_attention_ref
 from modelaccel.testing import assert_attention_close, assert_grads_close
 
@@ -92,3 +94,22 @@ def test_dropout_keep_rate_and_reference():
     ref_out.backward(dout.float())
     assert_grads_close((q.grad, k.grad, v.grad), (q32.grad, k32.grad, v32.grad), q.dtype)
     assert ((out.float() - ref_out).norm() / ref_out.norm()).item() < 3e-3
+
+
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("config", [(2, 16, 4, 1000, 1000, 128, True), (1, 8, 8, 700, 1300, 64, False),
+                                    (2, 8, 2, 513, 513, 256, True)], ids=lambda c: "x".join(map(str, c)))
+def test_each_strategy_matches_reference(config, atomic_dq):
+    """Both backward strategies, forced, whichever one the tuner would pick by default."""
+    b, hq, hk, sq, sk, d, causal = config
+    q, k, v = randn(b, sq, hq, d, dtype=torch.bfloat16), randn(b, sk, hk, d, dtype=torch.bfloat16), \
+        randn(b, sk, hk, d, dtype=torch.bfloat16)
+    scale = d ** -0.5
+    out, lse = flash_attn_forward(q, k, v, scale, causal=causal)
+    dout = torch.randn_like(q)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_attn_backward(dout, q, k, v, out, lse, scale, causal=causal, atomic_dq=atomic_dq, grads=grads)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_ref(q32, k32, v32, causal=causal, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_grads_close(grads, (q32.grad, k32.grad, v32.grad), q.dtype)

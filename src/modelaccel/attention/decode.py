@@ -89,7 +89,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_rows[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
         qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
-        s = _scores_log2(qk, pos_q, offs_n, seqlen_k, diag, window_left, window_right,
+        s = _scores_log2(qk, pos_q[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
                          qk_scale, softcap_scale, 0.0, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
         if HAS_ALIBI:
             s -= alibi_slope * tl.abs((pos_q[:, None] + diag - offs_n[None, :]).to(tl.float32))

@@ -1,13 +1,20 @@
 """FlashAttention-2 backward pass in Triton, and its launcher.
 
-Two kernels, neither with atomics, so gradients are bit-identical run to run:
-- dQ: one program per (query block, batch, head) walks the key blocks that block sees.
+Two strategies, both recomputing P = exp2(S - lse) from the saved float32 lse with the
+forward pass's score, mask and dropout helpers; nothing of size seqlen_q x seqlen_k is
+stored.
+- Deterministic (no atomics, bit-identical gradients run to run):
+  dQ: one program per (query block, batch, head) walks the key blocks that block sees.
   It first computes delta = rowsum(dO * O) for its rows and stores it for the next kernel.
-- dK, dV: one program per (key block, batch, kv head) walks the query blocks that see the
+  dK, dV: one program per (key block, batch, kv head) walks the query blocks that see the
   key block, for every query head of the kv group, so GQA/MQA sums its gradients in
-  registers.
-Both recompute P = exp2(S - lse) from the saved float32 lse, with the same score, mask
-and dropout helpers as the forward pass; nothing of size seqlen_q x seqlen_k is stored.
+  registers. 7 matmuls per (query block, key block) pair.
+- Atomic dQ (deterministic=False, where it measures faster): a small kernel computes
+  delta, then the dK/dV kernel also adds each tile's dS @ K into a float32 dQ with atomic
+  adds: 5 matmuls per pair, but the order of the adds varies from run to run.
+The dK/dV kernel works on transposed tiles (S^T = K Q^T, [BLOCK_N, BLOCK_M]) so that P^T
+and dS^T, the left operands of its matmuls, come straight from the accumulator registers
+instead of a transpose through shared memory.
 """
 
 import torch
@@ -64,13 +71,13 @@ def _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, l
         v = _load_tile(V, bt, k_start + start_n, hk, stride_vb, stride_vs, stride_vh, k_start + seqlen_k,
                        BLOCK_N, BLOCK_D, HEADDIM, False)
         qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
-        s = _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+        s = _scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
                          qk_scale, softcap_scale, alibi_slope,
                          MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
         p = tl.exp2(s - lse2[:, None])
         dp = _dot(do, tl.trans(v), None, UPCAST_DOT)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            keep = _dropout_keep(seed, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -78,6 +85,37 @@ def _attn_bwd_dq_blocks(dq, q, do, lse2, delta, K, V, bt, hk, k_start, offs_m, l
             ds = ds * (1.0 - t * t)
         dq = _dot(ds.to(k.dtype), k, dq, UPCAST_DOT)
     return dq
+
+
+@triton.jit
+def _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, in_seq,
+                 stride_ob, stride_os, stride_oh,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr):
+    """Store delta = rowsum(dO * O) for query rows start_m.. of head h; returns (dO tile, delta)."""
+    do = _load_tile(DO, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
+                    BLOCK_M, BLOCK_D, HEADDIM, False)
+    o = _load_tile(O, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
+                   BLOCK_M, BLOCK_D, HEADDIM, False)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + row_offset, delta, mask=in_seq)
+    return do, delta
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                           NHEADS, SEQLEN_Q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           HEADDIM: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """delta for one block of query rows, for the atomic-dQ strategy (no dQ kernel runs)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NHEADS
+    h = pid_bh % NHEADS
+    bt, q_start, seqlen_q, _, _ = _sequence_bounds(b, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q, IS_VARLEN)
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
+    _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, offs_m < seqlen_q,
+                 stride_ob, stride_os, stride_oh, BLOCK_M, BLOCK_D, HEADDIM)
 
 
 @triton.jit
@@ -116,14 +154,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
 
     q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
                    BLOCK_M, BLOCK_D, HEADDIM, False)
-    do = _load_tile(DO, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
-                    BLOCK_M, BLOCK_D, HEADDIM, False)
-    o = _load_tile(O, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
-                   BLOCK_M, BLOCK_D, HEADDIM, False)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
     in_seq = offs_m < seqlen_q
-    tl.store(DELTA + row_offset, delta, mask=in_seq)
+    do, delta = _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, in_seq,
+                             stride_ob, stride_os, stride_oh, BLOCK_M, BLOCK_D, HEADDIM)
     # Rows past the sequence get lse = +inf, so their P is 0 whatever their scores.
     lse2 = tl.load(LSE + row_offset, mask=in_seq, other=float("inf")) * 1.4426950408889634
 
@@ -149,17 +183,19 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
 
 
 @triton.jit
-def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, lo, hi,
+def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, hi,
                           stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
                           stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, diag, window_left, window_right,
-                          qk_scale, softcap_scale, alibi_slope, seed, dropout_p,
+                          qk_scale, softcap_scale, softmax_scale, alibi_slope, seed, dropout_p,
                           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
-                          UPCAST_DOT: tl.constexpr):
-    """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h."""
+                          ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                          HEADDIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h;
+    with ATOMIC_DQ also add dS K (scaled) into the float32 DQ_ACC (dO's layout)."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
     row_base = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -170,29 +206,35 @@ def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, of
         in_seq = offs_m < seqlen_q
         lse2 = tl.load(LSE + row_base + offs_m, mask=in_seq, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=in_seq, other=0.0)
-        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
-        s = _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+        kq = _dot(k, tl.trans(q), None, UPCAST_DOT)  # S^T: [BLOCK_N, BLOCK_M]
+        s = _scores_log2(kq, offs_m[None, :], offs_n[:, None], seqlen_k, diag, window_left, window_right,
                          qk_scale, softcap_scale, alibi_slope,
                          MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
-        p = tl.exp2(s - lse2[:, None])
-        dp = _dot(do, tl.trans(v), None, UPCAST_DOT)
+        p = tl.exp2(s - lse2[None, :])
+        dp = _dot(v, tl.trans(do), None, UPCAST_DOT)
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p)
+            keep = _dropout_keep(seed, offs_m[None, :], offs_n[:, None], seqlen_k, dropout_p)
             p_kept = tl.where(keep, p / (1.0 - dropout_p), 0.0)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         else:
             p_kept = p
-        dv = _dot(tl.trans(p_kept.to(do.dtype)), do, dv, UPCAST_DOT)
-        ds = p * (dp - delta[:, None])
+        dv = _dot(p_kept.to(do.dtype), do, dv, UPCAST_DOT)
+        ds = p * (dp - delta[None, :])
         if HAS_SOFTCAP:
-            t = _tanh(qk * softcap_scale)
+            t = _tanh(kq * softcap_scale)
             ds = ds * (1.0 - t * t)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, dk, UPCAST_DOT)
+        ds = ds.to(q.dtype)
+        dk = _dot(ds, q, dk, UPCAST_DOT)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(ds), k, None, UPCAST_DOT) * softmax_scale
+            ptrs = (DQ_ACC + bt.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                    + (q_start + offs_m[:, None]).to(tl.int64) * stride_os + offs_d[None, :])
+            tl.atomic_add(ptrs, dq, mask=in_seq[:, None] & (offs_d[None, :] < HEADDIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ALIBI, CU_Q, CU_K,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, CU_K,
                           stride_qb, stride_qs, stride_qh,
                           stride_kb, stride_ks, stride_kh,
                           stride_vb, stride_vs, stride_vh,
@@ -204,9 +246,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ALIBI, CU_Q, CU_K,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
-    dK and dV share one layout (strides stride_dk*)."""
+    dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
+    block's share of dQ, added into DQ_ACC."""
     pid_n = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = pid_bhk // NHEADS_K
@@ -234,23 +277,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ALIBI, CU_Q, CU_K,
             alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
         seed_bh = seed + b * NHEADS + h
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, lo, full_lo,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, full_lo,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
-            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
-            seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
+            alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, full_lo, full_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_lo, full_hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
-            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
-            seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
+            alibi_slope, seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, Q, DO, LSE, DELTA, bt, b, h, q_start, offs_n, full_hi, hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_hi, hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
-            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
-            seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
+            alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
     dk = dk * softmax_scale
     _store_tile(DK, dk.to(k.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
                 k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
@@ -269,22 +312,28 @@ _DQ_CONFIGS = {
 # (32, 64, 4, 3) is left out: on the H100 with triton 3.6 it gave dK 5% off at head dim 128
 # (causal GQA, benchmarks/debug_launch_configs.py) while every other configuration agreed.
 _DKDV_CONFIGS = {
-    64: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 3)],
+    64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3), (32, 128, 4, 3)],
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
+_DELTA_BLOCK_M = 64
 _dq_tuner = LaunchTuner("attention_bwd_dq")
 _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None,
-                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, blocks=None, grads=None):
+                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, atomic_dq=None,
+                        blocks=None, grads=None):
     """Gradients of the forward pass with the same arguments.
 
     Args:
         dout: gradient of out, shaped like q. out, lse: what flash_attn_forward returned.
         Other arguments as flash_attn_forward's.
+        atomic_dq: False: the deterministic two-kernel backward (bit-identical gradients).
+            True: dQ accumulated with float32 atomic adds (5 matmuls per tile pair, not
+            bit-reproducible). None: on a GPU, whichever of the two measures faster for
+            this problem class; under the interpreter or with `blocks`, False.
         blocks: ((BLOCK_M, BLOCK_N[, num_warps, num_stages]) for dQ, the same for dK/dV)
             to skip tuning (tests, experiments); the interpreter uses 16x16 blocks.
         grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
@@ -329,6 +378,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     alibi = alibi_slopes if alibi_slopes is not None else lse
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
+    dq_acc = None
 
     def launch_dq(config):
         bm, bn, warps, stages, _ = config
@@ -340,25 +390,41 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args,
             BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
 
-    def launch_dkdv(config):
-        bm, bn, warps, stages, _ = config
+    def launch_dkdv(config, dq_config):
+        """The rest of the backward after the tuned dQ launch; config's last field picks
+        the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel."""
+        nonlocal dq_acc
+        bm, bn, warps, stages, _, atomic = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        if atomic:
+            # dO's layout (contiguous, shaped like q), so the kernel reuses its strides.
+            dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device)
+            _attn_bwd_delta_kernel[(cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads)](
+                o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q,
+                BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen)
+        else:
+            launch_dq(dq_config)
         _attn_bwd_dkdv_kernel[(cdiv(seqlen_k, bn), batch * nheads_k)](
-            q4, k4, v4, do4, dk4, dv4, lse, delta, alibi, cu_q, cu_k,
+            q4, k4, v4, do4, dk4, dv4, lse, delta, dq_acc if atomic else lse, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args, BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
+            *common_args, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, **flags, **extra)
+        if atomic:
+            dq.copy_(dq_acc.view(dq.shape))
 
     if interp or blocks is not None:
         dq_config, dkdv_config = ((*b, 4, 2)[:4] + (False,) for b in (blocks or ((16, 16), (16, 16))))
+        dkdv_config += (bool(atomic_dq),)
     else:
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
-               varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads))
+               varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads),
+               size_bucket(nheads // nheads_k))
         dq_config = _dq_tuner.choose(key, config_candidates(_DQ_CONFIGS, block_d, False), launch_dq)
-        dkdv_config = _dkdv_tuner.choose(key, config_candidates(_DKDV_CONFIGS, block_d, False), launch_dkdv)
-    # dQ first: it writes delta, which the dK/dV kernel reads.
-    launch_dq(dq_config)
-    launch_dkdv(dkdv_config)
+        strategies = (False, True) if atomic_dq is None else (bool(atomic_dq),)
+        candidates = [c + (a,) for a in strategies for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
+        # Timed as the whole backward, so the two strategies compare like for like.
+        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq,), candidates, lambda c: launch_dkdv(c, dq_config))
+    launch_dkdv(dkdv_config, dq_config)
     return dq, dk, dv

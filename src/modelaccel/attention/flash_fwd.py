@@ -86,35 +86,38 @@ def _tanh(x):
 
 
 @triton.jit
-def _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+def _scores_log2(qk, pos_m, pos_n, seqlen_k, diag, window_left, window_right,
                  qk_scale, softcap_scale, alibi_slope,
                  MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
     """Scores in log2 units: softcap, then ALiBi, then -inf where the mask hides a key.
 
-    offs_m / offs_n are positions within the sequence; query row i sits at key position
-    i + diag (bottom-right aligned masks).
+    pos_m / pos_n are query / key positions within the sequence as grids that broadcast
+    to qk's shape: offs_m[:, None], offs_n[None, :] for a [M, N] tile, or offs_m[None, :],
+    offs_n[:, None] for the transposed [N, M] tile the dK/dV kernel works on. Query row i
+    sits at key position i + diag (bottom-right aligned masks).
     """
     if HAS_SOFTCAP:
         s = _tanh(qk * softcap_scale) * qk_scale
     else:
         s = qk * qk_scale
     if HAS_ALIBI:
-        s -= alibi_slope * tl.abs((offs_m[:, None] + diag - offs_n[None, :]).to(tl.float32))
+        s -= alibi_slope * tl.abs((pos_m + diag - pos_n).to(tl.float32))
     if MASKED:
-        visible = offs_n[None, :] < seqlen_k
+        visible = pos_n < seqlen_k
         if HAS_LEFT:
-            visible &= offs_n[None, :] >= offs_m[:, None] + diag - window_left
+            visible &= pos_n >= pos_m + diag - window_left
         if HAS_RIGHT:
-            visible &= offs_n[None, :] <= offs_m[:, None] + diag + window_right
+            visible &= pos_n <= pos_m + diag + window_right
         s = tl.where(visible, s, float("-inf"))
     return s
 
 
 @triton.jit
-def _dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p):
-    """Boolean [BLOCK_M, BLOCK_N] keep mask; the same (seed, position) gives the same bit."""
-    return tl.rand(seed, offs_m[:, None] * seqlen_k + offs_n[None, :]) >= dropout_p
+def _dropout_keep(seed, pos_m, pos_n, seqlen_k, dropout_p):
+    """Boolean keep mask over the grids pos_m, pos_n (as in _scores_log2); the same
+    (seed, position) gives the same bit in either orientation."""
+    return tl.rand(seed, pos_m * seqlen_k + pos_n) >= dropout_p
 
 
 @triton.jit
@@ -168,7 +171,7 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, bt, hk, k_start, offs_m, lo, hi,
         qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
         offs_n = start_n + offs_n0
         if MASKED or HAS_SOFTCAP or HAS_ALIBI:
-            s = _scores_log2(qk, offs_m, offs_n, seqlen_k, diag, window_left, window_right,
+            s = _scores_log2(qk, offs_m[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
                              qk_scale, softcap_scale, alibi_slope,
                              MASKED, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -186,7 +189,7 @@ def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, bt, hk, k_start, offs_m, lo, hi,
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             # The softmax sum counts every key; only the value mix drops some.
-            p = tl.where(_dropout_keep(seed, offs_m, offs_n, seqlen_k, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, offs_m[:, None], offs_n[None, :], seqlen_k, dropout_p), p, 0.0)
         v = _load_tile(V, bt, k_start + start_n, hk, stride_vb, stride_vs, stride_vh, k_start + seqlen_k,
                        BLOCK_N, BLOCK_D, HEADDIM, USE_TMA)
         acc = _dot(p.to(v.dtype), v, acc, UPCAST_DOT)
@@ -275,7 +278,7 @@ def _dropout_mask_kernel(MASK, NHEADS, SEQLEN_Q, SEQLEN_K, seed, dropout_p,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, SEQLEN_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed + pid_bh, offs_m, offs_n, SEQLEN_K, dropout_p)
+        keep = _dropout_keep(seed + pid_bh, offs_m[:, None], offs_n[None, :], SEQLEN_K, dropout_p)
         ptrs = MASK + pid_bh.to(tl.int64) * SEQLEN_Q * SEQLEN_K + offs_m[:, None] * SEQLEN_K + offs_n[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < SEQLEN_Q) & (offs_n[None, :] < SEQLEN_K))
 

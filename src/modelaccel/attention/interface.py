@@ -170,13 +170,16 @@ def _new_dropout_seed(batch, nheads):
 @torch.library.custom_op("modelaccel::flash_attn_fwd", mutates_args=())
 def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
                        window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-                       dropout_p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       dropout_p: float, seed: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # deterministic only matters to the backward pass; it is an input so that autograd's
+    # setup_context sees it.
     return flash_attn_forward(q, k, v, softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes,
                               dropout_p, seed)
 
 
 @_flash_attn_fwd_op.register_fake
-def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed):
+def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p, seed,
+      deterministic):
     return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -184,14 +187,14 @@ def _(q, k, v, softmax_scale, causal, window_left, window_right, softcap, alibi_
 def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                        lse: torch.Tensor, softmax_scale: float, causal: bool, window_left: int, window_right: int,
                        softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-                       seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       seed: int, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, (window_left, window_right), softcap,
-                               alibi_slopes, dropout_p, seed)
+                               alibi_slopes, dropout_p, seed, atomic_dq=False if deterministic else None)
 
 
 @_flash_attn_bwd_op.register_fake
 def _(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right, softcap, alibi_slopes, dropout_p,
-      seed):
+      seed, deterministic):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -205,10 +208,10 @@ def _flash_attn_setup_context(ctx, inputs, output):
 
 def _flash_attn_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed = ctx.options
+    softmax_scale, causal, window_left, window_right, softcap, dropout_p, seed, deterministic = ctx.options
     dq, dk, dv = _flash_attn_bwd_op(dout, q, k, v, out, lse, softmax_scale, causal, window_left, window_right,
-                                    softcap, alibi_slopes, dropout_p, seed)
-    return dq, dk, dv, *([None] * 8)
+                                    softcap, alibi_slopes, dropout_p, seed, deterministic)
+    return dq, dk, dv, *([None] * 9)
 
 
 _flash_attn_fwd_op.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup_context)
@@ -217,24 +220,26 @@ _flash_attn_fwd_op.register_autograd(_flash_attn_backward, setup_context=_flash_
 class FlashAttnVarlenFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, dropout_p, seed):
+                window_size, softcap, alibi_slopes, dropout_p, seed, deterministic):
         varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                       max_seqlen_k=max_seqlen_k)
         out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                       dropout_p, seed, **varlen)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
-        ctx.options = (softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k)
+        ctx.options = (softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k,
+                       deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k = ctx.options
+        (softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k,
+         deterministic) = ctx.options
         dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap,
                                          alibi_slopes, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k)
-        return dq, dk, dv, *([None] * 11)
+                                         max_seqlen_q, max_seqlen_k, atomic_dq=False if deterministic else None)
+        return dq, dk, dv, *([None] * 12)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -255,8 +260,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         window_size: (left, right) sliding window around that diagonal, -1 = unbounded.
         softcap: if > 0, scores = softcap * tanh(scores / softcap) before masking.
         alibi_slopes: float32 [nheads] or [batch, nheads]; adds -slope * |i + seqlen_k - seqlen_q - j|.
-        deterministic: accepted for API compatibility: the backward pass uses no atomics,
-            so its gradients are always bit-identical run to run.
+        deterministic: True: the backward pass uses no atomics, so its gradients are
+            bit-identical run to run. False (default): on a GPU it may accumulate dQ with
+            float32 atomic adds where that measures faster (last bits vary run to run).
         return_attn_probs: also return the softmax log-sum-exp and, with dropout, the keep
             mask (for testing).
     Returns:
@@ -278,7 +284,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         scale, causal, (left, right), softcap = options
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and
                                              (q.requires_grad or k.requires_grad or v.requires_grad)):
-            out, lse = _flash_attn_fwd_op(q, k, v, scale, causal, left, right, softcap, alibi_slopes, dropout_p, seed)
+            out, lse = _flash_attn_fwd_op(q, k, v, scale, causal, left, right, softcap, alibi_slopes, dropout_p, seed,
+                                          bool(deterministic))
         else:
             out, lse = flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
                                           seed)
@@ -327,7 +334,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if _use_triton(q):
         seed = _new_dropout_seed(batch, q.shape[1]) if dropout_p > 0 else 0
         out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                             int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed)
+                                             int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
+                                             bool(deterministic))
     else:
         if dropout_p > 0:
             raise NotImplementedError("dropout in flash_attn_varlen_func needs the Triton kernels "
