@@ -333,9 +333,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     options = (float(softmax_scale), bool(causal), tuple(window_size), float(softcap))
     if _use_triton(q):
         seed = _new_dropout_seed(batch, q.shape[1]) if dropout_p > 0 else 0
-        out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                             int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
-                                             bool(deterministic))
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse = FlashAttnVarlenFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
+                                                 int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
+                                                 bool(deterministic))
+        else:
+            # Inference: the launcher alone; autograd.Function.apply costs host time that the
+            # small packed batches of serving feel (benchmarks/results/tuning/profile_varlen_*).
+            scale, causal, window, softcap = options
+            out, lse = flash_attn_forward(q, k, v, scale, causal, window, softcap, alibi_slopes, dropout_p, seed,
+                                          cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                          max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
     else:
         if dropout_p > 0:
             raise NotImplementedError("dropout in flash_attn_varlen_func needs the Triton kernels "
