@@ -7,16 +7,25 @@
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
+# Launch-tuning choices go to OUTDIR/tuning (MODELACCEL_CACHE_DIR). TUNING_SEED=DIR copies
+# earlier choices (such a tuning folder, carried to the machine) in first: each class then
+# compiles one configuration instead of timing every candidate, which is most of the GPU
+# tests' time. Leave it unset for benchmarks after a kernel change (stale choices).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train|decode|transformers ...]}
 shift
 parts=${*:-tests fwd bwd varlen train decode transformers}
 suite=${SUITE:-default}
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the script moves to the repo root
 cd "$(dirname "$0")/.."
-mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export MODELACCEL_COMMIT=${MODELACCEL_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
+export MODELACCEL_CACHE_DIR=${MODELACCEL_CACHE_DIR:-$out/tuning}
+mkdir -p "$MODELACCEL_CACHE_DIR"
+if [ -n "${TUNING_SEED:-}" ] && [ -d "$TUNING_SEED" ]; then
+  cp -n "$TUNING_SEED"/*.json "$MODELACCEL_CACHE_DIR"/ 2>/dev/null
+fi
 python3 -m modelaccel info > "$out/info.txt" 2>&1
 failed=""
 run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
