@@ -15,7 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import modelaccel  # noqa: E402
-from modelaccel.attention import flash_bwd, flash_fwd  # noqa: E402
+from modelaccel.attention import decode, flash_bwd, flash_fwd  # noqa: E402
 
 
 def per_call_us(fn, n=2000):
@@ -31,7 +31,7 @@ def per_call_us(fn, n=2000):
 
 
 def main():
-    for module in (flash_fwd, flash_bwd):
+    for module in (flash_fwd, flash_bwd, decode):
         for name in dir(module):
             if name.endswith("_kernel") and hasattr(getattr(module, name), "run"):
                 getattr(module, name).run = lambda *args, **kwargs: None
@@ -48,6 +48,20 @@ def main():
         "backward launcher": lambda: flash_bwd.flash_attn_backward(dout, qd, kd, vd, o, lse, scale, causal=True),
         "backward through autograd": lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
     }
+    # Decoding: one token of 2 sequences over a 256-token cache, 8 query heads over 2 KV heads.
+    qd1 = torch.randn(2, 1, 8, 64, dtype=torch.float16)
+    k_cache, v_cache = (torch.randn(2, 256, 2, 64, dtype=torch.float16) for _ in range(2))
+    k_new, v_new = (torch.randn(2, 1, 2, 64, dtype=torch.float16) for _ in range(2))
+    lens = torch.tensor([100, 37], dtype=torch.int32)
+    cos, sin = torch.randn(256, 16), torch.randn(256, 16)
+    calls.update({
+        "decode launcher": lambda: decode.decode_attention(qd1, k_cache, v_cache, lens, scale),
+        "with_kvcache": lambda: modelaccel.flash_attn_with_kvcache(qd1, k_cache, v_cache, cache_seqlens=lens),
+        "with_kvcache, append": lambda: modelaccel.flash_attn_with_kvcache(qd1, k_cache, v_cache, k_new, v_new,
+                                                                           cache_seqlens=lens),
+        "with_kvcache, append+rotary": lambda: modelaccel.flash_attn_with_kvcache(
+            qd1, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens),
+    })
     for name, fn in calls.items():
         print(f"{name:28s} {per_call_us(fn):7.1f} us")
 

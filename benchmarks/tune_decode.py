@@ -1,5 +1,6 @@
-"""Sweep the split-KV decode launch (key tile, warps, stages, number of splits) under CUDA
-graph replay, to see where decoding at small batch loses bandwidth.
+"""Sweep the split-KV decode launch (key tile, warps, stages, number of splits, separate
+combine kernel or fused merge) under CUDA graph replay, to see where decoding at small
+batch loses bandwidth.
 
 bf16, 32 query heads over 8 KV heads, head dim 128, one query token, contiguous cache.
 Prints TB/s (K+V bytes / time) per launch and the best per shape; writes JSON.
@@ -27,10 +28,11 @@ def main():
         q, k_cache, v_cache, seqlens = make_inputs(batch, cache_len)[:4]
         nbytes = kv_bytes(batch, cache_len)
         best = None
-        for (bn, warps, stages), splits in itertools.product(TILES, (1, 2, 4, 8, 16, 33, 64, 128)):
+        for (bn, warps, stages), splits, fused in itertools.product(TILES, (1, 2, 4, 8, 16, 33, 64, 128),
+                                                                   (False, True)):
             if splits * bn > cache_len:
                 continue
-            config = (bn, warps, stages, 2, 1)
+            config = (bn, warps, stages, 2, 1, fused)
 
             def call():
                 return decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, num_splits=splits,
@@ -41,7 +43,7 @@ def main():
                 print(batch, cache_len, config, splits, "skip:", str(exc).splitlines()[0][:80], flush=True)
                 continue
             row = {"batch": batch, "cache_len": cache_len, "block_n": bn, "warps": warps, "stages": stages,
-                   "splits": splits, "ms": ms, "tbps": tbps(nbytes, ms)}
+                   "splits": splits, "fused": fused, "ms": ms, "tbps": tbps(nbytes, ms)}
             results["rows"].append(row)
             if best is None or ms < best["ms"]:
                 best = row

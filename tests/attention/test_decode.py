@@ -196,6 +196,30 @@ def test_value_checks_run_once_per_tensor_version(device, monkeypatch):
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
+@pytest.mark.parametrize("seqlen_q,causal,window_size", [(1, False, (-1, -1)), (3, True, (-1, -1)),
+                                                         (2, False, (20, 0))])
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_fused_split_merge(page_size, seqlen_q, causal, window_size, num_splits, device, monkeypatch):
+    """The fused launch (the last split program of each kv head merges) against the reference,
+    with a sequence whose keys all lie in one split and an empty one (every split empty).
+    Every buffer the launcher allocates with torch.empty starts as NaN: all of out and lse
+    must be written."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(seqlen_q * 10 + num_splits)
+    k_cache, v_cache, table = make_cache(4, 96, 2, 64, torch.bfloat16, device, gen, page_size)
+    q = torch.randn(4, seqlen_q, 8, 64, generator=gen).to(device, torch.bfloat16)
+    seqlens = torch.tensor([96, 9, 0, 50], dtype=torch.int32, device=device)
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 0.125, causal=causal, window_size=window_size,
+                                block_table=table, num_splits=num_splits, config=(16, 4, 3, 2, 4, True))
+    ref_out, ref_lse = kvcache_attention_ref(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu(), 0.125,
+                                             causal=causal, window_size=window_size,
+                                             block_table=None if table is None else table.cpu())
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and torch.isinf(lse[2]).all()
+
+
 @pytest.mark.parametrize("config", _DECODE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
 def test_every_gpu_launch_candidate(config, device):
     """Each tuning candidate (key tile, split rule) computes the same attention."""

@@ -22,22 +22,26 @@ from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucke
 
 @triton.jit
 def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, CACHE_BATCH_IDX, CACHE_LEFTPAD,
-                         ALIBI,
+                         ALIBI, O, LSE, COUNTER,
                          stride_qb, stride_qs, stride_qh,
                          stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh,
-                         stride_bt, stride_alibi_b,
-                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, SPLIT_LEN,
+                         stride_bt, stride_alibi_b, stride_ob, stride_os, stride_oh,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, SPLIT_LEN, NSPLITS,
                          window_left, window_right, qk_scale, softcap_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
+                         UPCAST_DOT: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
     O_PART [splits, batch, seqlen_q, nheads, headdim] and LSE_PART [splits, batch, nheads,
     seqlen_q] (float32, lse -inf where the split holds no visible key).
+    FUSED: no combine kernel follows. With one split the program writes O and LSE itself;
+    with more, the last program of a kv head to finish (an atomic count per (batch, kv
+    head) in COUNTER, zeroed by the caller) merges the splits into O and LSE.
     """
     split = tl.program_id(0)
     pid_bhk = tl.program_id(1)
@@ -107,11 +111,60 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     l_safe = tl.where(empty, 1.0, l_i)
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     nheads_q = NHEADS
-    part = split.to(tl.int64) * tl.num_programs(1) // NHEADS_K + b  # (split, batch) index
+    batch = tl.num_programs(1) // NHEADS_K
+    part = split.to(tl.int64) * batch + b  # (split, batch) index
+    tile_ok = row_ok[:, None] & d_ok[None, :]
+    out_ptrs = O + b.to(tl.int64) * stride_ob + pos_q[:, None] * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    lse_ptrs = LSE + (b * nheads_q + heads) * SEQLEN_Q + pos_q
     o_ptrs = (O_PART + ((part * SEQLEN_Q + pos_q[:, None]) * nheads_q + heads[:, None]) * HEADDIM
               + offs_d[None, :])
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])
-    tl.store(LSE_PART + (part * nheads_q + heads) * SEQLEN_Q + pos_q, lse, mask=row_ok)
+    lse_part_ptrs = LSE_PART + (part * nheads_q + heads) * SEQLEN_Q + pos_q
+    if FUSED:
+        if NSPLITS == 1:
+            tl.store(out_ptrs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=tile_ok)
+            tl.store(lse_ptrs, tl.where(empty, float("inf"), lse), mask=row_ok)
+        else:
+            tl.store(o_ptrs, acc / l_safe[:, None], mask=tile_ok)
+            tl.store(lse_part_ptrs, lse, mask=row_ok)
+            # Every thread's partial stores are done before the count is released.
+            tl.debug_barrier()
+            done = tl.atomic_add(COUNTER + pid_bhk, 1, sem="acq_rel")
+            if done == NSPLITS - 1:
+                _merge_splits(O_PART, LSE_PART, out_ptrs, lse_ptrs, b, batch, heads, pos_q, offs_d, row_ok,
+                              tile_ok, NSPLITS, nheads_q, SEQLEN_Q, HEADDIM, BLOCK_M, BLOCK_D)
+    else:
+        tl.store(o_ptrs, acc / l_safe[:, None], mask=tile_ok)
+        tl.store(lse_part_ptrs, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(O_PART, LSE_PART, out_ptrs, lse_ptrs, b, batch, heads, pos_q, offs_d, row_ok, tile_ok,
+                  NSPLITS, NHEADS, SEQLEN_Q, HEADDIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the NSPLITS partial results of a tile's rows by their lse (the fused path).
+
+    The loads bypass L1 (.cg): the partials were written by other programs on other SMs.
+    """
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, NSPLITS):
+        part = s * batch + b.to(tl.int64)
+        lse_s = tl.load(LSE_PART + (part * NHEADS + heads) * SEQLEN_Q + pos_q, mask=row_ok, other=float("-inf"),
+                        cache_modifier=".cg")
+        o_s = tl.load(O_PART + ((part * SEQLEN_Q + pos_q[:, None]) * NHEADS + heads[:, None]) * HEADDIM
+                      + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        w = tl.exp(lse_s - m_use)
+        total = total * alpha + w
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        m = m_new
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    # No split saw a key: out 0 and lse +inf, as the combine kernel gives.
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptrs, (acc / total_safe[:, None]).to(out_ptrs.dtype.element_ty), mask=tile_ok)
+    tl.store(lse_ptrs, tl.where(total == 0.0, float("inf"), m_use + tl.log(total_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -155,6 +208,10 @@ def _sm_count(device):
 # splits. Each problem class times them once (LaunchTuner); the first is the fallback.
 _DECODE_CONFIGS = [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (64, 4, 2, 4, 1), (32, 4, 3, 4, 1),
                    (128, 4, 2, 2, 2), (128, 8, 2, 2, 1), (64, 8, 4, 2, 2), (64, 4, 4, 1, 8)]
+# A sixth field True selects the fused launch: the split kernel merges its own splits (the
+# last program of each kv head to finish), so no combine kernel runs. Not among the GPU
+# candidates until the GPU tests have run it (its ordering rests on a CTA barrier and an
+# acq_rel atomic); decode_attention(config=...) reaches it, and the CPU tests do.
 # A decoding step's host time (two launches, ~200 us on the H100 box) exceeds the flush
 # do_bench hides it behind, so direct timing ranked every candidate the same.
 _tuner = LaunchTuner("decode_attention", graph_timing=True)
@@ -181,7 +238,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         cache_batch_idx: int32 [batch], cache row of each sequence (contiguous cache only).
         cache_leftpad: int32 [batch], first valid key of each sequence.
         num_splits: 0 chooses from batch, heads, cache length and the SM count.
-        block_n / config: overrides for tests and tuning (config: one of _DECODE_CONFIGS).
+        block_n / config: overrides for tests and tuning (config: one of _DECODE_CONFIGS,
+            optionally with a sixth field True for the fused split-and-merge launch).
             By default the GPU launch is tuned per problem class.
     Returns:
         out [batch, seqlen_q, nheads, headdim] in q's dtype, lse [batch, nheads, seqlen_q] float32.
@@ -203,36 +261,48 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     placeholder = cache_seqlens
 
     def launch(config):
-        bn, warps, stages, per_sm, min_blocks = config
+        bn, warps, stages, per_sm, min_blocks, *fused = config
+        fused = bool(fused and fused[0])
         splits = num_splits if num_splits > 0 else choose_num_splits(batch, nheads_k, max_keys, q.device, bn,
                                                                      per_sm, min_blocks)
         split_len = cdiv(cdiv(max_keys, splits), bn) * bn
         splits = cdiv(max_keys, split_len)
-        o_part = torch.empty(splits, batch, seqlen_q, nheads, headdim, dtype=torch.float32, device=q.device)
-        lse_part = torch.empty(splits, batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+        merged_here = fused and splits == 1
+        # With one fused split nothing is merged: the partial buffers are never touched.
+        o_part = out if merged_here else torch.empty(splits, batch, seqlen_q, nheads, headdim,
+                                                     dtype=torch.float32, device=q.device)
+        lse_part = lse if merged_here else torch.empty(splits, batch, nheads, seqlen_q,
+                                                       dtype=torch.float32, device=q.device)
+        # A fresh zeroed count per call (a memset, captured with the rest in a CUDA graph):
+        # a buffer kept between calls would be shared by streams and by graphs.
+        counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
+            if fused and splits > 1 else placeholder
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
         _decode_split_kernel[(splits, batch * nheads_k)](
             q, k_cache, v_cache, o_part, lse_part,
             block_table if paged else placeholder, cache_seqlens,
             cache_batch_idx if cache_batch_idx is not None else placeholder,
             cache_leftpad if cache_leftpad is not None else placeholder,
-            alibi_slopes if alibi_slopes is not None else o_part,
+            alibi_slopes if alibi_slopes is not None else o_part, out, lse, counter,
             q.stride(0), q.stride(1), q.stride(2),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
-            nheads, nheads_k, group, seqlen_q, page_size, split_len,
+            out.stride(0), out.stride(1), out.stride(2),
+            nheads, nheads_k, group, seqlen_q, page_size, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0,
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
-            HAS_ALIBI=alibi_slopes is not None, UPCAST_DOT=interp and q.dtype == torch.bfloat16, **extra)
-        _decode_combine_kernel[(batch * seqlen_q * nheads,)](
-            o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
-            out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+            HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
+            **extra)
+        if not fused:
+            _decode_combine_kernel[(batch * seqlen_q * nheads,)](
+                o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
+                out.stride(0), out.stride(1), out.stride(2),
+                BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
 
     if config is None:
         if interp or block_n is not None:
