@@ -15,7 +15,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch  # noqa: E402
 
 import modelaccel  # noqa: E402
-from modelaccel.attention import decode, flash_bwd, flash_fwd  # noqa: E402
+from modelaccel.attention import decode, flash_bwd, flash_fwd, kv_append  # noqa: E402
 
 
 def per_call_us(fn, n=2000):
@@ -31,7 +31,7 @@ def per_call_us(fn, n=2000):
 
 
 def main():
-    for module in (flash_fwd, flash_bwd, decode):
+    for module in (flash_fwd, flash_bwd, decode, kv_append):
         for name in dir(module):
             if name.endswith("_kernel") and hasattr(getattr(module, name), "run"):
                 getattr(module, name).run = lambda *args, **kwargs: None

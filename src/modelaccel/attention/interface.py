@@ -10,6 +10,7 @@ import torch
 from .decode import decode_attention
 from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
+from .kv_append import append_kv
 from .launch import interpreting
 from .reference import apply_rotary, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
@@ -383,6 +384,11 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
     allowed: there the kernels' masks keep every access inside the cache instead.
     """
     _check_qkv(q, k_cache, v_cache, "[batch, seqlen, nheads, headdim]", same_batch=False)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        # Written in place, so it cannot be copied into a layout the kernels take.
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides "
+                             f"{tuple(cache.stride())}")
     batch, seqlen_q, nheads, headdim = q.shape
     paged = block_table is not None
     if paged:
@@ -527,15 +533,22 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         softmax_scale = q.shape[-1] ** -0.5
     batch, seqlen_q = q.shape[:2]
     if k is not None:
-        start = cache_seqlens.long() - (cache_leftpad.long() if cache_leftpad is not None else 0)
-        if rotary_cos is not None:
-            k_pos = start[:, None] + torch.arange(k.shape[1], device=q.device)
-            k = apply_rotary(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
-            q_steps = torch.arange(seqlen_q, device=q.device) if (causal or window_size != (-1, -1)) \
-                else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
-            q = apply_rotary(q, rotary_cos, rotary_sin, start[:, None] + q_steps, rotary_interleaved)
-        _append_to_cache(k_cache, k, cache_seqlens, cache_batch_idx, block_table)
-        _append_to_cache(v_cache, v, cache_seqlens, cache_batch_idx, block_table)
+        # Query row t takes rotary position start + t under a causal or window mask, else start.
+        q_steps = bool(causal) or tuple(window_size) != (-1, -1)
+        if _use_triton(q):
+            q = append_kv(_last_dim_contiguous(q), k_cache, v_cache, _last_dim_contiguous(k), _last_dim_contiguous(v),
+                          cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, q_steps, cache_leftpad,
+                          cache_batch_idx, block_table)
+        else:
+            start = cache_seqlens.long() - (cache_leftpad.long() if cache_leftpad is not None else 0)
+            if rotary_cos is not None:
+                k_pos = start[:, None] + torch.arange(k.shape[1], device=q.device)
+                k = apply_rotary(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
+                steps = torch.arange(seqlen_q, device=q.device) if q_steps \
+                    else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
+                q = apply_rotary(q, rotary_cos, rotary_sin, start[:, None] + steps, rotary_interleaved)
+            _append_to_cache(k_cache, k, cache_seqlens, cache_batch_idx, block_table)
+            _append_to_cache(v_cache, v, cache_seqlens, cache_batch_idx, block_table)
         cache_seqlens = cache_seqlens + k.shape[1]
     options = dict(causal=bool(causal), window_size=tuple(window_size), softcap=float(softcap),
                    alibi_slopes=alibi_slopes, block_table=block_table, cache_batch_idx=cache_batch_idx,
