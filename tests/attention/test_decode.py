@@ -231,3 +231,12 @@ def test_every_gpu_launch_candidate(config, device):
     ref_out, ref_lse = kvcache_attention_ref(q.cpu(), k_cache.cpu(), v_cache.cpu(), seqlens.cpu(), 0.125,
                                              block_table=table.cpu())
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+def test_cache_with_strided_last_dim_is_rejected(device):
+    """The caches are written in place, so a copy into the layout the kernels need is no way out."""
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache, _ = make_cache(2, 32, 2, 64, torch.float16, device, gen)
+    q = torch.randn(2, 1, 2, 32, generator=gen).to(device, torch.float16)
+    with pytest.raises(ValueError, match="k_cache must have a contiguous last dimension"):
+        modelaccel.flash_attn_with_kvcache(q, k_cache[..., ::2], v_cache[..., :32], cache_seqlens=5)
