@@ -114,7 +114,8 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     batch = tl.num_programs(1) // NHEADS_K
     part = split.to(tl.int64) * batch + b  # (split, batch) index
     tile_ok = row_ok[:, None] & d_ok[None, :]
-    out_ptrs = O + b.to(tl.int64) * stride_ob + pos_q[:, None] * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    out_ptrs = (O + b.to(tl.int64) * stride_ob + pos_q[:, None] * stride_os + heads[:, None] * stride_oh
+                + offs_d[None, :])
     lse_ptrs = LSE + (b * nheads_q + heads) * SEQLEN_Q + pos_q
     o_ptrs = (O_PART + ((part * SEQLEN_Q + pos_q[:, None]) * nheads_q + heads[:, None]) * HEADDIM
               + offs_d[None, :])

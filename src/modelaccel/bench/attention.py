@@ -234,14 +234,18 @@ def _provider_call(provider, q, k, v, causal):
     return _sdpa_call(backend, q, k, v, causal)
 
 
-def _run_capturing(fn, ctx):
+def _run_capturing(fn, ctx, record_warnings=True):
     """Run fn() inside ctx; return (result, None) or (None, reason) if a kernel refused the call.
 
     SDPA explains why a backend cannot take a shape only in warnings, ahead of a generic
-    "No available kernel" error, so the warnings are folded into the reason.
+    "No available kernel" error, so the warnings are folded into the reason. Timing loops
+    pass record_warnings=False: there the call already succeeded once, and recording every
+    warning ("always") would add host time to each timed call of anything that warns.
     """
-    with warnings.catch_warnings(record=True) as caught, ctx:
-        warnings.simplefilter("always")
+    catcher = warnings.catch_warnings(record=True) if record_warnings else contextlib.nullcontext([])
+    with catcher as caught, ctx:
+        if record_warnings:
+            warnings.simplefilter("always")
         try:
             return fn(), None
         except (RuntimeError, ValueError, NotImplementedError, TypeError, ImportError) as e:  # OOM: RuntimeError
@@ -249,12 +253,12 @@ def _run_capturing(fn, ctx):
             return None, "; ".join(reasons)
 
 
-def _run_peer(fn, ctx):
+def _run_peer(fn, ctx, record_warnings=True):
     """_run_capturing for SDPA peers on paths newer than the forward's (nested tensors, torch's
     varlen_attn): any exception they raise is recorded as the reason, with its type, so a
     peer's failure costs its number, never the benchmark run."""
     try:
-        return _run_capturing(fn, ctx)
+        return _run_capturing(fn, ctx, record_warnings)
     except Exception as e:  # noqa: BLE001 - deliberately broad, see above
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
@@ -350,7 +354,8 @@ def run_row(table, shape, providers, log=print):
                       else f"not timed: {check['detail']}")
         else:
             fn, ctx = _provider_call(provider, q, k, v, table.causal)
-            ms, reason = _run_capturing(lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx)
+            ms, reason = _run_capturing(lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx,
+                                        record_warnings=False)
         row["ms"][provider] = ms
         row["tflops"][provider] = tflops(flops, ms)
         if reason is not None:
@@ -477,7 +482,7 @@ def run_bwd_row(table, shape, providers, log=print):
                 ms, reason = _run_capturing(
                     lambda: do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True),
                                      warmup=WARMUP_MS, rep=REP_MS, return_mode="median"),
-                    contextlib.nullcontext())
+                    contextlib.nullcontext(), record_warnings=False)
             del out
         row["ms"][provider] = ms
         row["tflops"][provider] = tflops(flops, ms)
@@ -660,7 +665,8 @@ def run_varlen_row(table, shape, providers, log=print):
                 reason = ctx
             else:
                 run = _run_capturing if provider == "modelaccel" else _run_peer
-                ms, reason = run(lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx)
+                ms, reason = run(lambda: do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="median"), ctx,
+                                 record_warnings=False)
         row["ms"][provider] = ms
         row["tflops"][provider] = tflops(flops, ms)
         row["tokens_per_s"][provider] = None if ms is None else total / (ms * 1e-3)
