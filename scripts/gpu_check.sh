@@ -7,7 +7,9 @@
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
-# Launch-tuning choices go to OUTDIR/tuning (MODELACCEL_CACHE_DIR). TUNING_SEED=DIR copies
+# The tests run with MODELACCEL_TUNING=off (first launch candidates, nothing timed; the
+# test_every_launch_configuration tests cover each candidate); set MODELACCEL_TUNING=on to
+# tune as users do. Launch-tuning choices go to OUTDIR/tuning (MODELACCEL_CACHE_DIR). TUNING_SEED=DIR copies
 # earlier choices (such a tuning folder, carried to the machine) in first: each class then
 # compiles one configuration instead of timing every candidate, which is most of the GPU
 # tests' time. Leave it unset for benchmarks after a kernel change (stale choices).
@@ -36,7 +38,8 @@ run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
 }
 for part in $parts; do
   case $part in
-    tests) run gpu_tests python3 -m pytest -q -m gpu -p no:cacheprovider --durations=25 --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
+    tests) run gpu_tests env MODELACCEL_TUNING=${MODELACCEL_TUNING:-off} python3 -m pytest -q -m gpu -p no:cacheprovider \
+             --durations=25 --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
     bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;

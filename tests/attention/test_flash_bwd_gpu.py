@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import modelaccel
-from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_bwd import _DKDV_CONFIGS, _DQ_CONFIGS, flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.reference import attention_ref, varlen_attention_ref
 from modelaccel.testing import assert_attention_close, assert_grads_close
@@ -111,5 +111,37 @@ def test_each_strategy_matches_reference(config, atomic_dq):
     flash_attn_backward(dout, q, k, v, out, lse, scale, causal=causal, atomic_dq=atomic_dq, grads=grads)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     ref_out, _ = attention_ref(q32, k32, v32, causal=causal, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_grads_close(grads, (q32.grad, k32.grad, v32.grad), q.dtype)
+
+
+def _every_launch():
+    """(head dim, dQ launch, dK/dV launch, atomic dQ): every configuration of each head-dim
+    class, paired with the class's first configuration of the other kernel."""
+    cases = []
+    for headdim, block_d in ((64, 64), (128, 128), (160, 256)):
+        dq, dkdv = _DQ_CONFIGS[block_d], _DKDV_CONFIGS[block_d]
+        cases += [(headdim, c, dkdv[0], False) for c in dq]
+        cases += [(headdim, dq[0], c, atomic) for c in dkdv for atomic in (False, True) if c != dkdv[0] or atomic]
+    name = "x".join
+    return [pytest.param(*c, id=f"d{c[0]}-dq{name(map(str, c[1]))}-dkdv{name(map(str, c[2]))}"
+                                + ("-atomic" if c[3] else "")) for c in cases]
+
+
+@pytest.mark.parametrize("headdim,dq_config,dkdv_config,atomic_dq", _every_launch())
+def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq):
+    """Each tuning candidate computes the right gradients, since the other GPU tests run with
+    MODELACCEL_TUNING=off (first candidates only): causal GQA with odd lengths."""
+    gen = torch.Generator().manual_seed(headdim)
+    q = torch.randn(2, 700, 8, headdim, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2, 900, 4, headdim, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    scale = headdim ** -0.5
+    out, lse = flash_attn_forward(q, k, v, scale, causal=True)
+    dout = torch.randn_like(q)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True, atomic_dq=atomic_dq,
+                        blocks=(dq_config, dkdv_config), grads=grads)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_ref(q32, k32, v32, causal=True, compute_dtype=torch.float32)
     ref_out.backward(dout.float())
     assert_grads_close(grads, (q32.grad, k32.grad, v32.grad), q.dtype)

@@ -224,3 +224,22 @@ def test_launch_tuner_retunes_a_stored_choice_that_is_no_longer_a_candidate(tmp_
     assert not calls  # read from the file, not timed again
     assert reloaded.choose(("k",), [(1,), (3,)], lambda c: calls.append(c) or timings[c]) == (3,)
     assert sorted(calls) == [(1,), (3,)]
+
+
+def test_launch_tuner_off_times_nothing(tmp_path, monkeypatch):
+    """MODELACCEL_TUNING=off: a stored choice, else the first candidate; nothing timed or saved."""
+    monkeypatch.setenv("MODELACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(launch.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch.triton.testing, "do_bench", lambda fn, **kw: fn())
+    timings = {(1,): 3.0, (2,): 1.0}
+    launch.LaunchTuner("unit").choose(("stored",), [(1,), (2,)], lambda c: timings[c])
+    monkeypatch.setenv("MODELACCEL_TUNING", "off")
+    tuner = launch.LaunchTuner("unit")
+    calls = []
+    assert tuner.choose(("stored",), [(1,), (2,)], lambda c: calls.append(c) or timings[c]) == (2,)
+    assert tuner.choose(("new",), [(1,), (2,)], lambda c: calls.append(c) or timings[c]) == (1,)
+    assert not calls
+    reloaded = launch.LaunchTuner("unit")
+    reloaded._load()
+    assert list(reloaded.choices) == ["stored"]  # the untimed fallback was not saved

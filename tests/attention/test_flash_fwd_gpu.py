@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modelaccel
-from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.flash_fwd import _GPU_CONFIGS, flash_attn_forward
 from modelaccel.attention.reference import attention_ref
 from modelaccel.testing import assert_attention_close
 
@@ -90,8 +90,23 @@ def test_head_dims_both_load_paths(headdim, causal, use_tma):
     run_and_check(q, k, v, causal=causal, use_tma=use_tma, block_m=64, block_n=64, num_warps=4, num_stages=2)
 
 
+@pytest.mark.parametrize("headdim,config,use_tma", [
+    pytest.param(headdim, config, use_tma, id=f"d{headdim}-{'x'.join(map(str, config))}-{'tma' if use_tma else 'ptr'}")
+    for headdim, block_d in ((64, 64), (128, 128), (160, 256)) for config in _GPU_CONFIGS[block_d]
+    for use_tma in (True, False)])
+def test_every_launch_configuration(headdim, config, use_tma):
+    """Each tuning candidate, on both load paths: the other tests run with MODELACCEL_TUNING=off
+    under scripts/gpu_check.sh (first candidates only). Causal GQA with odd lengths."""
+    block_m, block_n, warps, stages = config
+    q = randn(2, 1000, 8, headdim, dtype=torch.bfloat16)
+    k, v = randn(2, 1100, 2, headdim, dtype=torch.bfloat16), randn(2, 1100, 2, headdim, dtype=torch.bfloat16)
+    run_and_check(q, k, v, causal=True, use_tma=use_tma, block_m=block_m, block_n=block_n, num_warps=warps,
+                  num_stages=stages)
+
+
 @pytest.mark.parametrize("headdim", [40, 96, 160, 256])
-def test_head_dims_autotuned(headdim):
+def test_head_dims_public_launch(headdim):
+    """The launch the public path picks: tuned, or the first candidate with MODELACCEL_TUNING=off."""
     q, k, v = randn(2, 1500, 8, headdim, dtype=torch.bfloat16), randn(2, 1500, 8, headdim, dtype=torch.bfloat16), randn(2, 1500, 8, headdim, dtype=torch.bfloat16)
     run_and_check(q, k, v, causal=True)
 

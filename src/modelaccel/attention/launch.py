@@ -83,6 +83,7 @@ class LaunchTuner:
     host time exceeds the GPU time of the 256 MB L2 flush do_bench puts between calls.
     Choices persist in a JSON file per kernel, device and triton version
     ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once per machine.
+    MODELACCEL_TUNING=off times nothing: stored choices, else the first candidate.
     """
 
     def __init__(self, name, graph_timing=False):
@@ -116,9 +117,13 @@ class LaunchTuner:
         if self.choices is None:
             self._load()
         key = "|".join(map(str, key))
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()) \
+                or os.environ.get("MODELACCEL_TUNING") == "off":
             # Timing inside a CUDA graph capture would break it: take the stored choice, or
-            # the first candidate until an eager call tunes this class.
+            # the first candidate until an eager call tunes this class. MODELACCEL_TUNING=off
+            # does the same everywhere: the GPU tests, where compiling and timing every
+            # candidate for every problem class would take most of the run (each launch
+            # configuration has its own test instead).
             return self.choices[key] if self.choices.get(key) in candidates else candidates[0]
         # A stored choice that is no longer a candidate (a configuration dropped since, say
         # for computing wrong results on some compiler) is tuned again.
