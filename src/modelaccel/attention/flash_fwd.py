@@ -367,9 +367,10 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         right = 0
     block_d = max(next_power_of_2(headdim), 16)
     # Packed batches take the pointer path: a TMA box would read across sequence ends.
-    tma_ok = not varlen and use_tma is not False and tma_usable(q, k, v, out)
+    tma_ok = not varlen and use_tma is not False
     if use_tma is None and q.is_cuda and 4 * batch * nheads * seqlen_q * seqlen_k * headdim < _TMA_MIN_FLOPS:
         tma_ok = False
+    tma_ok = tma_ok and tma_usable(q, k, v, out)  # after the size test: small calls skip its host time
     alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
     lse_strides = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     interp = interpreting()
