@@ -1,0 +1,97 @@
+"""Where the host time of short attention calls goes, on the GPU machine.
+
+- `varlen`: the two ~1600-token batches of the varlen benchmark took ~230 us a call with 16
+  and with 48 heads alike. For each batch: do_bench median, GPU time alone (CUDA graph
+  replay), host time per call, the host profile (cProfile) and the kernels torch.profiler
+  sees.
+- `bwd`: the (2,48,48,1024) causal bf16 d128 backward row measured 89 TFLOPS through
+  autograd in the benchmark but 196 TFLOPS through flash_attn_backward alone. do_bench and
+  host time per call of the launcher and of torch.autograd.grad, then the host profile of
+  the autograd path.
+Host time is the wall clock of a loop of calls without syncing, divided by the count.
+Usage: python benchmarks/profile_host.py varlen|bwd
+"""
+
+import cProfile
+import pstats
+import sys
+import time
+
+import torch
+import triton
+
+import modelaccel
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.launch import _gpu_ms
+from modelaccel.bench.attention import varlen_seqlens
+
+
+def host_us(fn, n=200):
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def print_host_profile(fn, n, top):
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(n):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("cumulative").print_stats(top)
+    pstats.Stats(profile).sort_stats("tottime").print_stats(top // 2)
+
+
+def profile_varlen():
+    for batch, hq, hk, max_len in ((2, 16, 4, 1024), (2, 48, 12, 1024), (8, 16, 2, 2048)):
+        seqlens = varlen_seqlens(batch, max_len)
+        total = sum(seqlens)
+        q = torch.randn(total, hq, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(total, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cu = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+
+        def call():
+            return modelaccel.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+
+        bench_ms = triton.testing.do_bench(call, warmup=25, rep=100, return_mode="median")
+        print(f"== {(batch, hq, hk, max_len)} seqlens {seqlens}: do_bench {bench_ms * 1e3:.1f} us, "
+              f"GPU alone {_gpu_ms(call) * 1e3:.1f} us, host {host_us(call):.1f} us/call", flush=True)
+        print_host_profile(call, 200, 18)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                call()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+
+
+def profile_bwd():
+    batch, heads, seqlen = 2, 48, 1024
+    q, k, v = (torch.randn(batch, seqlen, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    dout = torch.randn_like(q)
+    out, lse = flash_attn_forward(q.detach(), k.detach(), v.detach(), 128 ** -0.5, causal=True)
+
+    def launcher():
+        return flash_attn_backward(dout, q.detach(), k.detach(), v.detach(), out, lse, 128 ** -0.5, causal=True)
+
+    out_graph = modelaccel.flash_attn_func(q, k, v, causal=True)
+
+    def autograd():
+        return torch.autograd.grad(out_graph, (q, k, v), dout, retain_graph=True)
+
+    for name, fn in (("launcher", launcher), ("autograd", autograd)):
+        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        print(f"{name}: do_bench {ms * 1e3:.1f} us, host {host_us(fn, 100):.1f} us/call", flush=True)
+    print_host_profile(autograd, 100, 30)
+
+
+if __name__ == "__main__":
+    {"varlen": profile_varlen, "bwd": profile_bwd}[sys.argv[1]]()
