@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import (LOG2E, _dot, _dropout_keep, _key_block_range, _load_tile, _scores_log2,
-                        _sequence_bounds, _store_tile, _tanh, config_candidates)
+from .flash_fwd import (LOG2E, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2, _sequence_bounds,
+                        _store_tile, _tanh, config_candidates)
 from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
 
 
@@ -132,25 +132,14 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                         IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """dQ for one query block; O, dO and dQ share one layout (strides stride_o*)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    hk = h // GROUP
-    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
+     lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
+                                              window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                              HAS_ALIBI, IS_VARLEN)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    diag = seqlen_k - seqlen_q
-    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-    alibi_slope = 0.0
-    if HAS_ALIBI:
-        alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
-    lo, full_lo, full_hi, hi = _key_block_range(start_m, last_m, seqlen_k, diag, window_left, window_right,
-                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    seed_bh = seed + pid_bh
+    seed_bh = seed + tl.program_id(1)
 
     q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
                    BLOCK_M, BLOCK_D, HEADDIM, False)

@@ -155,6 +155,34 @@ def _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, window_left, window_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                 HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a program of grid (query block, batch * head) works on, in the forward and dQ
+    kernels: (batch, head, kv head, batch index into the tensors, first q row, seqlen_q,
+    first k row, seqlen_k, start_m, offs_m, diagonal offset, ALiBi slope in log2 units, and
+    the key range [lo, hi) with its unmasked part [full_lo, full_hi), see _key_block_range).
+    A varlen program whose block starts past its sequence (start_m >= seqlen_q) has nothing
+    to do; the caller returns."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // NHEADS
+    h = pid_bh % NHEADS
+    hk = h // GROUP
+    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    diag = seqlen_k - seqlen_q
+    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
+    alibi_slope = 0.0
+    if HAS_ALIBI:
+        alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
+    lo, full_lo, full_hi, hi = _key_block_range(start_m, last_m, seqlen_k, diag, window_left, window_right,
+                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    return (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
+            lo, full_lo, full_hi, hi)
+
+
+@triton.jit
 def _attn_fwd_blocks(acc, l_i, m_i, q, K, V, bt, hk, k_start, offs_m, lo, hi,
                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                      seqlen_k, diag, window_left, window_right,
@@ -210,26 +238,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
                      HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    hk = h // GROUP
-    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
+     lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
+                                              window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                              HAS_ALIBI, IS_VARLEN)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    diag = seqlen_k - seqlen_q
-    last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
-
-    alibi_slope = 0.0
-    if HAS_ALIBI:
-        alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
-    lo, full_lo, full_hi, hi = _key_block_range(start_m, last_m, seqlen_k, diag, window_left, window_right,
-                                                BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    seed_bh = seed + pid_bh
+    seed_bh = seed + tl.program_id(1)
 
     q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
                    BLOCK_M, BLOCK_D, HEADDIM, USE_TMA)
