@@ -104,3 +104,36 @@ def test_head_dims_with_append_rotary_and_speculative_queries(headdim):
             k_ref[page, p % 64], v_ref[page, p % 64] = k_rot[b, t], v_new[b, t]
     ref_out, ref_lse = reference(q_rot, k_ref, v_ref, seqlens + 4, block_table=table, causal=True)
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+def test_decoding_steps_with_append_and_rotary_replay_in_a_graph():
+    """A decoding step (append with rotary, then attention) captured once and replayed as the
+    cache grows, against the same steps run eagerly on a copy of the cache."""
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache, _ = make_cache(2, 512, 8, 128, torch.bfloat16, "cuda", gen)
+    caches = {"graph": (k_cache, v_cache), "eager": (k_cache.clone(), v_cache.clone())}
+    lens = {name: torch.tensor([100, 37], dtype=torch.int32, device="cuda") for name in caches}
+    q, k_new, v_new = (torch.randn(2, 1, heads, 128, generator=gen).to("cuda", torch.bfloat16) for heads in (32, 8, 8))
+    angles = torch.rand(512, 64, generator=gen).cuda() * 6.3
+    cos, sin = angles.cos(), angles.sin()
+
+    def step(name):
+        k_c, v_c = caches[name]
+        return modelaccel.flash_attn_with_kvcache(q, k_c, v_c, k_new, v_new, cos, sin, cache_seqlens=lens[name],
+                                                  causal=True)
+
+    scratch = (k_cache.clone(), v_cache.clone())
+    modelaccel.flash_attn_with_kvcache(q, *scratch, k_new, v_new, cos, sin, cache_seqlens=lens["eager"].clone(),
+                                       causal=True)  # compiles and tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = step("graph")
+    for _ in range(4):
+        for t in (q, k_new, v_new):
+            t.copy_(torch.randn(t.shape, generator=gen).to("cuda", torch.bfloat16))
+        graph.replay()
+        eager_out = step("eager")
+        assert torch.equal(graph_out, eager_out)
+        for name in caches:
+            lens[name] += 1
+    assert torch.equal(caches["graph"][0], caches["eager"][0]) and torch.equal(caches["graph"][1], caches["eager"][1])
