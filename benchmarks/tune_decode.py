@@ -4,7 +4,7 @@ batch loses bandwidth.
 
 bf16, 32 query heads over 8 KV heads, head dim 128, one query token, contiguous cache.
 Prints TB/s (K+V bytes / time) per launch and the best per shape; writes JSON.
-Usage: python benchmarks/tune_decode.py OUT.json
+Usage: python benchmarks/tune_decode.py OUT.json [BATCH:CACHE_LEN ...]  (default: SHAPES)
 """
 
 import itertools
@@ -24,7 +24,8 @@ def main():
     results = {"read_bw_tbps": measure_read_bandwidth(), "device": torch.cuda.get_device_name(),
                "torch": torch.__version__, "rows": []}
     print(f"read bandwidth {results['read_bw_tbps']['tbps']:.2f} TB/s", flush=True)
-    for batch, cache_len in SHAPES:
+    shapes = [tuple(int(x) for x in arg.split(":")) for arg in sys.argv[2:]] or SHAPES
+    for batch, cache_len in shapes:
         q, k_cache, v_cache, seqlens = make_inputs(batch, cache_len)[:4]
         nbytes = kv_bytes(batch, cache_len)
         best = None
