@@ -81,10 +81,11 @@ def test_grads_softcap_alibi(dtype, device):
     check_grads(q, k, v, causal=True, alibi_slopes=slopes[0].contiguous(), softcap=2.0, softmax_scale=0.3)
 
 
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic_dq"])
 @pytest.mark.parametrize("headdim", [8, 24, 72, 160, 256])
-def test_grads_head_dims(headdim, device):
+def test_grads_head_dims(headdim, atomic_dq, device):
     q, k, v = make_qkv(1, 33, 41, 2, 1, headdim, dtype=torch.bfloat16, device=device, seed=headdim)
-    check_grads(q, k, v, causal=True)
+    check_grads(q, k, v, causal=True, atomic_dq=atomic_dq)
 
 
 def test_rows_that_see_no_key_get_zero_grads(device):
