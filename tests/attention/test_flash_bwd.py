@@ -56,9 +56,10 @@ SHAPES = [  # (batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True])
-def test_grads_match_reference(shape, causal, dtype, device):
+@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic_dq"])
+def test_grads_match_reference(shape, causal, atomic_dq, dtype, device):
     q, k, v = make_qkv(*shape, dtype=dtype, device=device, seed=sum(shape))
-    check_grads(q, k, v, causal=causal)
+    check_grads(q, k, v, causal=causal, atomic_dq=atomic_dq)
 
 
 @pytest.mark.parametrize("blocks", [((16, 32), (32, 16)), ((32, 16), (16, 32))], ids=["dq16x32", "dq32x16"])
