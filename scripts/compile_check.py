@@ -1,0 +1,93 @@
+"""Compile every Triton kernel for Hopper (sm_90) on a machine without a GPU.
+
+The CPU tests run the kernels in the Triton interpreter, which accepts code the compiler
+rejects; this builds each kernel through the real pipeline (TTIR, TTGIR with wgmma, LLVM,
+PTX, ptxas) for one or two representative specializations, with whatever triton is
+installed. Run it with the GPU machine's triton (3.6) too: `pip install --no-deps --target
+DIR triton==3.6.0` and put DIR first on PYTHONPATH.
+Usage: python scripts/compile_check.py   (exit status 1 if a kernel fails to compile)
+"""
+
+import os
+import sys
+import traceback
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("compile_check needs compiled kernels: unset TRITON_INTERPRET")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from modelaccel.attention import decode, flash_bwd, flash_fwd, kv_append  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+# Scalar arguments are int32 unless named here.
+FLOAT_ARGS = {"qk_scale", "softcap_scale", "softmax_scale", "dropout_p"}
+# Every kernel with all of its options on where they combine: varlen, causal, ALiBi, dropout.
+ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=True,
+                 HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
+DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True,
+              HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST_DOT=False)
+# (kernel, pointer types by argument, constexprs, num_warps, num_stages)
+CASES = [
+    (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
+                                      CU_K="i32"), dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=False), 8, 3),
+    (flash_fwd._attn_fwd_kernel, dict(Q="fp16", K="fp16", V="fp16", O="fp16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
+                                      CU_K="i32"),
+     dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, HEADDIM=160, HAS_LEFT=True, HAS_SOFTCAP=True,
+          HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=False), 4, 2),
+    (flash_fwd._dropout_mask_kernel, dict(MASK="i8"), dict(BLOCK_M=32, BLOCK_N=32), 4, 2),
+    (flash_bwd._attn_bwd_dq_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", DO="bf16", DQ="bf16", LSE="fp32",
+                                         DELTA="fp32", ALIBI="fp32", CU_Q="i32", CU_K="i32"),
+     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64), 8, 2),
+    *[(flash_bwd._attn_bwd_dkdv_kernel, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16",
+                                             LSE="fp32", DELTA="fp32", DQ_ACC="fp32", ALIBI="fp32", CU_Q="i32",
+                                             CU_K="i32"),
+       dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic), 8, 3) for atomic in (False, True)],
+    (flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", CU_Q="i32"),
+     dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=True), 4, 2),
+    *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
+                                         BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
+                                         CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
+       dict(DECODE, FUSED=fused), 4, 3) for fused in (False, True)],
+    (decode._decode_combine_kernel, dict(O_PART="fp32", LSE_PART="fp32", O="bf16", LSE="fp32"),
+     dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128), 4, 2),
+    (kv_append._append_kv_kernel, dict(Q="bf16", Q_OUT="bf16", K_NEW="bf16", V_NEW="bf16", K_CACHE="bf16",
+                                       V_CACHE="bf16", COS="fp32", SIN="fp32", CACHE_SEQLENS="i32",
+                                       CACHE_LEFTPAD="i32", CACHE_BATCH_IDX="i32", BLOCK_TABLE="i32"),
+     dict(HEADDIM=128, BLOCK_D=128, HALF=32, ROTARY=True, INTERLEAVED=False, Q_STEPS=True, HAS_LEFTPAD=True,
+          HAS_BATCH_IDX=False, PAGED=True), 4, 2),
+]
+
+
+def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages):
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def main():
+    failed = 0
+    for kernel, pointers, constexprs, warps, stages in CASES:
+        flags = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("ATOMIC_DQ", "FUSED", "HEADDIM"))
+        try:
+            compiled = compile_for_hopper(kernel, pointers, constexprs, warps, stages)
+            print(f"ok    {kernel.__name__} ({flags}): {len(compiled.asm['cubin'])} bytes of sm_90 cubin", flush=True)
+        except Exception:  # noqa: BLE001 - report every kernel, then fail
+            failed += 1
+            print(f"FAIL  {kernel.__name__} ({flags})\n{traceback.format_exc()}", flush=True)
+    print(f"triton {triton.__version__}: {len(CASES) - failed}/{len(CASES)} kernels compile for sm_90")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
