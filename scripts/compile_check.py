@@ -37,6 +37,10 @@ CASES = [
                                       CU_K="i32"),
      dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, HEADDIM=160, HAS_LEFT=True, HAS_SOFTCAP=True,
           HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=False), 4, 2),
+    (flash_fwd._attn_fwd_kernel, dict(Q="tensordesc<bf16[1,128,1,128]>", K="tensordesc<bf16[1,64,1,128]>",
+                                      V="tensordesc<bf16[1,64,1,128]>", O="tensordesc<bf16[1,128,1,128]>",
+                                      LSE="fp32", ALIBI="fp32", CU_Q="i32", CU_K="i32"),
+     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=True, IS_VARLEN=False), 8, 3),
     (flash_fwd._dropout_mask_kernel, dict(MASK="i8"), dict(BLOCK_M=32, BLOCK_N=32), 4, 2),
     (flash_bwd._attn_bwd_dq_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", DO="bf16", DQ="bf16", LSE="fp32",
                                          DELTA="fp32", ALIBI="fp32", CU_Q="i32", CU_K="i32"),
@@ -66,8 +70,9 @@ def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages):
     for name in kernel.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
+        elif name in pointers:  # a pointer's element type, or a TMA descriptor's full type
+            kind = pointers[name]
+            signature[name] = kind if kind.startswith("tensordesc") else "*" + kind
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
     source = ASTSource(fn=kernel, signature=signature,
@@ -78,7 +83,8 @@ def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages):
 def main():
     failed = 0
     for kernel, pointers, constexprs, warps, stages in CASES:
-        flags = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("ATOMIC_DQ", "FUSED", "HEADDIM"))
+        flags = ", ".join(f"{k}={v}" for k, v in constexprs.items()
+                          if k in ("ATOMIC_DQ", "FUSED", "HEADDIM", "USE_TMA"))
         try:
             compiled = compile_for_hopper(kernel, pointers, constexprs, warps, stages)
             print(f"ok    {kernel.__name__} ({flags}): {len(compiled.asm['cubin'])} bytes of sm_90 cubin", flush=True)
