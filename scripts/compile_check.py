@@ -6,10 +6,18 @@ PTX, ptxas) for one or two representative specializations, with whatever triton 
 installed. Run it with the GPU machine's triton (3.6) too: `pip install --no-deps --target
 DIR triton==3.6.0` and put DIR first on PYTHONPATH.
 Usage: python scripts/compile_check.py   (exit status 1 if a kernel fails to compile)
+       python scripts/compile_check.py --candidates
+The second compiles every GPU launch candidate of the forward, backward and decode kernels
+(bf16, head dim 128, causal; decoding with a contiguous cache, one query, GQA 4) and prints each one's registers, stack (spilled registers
+live there) and static shared memory from the cubin: a candidate that spills kilobytes
+per thread is slow before anything is timed.
 """
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import traceback
 
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -80,7 +88,51 @@ def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages):
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def resource_usage(compiled):
+    """(registers, stack bytes) per thread from the cubin, and the shared memory Triton
+    asks for at launch (bytes per program)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs, stack = (int(x) for x in re.search(r"REG:(\d+) STACK:(\d+)", out).groups())
+    return regs, stack, compiled.metadata.shared
+
+
+def candidate_cases():
+    """Every GPU launch candidate of the d128 class, as CASES entries (labelled)."""
+    fwd_ptrs, dq_ptrs, dkdv_ptrs = CASES[0][1], CASES[4][1], CASES[5][1]
+    dense = dict(ATTENTION, HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False)
+    for bm, bn, warps, stages in flash_fwd._GPU_CONFIGS[128]:
+        yield "fwd", (flash_fwd._attn_fwd_kernel, fwd_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False),
+                      warps, stages)
+    for bm, bn, warps, stages in flash_bwd._DQ_CONFIGS[128]:
+        yield "dq", (flash_bwd._attn_bwd_dq_kernel, dq_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn), warps, stages)
+    for atomic in (False, True):
+        for bm, bn, warps, stages in flash_bwd._DKDV_CONFIGS[128]:
+            yield "dkdv" + (" atomic" if atomic else ""), (
+                flash_bwd._attn_bwd_dkdv_kernel, dkdv_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic),
+                warps, stages)
+    plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False)
+    for bn, warps, stages, *_ in sorted(set(c[:3] for c in decode._DECODE_CONFIGS)):
+        yield "decode", (decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn), warps, stages)
+
+
+def print_candidate_usage():
+    print("kernel        (BLOCK_M, BLOCK_N | BLOCK_N), warps, stages: registers, stack bytes, shared bytes")
+    for label, (kernel, pointers, constexprs, warps, stages) in candidate_cases():
+        blocks = tuple(constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in constexprs and label != "decode")
+        blocks = blocks if label != "decode" else (constexprs["BLOCK_N"],)
+        regs, stack, shared = resource_usage(compile_for_hopper(kernel, pointers, constexprs, warps, stages))
+        print(f"{label:12s}  {blocks}, {warps}, {stages}: {regs} registers, {stack} stack, {shared} shared",
+              flush=True)
+
+
 def main():
+    if "--candidates" in sys.argv[1:]:
+        print_candidate_usage()
+        return 0
     failed = 0
     for kernel, pointers, constexprs, warps, stages in CASES:
         flags = ", ".join(f"{k}={v}" for k, v in constexprs.items()

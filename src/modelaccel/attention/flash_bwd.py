@@ -295,9 +295,10 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
 # stream queries (BLOCK_M is streamed). Small streamed tiles keep the registers in check.
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)],
-    # (128, 32, 8, 2) and (64, 64, 8, 2) spill least at head dim 128 (208 and 260 bytes a
-    # thread, ptxas on triton 3.6: results/tuning/bwd_spills_triton36_d128.txt); (128, 32,
-    # 4, 3) spilled 4.7 KB. Not yet timed on a GPU.
+    # Register spills per thread at head dim 128 on triton 3.6 (scripts/compile_check.py
+    # --candidates, results/tuning/candidate_resources_triton36.txt): (128, 32, 8, 2) 208
+    # bytes and (64, 64, 8, 2) 264, added untimed; (128, 32, 4, 3), which they replace,
+    # spilled 4.7 KB.
     128: [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
     256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
@@ -307,10 +308,10 @@ _DQ_CONFIGS = {
 # for both strategies (results/tuning/bwd_choices_b3eb523.json); (64, 64, 4, 3) and
 # (32, 128, 4, 3) never did, so they are no longer timed there (each whole-backward
 # candidate costs a compile and a timing per problem class).
-# The two that won spill 1.8-3.3 KB a thread (the dK and dV accumulators alone take 128
-# registers at BLOCK_N 128 with 8 warps); (32, 128, 8, 2) keeps the 128-key block with
-# ~0.5 KB and (64, 64, 8, 2) spills 0.25 KB split, 1.5 KB atomic (same spill file). Not
-# yet timed on a GPU.
+# The two that won spill 1.7-2.3 KB a thread (the dK and dV accumulators alone take 128
+# registers at BLOCK_N 128 with 8 warps); (32, 128, 8, 2) keeps the 128-key block at
+# 0.3-0.4 KB and (64, 64, 8, 2) spills 0.24 KB split, 0.86 KB atomic (same file). Those two
+# are candidates not yet timed on a GPU.
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
     128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2)],
