@@ -243,3 +243,14 @@ def test_launch_tuner_off_times_nothing(tmp_path, monkeypatch):
     reloaded = launch.LaunchTuner("unit")
     reloaded._load()
     assert list(reloaded.choices) == ["stored"]  # the untimed fallback was not saved
+
+
+def test_launch_choices_lists_what_each_tuner_chose(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODELACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(launch.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch.triton.testing, "do_bench", lambda fn, **kw: fn())
+    tuner = launch.LaunchTuner("listed")
+    assert "listed" not in launch.launch_choices()  # nothing chosen yet
+    tuner.choose(("a", 1), [(1,), (2,)], lambda c: {(1,): 2.0, (2,): 1.0}[c])
+    assert launch.launch_choices()["listed"] == {"a|1": (2,)}

@@ -86,11 +86,14 @@ class LaunchTuner:
     MODELACCEL_TUNING=off times nothing: stored choices, else the first candidate.
     """
 
+    instances = []  # every tuner, for launch_choices()
+
     def __init__(self, name, graph_timing=False):
         self.name = name
         self.graph_timing = graph_timing
         self.choices = None
         self.path = None
+        LaunchTuner.instances.append(self)
 
     def _load(self):
         device = torch.cuda.get_device_name(torch.cuda.current_device()).replace(" ", "-")
@@ -142,3 +145,9 @@ class LaunchTuner:
             self.choices[key] = min(timings, key=timings.get)
             self._save()
         return self.choices[key]
+
+
+def launch_choices():
+    """{tuner name: {problem class: chosen launch}} of every tuner that has chosen in this
+    process (benchmarks record it next to their numbers)."""
+    return {t.name: dict(t.choices) for t in LaunchTuner.instances if t.choices}

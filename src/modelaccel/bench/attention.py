@@ -764,4 +764,9 @@ def run_benchmark(tables, providers=PROVIDERS, log=print):
         result["tables"].append({"title": table.title, "mode": table.mode, "dtype": table.dtype,
                                  "headdim": table.headdim, "causal": table.causal, "rows": rows,
                                  "geomean": geomean})
+    from modelaccel.attention.launch import launch_choices
+
+    # Which launch (tiles, warps, stages, TMA, and for the backward the dQ strategy) each
+    # problem class got, so a row's number can be read against it.
+    result["launch_choices"] = launch_choices()
     return result

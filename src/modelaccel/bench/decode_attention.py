@@ -521,8 +521,10 @@ def run_benchmark(shapes=SHAPES, page_sizes=PAGE_SIZES, read_gib=READ_BW_GIB, lo
     log(f"read bandwidth after the rows: {after['tbps']:.2f} TB/s; fractions use {read_bw:.2f} TB/s")
     for row in rows:
         annotate_row(row, read_bw)
+    from modelaccel.attention.launch import launch_choices
+
     result.update({"read_bandwidth": {"before": before, "after": after, "tbps": read_bw},
-                   "rows": rows, "targets": summarize_targets(rows)})
+                   "rows": rows, "targets": summarize_targets(rows), "launch_choices": launch_choices()})
     return result
 
 
