@@ -1,12 +1,11 @@
 """The one-launch KV append (with rotary) against the PyTorch path it replaces, which stays
-the reference: apply_rotary and the indexed cache writes. On CPU it runs in the interpreter."""
+the reference (reference.append_kv_ref). On CPU it runs in the interpreter."""
 
 import pytest
 import torch
 
-from modelaccel.attention.interface import _append_to_cache
 from modelaccel.attention.kv_append import append_kv
-from modelaccel.attention.reference import apply_rotary
+from modelaccel.attention.reference import append_kv_ref
 from modelaccel.testing import random_kv_cache as make_cache
 
 
@@ -15,18 +14,6 @@ def assert_rotated_equal(got, expect):
     by the Triton interpreter towards zero for bf16 (torch and the GPU round to nearest),
     and a GPU may fuse its multiply-adds."""
     torch.testing.assert_close(got, expect, rtol=torch.finfo(got.dtype).eps, atol=0)
-
-
-def reference_append(q, k_cache, v_cache, k, v, seqlens, cos, sin, interleaved, q_steps, leftpad, rows, table):
-    """The PyTorch path of flash_attn_with_kvcache: returns rotated q, writes the caches."""
-    start = seqlens.long() - (leftpad.long() if leftpad is not None else 0)
-    if cos is not None:
-        k = apply_rotary(k, cos, sin, start[:, None] + torch.arange(k.shape[1]), interleaved)
-        steps = torch.arange(q.shape[1]) if q_steps else torch.zeros(q.shape[1], dtype=torch.long)
-        q = apply_rotary(q, cos, sin, start[:, None] + steps, interleaved)
-    _append_to_cache(k_cache, k, seqlens, rows, table)
-    _append_to_cache(v_cache, v, seqlens, rows, table)
-    return q
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "rows_leftpad", "paged"])
@@ -50,8 +37,8 @@ def test_append_matches_pytorch_path(layout, rotary, q_steps, seqlen_q, seqlen_n
         cos, sin = angles.cos().to(device), angles.sin().to(device)
     interleaved = rotary == "interleaved"
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
-    expect_q = reference_append(q, expect_k, expect_v, k, v, seqlens, cos, sin, interleaved, q_steps, leftpad,
-                                rows, table)
+    expect_q = append_kv_ref(q, expect_k, expect_v, k, v, seqlens, cos, sin, interleaved, q_steps, leftpad,
+                             rows, table)
     empty = torch.empty  # the rotated q is allocated with torch.empty: poison it
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     got_q = append_kv(q, k_cache, v_cache, k, v, seqlens, cos, sin, interleaved, q_steps, leftpad, rows, table)
@@ -75,7 +62,7 @@ def test_non_contiguous_new_tokens_and_strided_q(device):
     angles = torch.rand(32, 16, generator=gen) * 6.3
     cos, sin = angles.cos().to(device), angles.sin().to(device)
     expect_k, expect_v = k_cache.clone(), v_cache.clone()
-    expect_q = reference_append(q, expect_k, expect_v, k, v, seqlens, cos, sin, True, True, None, None, None)
+    expect_q = append_kv_ref(q, expect_k, expect_v, k, v, seqlens, cos, sin, True, True)
     got_q = append_kv(q, k_cache, v_cache, k, v, seqlens, cos, sin, True, True)
     assert torch.equal(v_cache, expect_v)
     assert_rotated_equal(k_cache, expect_k)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import (LOG2E, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2, _sequence_bounds,
+from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2,
                         _store_tile, _tanh, config_candidates)
 from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
 
@@ -106,12 +106,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, 
                            NHEADS, SEQLEN_Q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                            HEADDIM: tl.constexpr, IS_VARLEN: tl.constexpr):
     """delta for one block of query rows, for the atomic-dQ strategy (no dQ kernel runs)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    bt, q_start, seqlen_q, _, _ = _sequence_bounds(b, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q, IS_VARLEN)
-    start_m = pid_m * BLOCK_M
+    b, h, bt, q_start, seqlen_q, _, _ = _batch_head(NHEADS, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q, IS_VARLEN)
+    start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
     _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, offs_m < seqlen_q,
@@ -239,12 +235,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
     dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
     block's share of dQ, added into DQ_ACC."""
-    pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
-    b = pid_bhk // NHEADS_K
-    hk = pid_bhk % NHEADS_K
-    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
-    start_n = pid_n * BLOCK_N
+    b, hk, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(NHEADS_K, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    start_n = tl.program_id(0) * BLOCK_N
     if IS_VARLEN:
         if start_n >= seqlen_k:
             return

@@ -155,6 +155,16 @@ def _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
+def _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr):
+    """For grid axis 1 over batch * NHEADS: (batch, head) and the batch's sequence bounds
+    (as _sequence_bounds)."""
+    pid = tl.program_id(1)
+    b = pid // NHEADS
+    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    return b, pid % NHEADS, bt, q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
 def _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                  HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr):
@@ -164,11 +174,8 @@ def _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQ
     the key range [lo, hi) with its unmasked part [full_lo, full_hi), see _key_block_range).
     A varlen program whose block starts past its sequence (start_m >= seqlen_q) has nothing
     to do; the caller returns."""
-    pid_bh = tl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
+    b, h, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     hk = h // GROUP
-    bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q

@@ -12,7 +12,7 @@ from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
 from .kv_append import append_kv
 from .launch import interpreting
-from .reference import apply_rotary, attention_ref, kvcache_attention_ref, varlen_attention_ref
+from .reference import append_kv_ref, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 MAX_HEADDIM = 256
@@ -344,8 +344,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         seed = _new_dropout_seed(batch, q.shape[1]) if dropout_p > 0 else 0
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
             out, lse = FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
-                                                 int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
-                                                 bool(deterministic))
+                                           int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
+                                           bool(deterministic))
         else:
             # Inference: the launcher alone; autograd.Function.apply costs host time that the
             # small packed batches of serving feel (benchmarks/results/tuning/profile_varlen_*).
@@ -484,20 +484,6 @@ def _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens
             raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position {last}")
 
 
-def _append_to_cache(cache, new, cache_seqlens, cache_batch_idx, block_table):
-    """Write new [batch, seqlen_new, nheads_k, headdim] rows at positions cache_seqlens + t,
-    with device-side indexing only (capturable in a CUDA graph)."""
-    batch, seqlen_new = new.shape[:2]
-    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=new.device)
-    if block_table is None:
-        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=new.device)
-        cache[rows[:, None], positions] = new
-    else:
-        page = cache.shape[1]
-        pages = torch.gather(block_table.long(), 1, positions // page)
-        cache[pages, positions % page] = new
-
-
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -535,20 +521,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k is not None:
         # Query row t takes rotary position start + t under a causal or window mask, else start.
         q_steps = bool(causal) or tuple(window_size) != (-1, -1)
-        if _use_triton(q):
-            q = append_kv(_last_dim_contiguous(q), k_cache, v_cache, _last_dim_contiguous(k), _last_dim_contiguous(v),
-                          cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, q_steps, cache_leftpad,
-                          cache_batch_idx, block_table)
-        else:
-            start = cache_seqlens.long() - (cache_leftpad.long() if cache_leftpad is not None else 0)
-            if rotary_cos is not None:
-                k_pos = start[:, None] + torch.arange(k.shape[1], device=q.device)
-                k = apply_rotary(k, rotary_cos, rotary_sin, k_pos, rotary_interleaved)
-                steps = torch.arange(seqlen_q, device=q.device) if q_steps \
-                    else torch.zeros(seqlen_q, dtype=torch.long, device=q.device)
-                q = apply_rotary(q, rotary_cos, rotary_sin, start[:, None] + steps, rotary_interleaved)
-            _append_to_cache(k_cache, k, cache_seqlens, cache_batch_idx, block_table)
-            _append_to_cache(v_cache, v, cache_seqlens, cache_batch_idx, block_table)
+        append = append_kv if _use_triton(q) else append_kv_ref
+        q = append(_last_dim_contiguous(q), k_cache, v_cache, _last_dim_contiguous(k), _last_dim_contiguous(v),
+                   cache_seqlens, rotary_cos, rotary_sin, rotary_interleaved, q_steps, cache_leftpad,
+                   cache_batch_idx, block_table)
         cache_seqlens = cache_seqlens + k.shape[1]
     options = dict(causal=bool(causal), window_size=tuple(window_size), softcap=float(softcap),
                    alibi_slopes=alibi_slopes, block_table=block_table, cache_batch_idx=cache_batch_idx,

@@ -4,8 +4,8 @@ flash_attn_with_kvcache writes the new k/v rows into the cache at cache_seqlens 
 k, and q, when rotary tables are given) before it attends. Done with PyTorch indexing
 that is ~20 small operations a step (the rotary gathers, casts and concatenations, two
 index_put), each with its host time and its kernel; here it is one program per (token,
-head). The PyTorch version (reference.apply_rotary and interface._append_to_cache) stays
-as the reference the tests compare with.
+head). The PyTorch version, reference.append_kv_ref, stays as the CPU path and the
+reference the tests compare with.
 """
 
 import torch

@@ -52,7 +52,7 @@ def next_power_of_2(n):
 
 def size_bucket(n):
     """Sizes tune by power-of-two class, so a new prompt length does not retune."""
-    return 1 << max(n - 1, 0).bit_length()
+    return next_power_of_2(n)
 
 
 def _gpu_ms(fn):

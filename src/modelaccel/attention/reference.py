@@ -127,6 +127,37 @@ def apply_rotary(x, cos, sin, positions, interleaved=True):
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
 
 
+def _append_to_cache(cache, new, cache_seqlens, cache_batch_idx, block_table):
+    """Write new [batch, seqlen_new, nheads_k, headdim] rows at positions cache_seqlens + t,
+    with device-side indexing only (capturable in a CUDA graph)."""
+    batch, seqlen_new = new.shape[:2]
+    positions = cache_seqlens.long()[:, None] + torch.arange(seqlen_new, device=new.device)
+    if block_table is None:
+        rows = cache_batch_idx.long() if cache_batch_idx is not None else torch.arange(batch, device=new.device)
+        cache[rows[:, None], positions] = new
+    else:
+        page = cache.shape[1]
+        pages = torch.gather(block_table.long(), 1, positions // page)
+        cache[pages, positions % page] = new
+
+
+def append_kv_ref(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_sin=None,
+                  rotary_interleaved=True, q_steps=True, cache_leftpad=None, cache_batch_idx=None, block_table=None):
+    """PyTorch version of kv_append.append_kv (same arguments): writes k, v into the caches
+    at cache_seqlens + t in place, k rotated when rotary tables are given, and returns q
+    rotated the same way (q itself without rotary). The CPU path and the tests use it."""
+    if rotary_cos is not None:
+        start = cache_seqlens.long() - (cache_leftpad.long() if cache_leftpad is not None else 0)
+        k = apply_rotary(k, rotary_cos, rotary_sin, start[:, None] + torch.arange(k.shape[1], device=q.device),
+                         rotary_interleaved)
+        steps = torch.arange(q.shape[1], device=q.device) if q_steps \
+            else torch.zeros(q.shape[1], dtype=torch.long, device=q.device)
+        q = apply_rotary(q, rotary_cos, rotary_sin, start[:, None] + steps, rotary_interleaved)
+    _append_to_cache(k_cache, k, cache_seqlens, cache_batch_idx, block_table)
+    _append_to_cache(v_cache, v, cache_seqlens, cache_batch_idx, block_table)
+    return q
+
+
 def cache_rows(cache, b, length, block_table=None, cache_batch_idx=None):
     """The first `length` rows [length, nheads_k, headdim] of sequence b in a contiguous or
     paged cache."""
