@@ -8,8 +8,13 @@
   autograd in the benchmark but 196 TFLOPS through flash_attn_backward alone. do_bench and
   host time per call of the launcher and of torch.autograd.grad, then the host profile of
   the autograd path.
+- `layer`: per attention call as the models use it: a Llama-3-8B prefill layer (batch 1,
+  512 tokens, 32/8 heads, d128, q/k/v as Transformers' transposed views) and the training
+  check's layer (batch 8, 1024 tokens, 8 heads, d64, forward + backward through autograd),
+  modelaccel next to SDPA: do_bench, GPU time alone, host time per call; then modelaccel's
+  host profile.
 Host time is the wall clock of a loop of calls without syncing, divided by the count.
-Usage: python benchmarks/profile_host.py varlen|bwd
+Usage: python benchmarks/profile_host.py varlen|bwd|layer
 """
 
 import cProfile
@@ -93,5 +98,37 @@ def profile_bwd():
     print_host_profile(autograd, 100, 30)
 
 
+def profile_layer():
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    # Prefill: Transformers hands [b, h, s, d] tensors; the attention function transposes them.
+    qh = torch.randn(1, 32, 512, 128, device="cuda", dtype=torch.bfloat16)
+    kh, vh = (torch.randn(1, 8, 512, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    q, k, v = (t.transpose(1, 2) for t in (qh, kh, vh))
+    prefill = {"modelaccel": lambda: modelaccel.flash_attn_func(q, k, v, causal=True),
+               "sdpa": lambda: sdpa(qh, kh, vh, is_causal=True, enable_gqa=True)}
+    # Training check layer: forward + backward.
+    qt, kt, vt = (torch.randn(8, 1024, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    dout = torch.randn_like(qt)
+
+    def train_ma():
+        out = modelaccel.flash_attn_func(qt, kt, vt, causal=True)
+        return torch.autograd.grad(out, (qt, kt, vt), dout)
+
+    def train_sdpa():
+        out = sdpa(qt.transpose(1, 2), kt.transpose(1, 2), vt.transpose(1, 2), is_causal=True)
+        return torch.autograd.grad(out, (qt, kt, vt), dout.transpose(1, 2))
+
+    calls = {"prefill": prefill, "train fwd+bwd": {"modelaccel": train_ma, "sdpa": train_sdpa}}
+    for what, providers in calls.items():
+        for name, fn in providers.items():
+            ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+            print(f"{what} {name}: do_bench {ms * 1e3:.1f} us, GPU alone {_gpu_ms(fn) * 1e3:.1f} us, "
+                  f"host {host_us(fn):.1f} us/call", flush=True)
+    for what, providers in calls.items():
+        print(f"== host profile: {what} modelaccel", flush=True)
+        print_host_profile(providers["modelaccel"], 200, 40)
+
+
 if __name__ == "__main__":
-    {"varlen": profile_varlen, "bwd": profile_bwd}[sys.argv[1]]()
+    {"varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer}[sys.argv[1]]()
