@@ -13,8 +13,11 @@
   check's layer (batch 8, 1024 tokens, 8 heads, d64, forward + backward through autograd),
   modelaccel next to SDPA: do_bench, GPU time alone, host time per call; then modelaccel's
   host profile.
+- `pieces`: host time per call of each piece of the training layer's step (launchers,
+  autograd Function, tuner lookup, a bare Triton launch, an empty autograd Function), no
+  profiler attached, to find where the step's host time goes.
 Host time is the wall clock of a loop of calls without syncing, divided by the count.
-Usage: python benchmarks/profile_host.py varlen|bwd|layer
+Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces
 """
 
 import cProfile
@@ -24,6 +27,7 @@ import time
 
 import torch
 import triton
+import triton.language as tl
 
 import modelaccel
 from modelaccel.attention.flash_bwd import flash_attn_backward
@@ -130,5 +134,56 @@ def profile_layer():
         print_host_profile(providers["modelaccel"], 200, 40)
 
 
+@triton.jit
+def _empty_kernel(x_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19,
+                  BLOCK: tl.constexpr):
+    # As many integer arguments as the attention kernels take (strides, sizes): launch cost only.
+    tl.store(x_ptr + tl.arange(0, BLOCK), tl.zeros([BLOCK], tl.float32) + a0)
+
+
+class _EmptyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return torch.empty_like(q)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout, dout, dout
+
+
+def profile_pieces():
+    from modelaccel.attention import flash_fwd
+    from modelaccel.attention.launch import LaunchTuner
+
+    qt, kt, vt = (torch.randn(8, 1024, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    dout = torch.randn_like(qt)
+    qd, kd, vd = qt.detach(), kt.detach(), vt.detach()
+    out, lse = flash_attn_forward(qd, kd, vd, 64 ** -0.5, causal=True)
+    graph_out = modelaccel.flash_attn_func(qt, kt, vt, causal=True)
+    empty_out = _EmptyFunction.apply(qt, kt, vt)
+    x = torch.empty(128, device="cuda")
+    ints = list(range(1, 21))
+    tuner = next(t for t in LaunchTuner.instances if t.choices)
+    key, config = next(iter(tuner.choices.items()))
+    pieces = {
+        "bare triton launch, 21 args": lambda: _empty_kernel[(1,)](x, *ints, BLOCK=128),
+        "forward launcher": lambda: flash_attn_forward(qd, kd, vd, 64 ** -0.5, causal=True),
+        "backward launcher": lambda: flash_attn_backward(dout, qd, kd, vd, out, lse, 64 ** -0.5, causal=True),
+        "flash_attn_func with grad (forward)": lambda: modelaccel.flash_attn_func(qt, kt, vt, causal=True),
+        "autograd.grad through flash_attn_func": lambda: torch.autograd.grad(graph_out, (qt, kt, vt), dout,
+                                                                             retain_graph=True),
+        "empty Function apply": lambda: _EmptyFunction.apply(qt, kt, vt),
+        "autograd.grad through empty Function": lambda: torch.autograd.grad(empty_out, (qt, kt, vt), dout,
+                                                                            retain_graph=True),
+        "tuner.choose (stored key)": lambda: tuner.choose(tuple(key.split("|")), [config], None),
+        "torch.cuda.is_available": torch.cuda.is_available,
+        "torch.empty 1 MiB": lambda: torch.empty(2**19, device="cuda", dtype=torch.bfloat16),
+        "tma_usable(q, k, v)": lambda: flash_fwd.tma_usable(qd, kd, vd),
+    }
+    for name, fn in pieces.items():
+        print(f"{name:40s} host {host_us(fn, 500):8.1f} us/call", flush=True)
+
+
 if __name__ == "__main__":
-    {"varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer}[sys.argv[1]]()
+    {"varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer, "pieces": profile_pieces}[sys.argv[1]]()
