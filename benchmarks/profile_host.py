@@ -16,8 +16,11 @@
 - `pieces`: host time per call of each piece of the training layer's step (launchers,
   autograd Function, tuner lookup, a bare Triton launch, an empty autograd Function), no
   profiler attached, to find where the step's host time goes.
+- `breakdown`: the training layer's step timed piece by piece from inside (wall-clock
+  counters wrapped around our launchers, each Triton kernel's launch and the autograd
+  Function's methods; no profiler), with the thread each piece ran on.
 Host time is the wall clock of a loop of calls without syncing, divided by the count.
-Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces
+Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces|breakdown
 """
 
 import cProfile
@@ -185,5 +188,69 @@ def profile_pieces():
         print(f"{name:40s} host {host_us(fn, 500):8.1f} us/call", flush=True)
 
 
+def profile_breakdown():
+    import collections
+    import threading
+
+    from modelaccel.attention import flash_bwd, flash_fwd, interface
+
+    totals = collections.defaultdict(float)
+    counts = collections.Counter()
+    threads = collections.defaultdict(set)
+
+    def timed(name, fn):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[name] += time.perf_counter() - t0
+                counts[name] += 1
+                threads[name].add(threading.get_ident() == main_thread)
+        return wrapper
+
+    main_thread = threading.get_ident()
+    for module in (flash_fwd, flash_bwd):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.endswith("_kernel") and hasattr(kernel, "run"):
+                kernel.run = timed(f"triton run {name}", kernel.run)
+    flash_fwd_timed = timed("flash_attn_forward", flash_fwd.flash_attn_forward)
+    flash_bwd_timed = timed("flash_attn_backward", flash_bwd.flash_attn_backward)
+    interface.flash_attn_forward = flash_fwd_timed
+    interface.flash_attn_backward = flash_bwd_timed
+    fn_cls = interface.FlashAttnFunc
+    fn_cls.forward = staticmethod(timed("FlashAttnFunc.forward", fn_cls.forward))
+    fn_cls.backward = staticmethod(timed("FlashAttnFunc.backward", fn_cls.backward))
+
+    qt, kt, vt = (torch.randn(8, 1024, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                  for _ in range(3))
+    dout = torch.randn_like(qt)
+    attn = timed("flash_attn_func", modelaccel.flash_attn_func)
+    grad = timed("autograd.grad", torch.autograd.grad)
+
+    def step():
+        t0 = time.perf_counter()
+        out = attn(qt, kt, vt, causal=True)
+        result = grad(out, (qt, kt, vt), dout)
+        totals["step"] += time.perf_counter() - t0
+        counts["step"] += 1
+        threads["step"].add(True)
+        return result
+
+    for _ in range(20):
+        step()
+    torch.cuda.synchronize()
+    totals.clear()
+    counts.clear()
+    n = 300
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    for name in sorted(totals, key=totals.get, reverse=True):
+        where = "main" if threads[name] == {True} else "other" if threads[name] == {False} else "both"
+        print(f"{name:45s} {totals[name] / n * 1e6:8.1f} us/step ({counts[name] / n:.0f} calls, {where} thread)")
+
+
 if __name__ == "__main__":
-    {"varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer, "pieces": profile_pieces}[sys.argv[1]]()
+    {"breakdown": profile_breakdown, "varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer, "pieces": profile_pieces}[sys.argv[1]]()
