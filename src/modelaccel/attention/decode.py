@@ -207,8 +207,10 @@ def _sm_count(device):
 # blocks per split). The last two set the number of splits: short caches at small batch
 # want many one-block splits (every load in flight at once), long ones fewer, longer
 # splits. Each problem class times them once (LaunchTuner); the first is the fallback.
+# (64, 4, 3, 1, 4): one program per SM (16 splits of 8 KV heads at batch 1) was the fastest
+# launch at (1, 4096) and (1, 32768) in the sweep (results/tuning/tune_decode_18fcea5.json).
 _DECODE_CONFIGS = [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (64, 4, 2, 4, 1), (32, 4, 3, 4, 1),
-                   (128, 4, 2, 2, 2), (128, 8, 2, 2, 1), (64, 8, 4, 2, 2), (64, 4, 4, 1, 8)]
+                   (128, 4, 2, 2, 2), (128, 8, 2, 2, 1), (64, 8, 4, 2, 2), (64, 4, 4, 1, 8), (64, 4, 3, 1, 4)]
 # A sixth field True selects the fused launch: the split kernel merges its own splits (the
 # last program of each kv head to finish), so no combine kernel runs. Not among the GPU
 # candidates until the GPU tests have run it (its ordering rests on a CTA barrier and an
@@ -219,10 +221,11 @@ _tuner = LaunchTuner("decode_attention", graph_timing=True)
 
 
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
-    """Splits that give about `programs_per_sm` programs per SM, each with at least
-    `min_blocks` key blocks."""
+    """Splits that give at most `programs_per_sm` programs per SM, each with at least
+    `min_blocks` key blocks. Rounded down: 17 splits of 8 heads is 136 programs on 132 SMs,
+    a second wave of four."""
     programs = batch * nheads_k
-    want = max(1, (programs_per_sm * _sm_count(device) + programs - 1) // programs)
+    want = max(1, programs_per_sm * _sm_count(device) // programs)
     return max(1, min(want, cdiv(max_keys, min_blocks * block_n), 128))
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2,
-                        _store_tile, _tanh, config_candidates)
+                        _store_tile, _tanh, config_candidates, heavy_first_order)
 from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
 
 
@@ -126,12 +126,12 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                        IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     """dQ for one query block; O, dO and dQ share one layout (strides stride_o*)."""
     (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
      lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
                                               window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                              HAS_ALIBI, IS_VARLEN)
+                                              HAS_ALIBI, IS_VARLEN, HEAVY_FIRST)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
@@ -381,7 +381,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args,
-            BLOCK_M=bm, BLOCK_N=bn, **flags, **extra)
+            BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=heavy_first_order(right), **flags, **extra)
 
     def launch_dkdv(config, dq_config):
         """The rest of the backward after the tuned dQ launch; config's last field picks

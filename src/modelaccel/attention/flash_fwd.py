@@ -167,16 +167,22 @@ def _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr)
 @triton.jit
 def _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, HEAVY_FIRST: tl.constexpr):
     """What a program of grid (query block, batch * head) works on, in the forward and dQ
     kernels: (batch, head, kv head, batch index into the tensors, first q row, seqlen_q,
     first k row, seqlen_k, start_m, offs_m, diagonal offset, ALiBi slope in log2 units, and
     the key range [lo, hi) with its unmasked part [full_lo, full_hi), see _key_block_range).
     A varlen program whose block starts past its sequence (start_m >= seqlen_q) has nothing
-    to do; the caller returns."""
+    to do; the caller returns.
+    HEAVY_FIRST numbers the query blocks from the last: under a causal mask the last blocks
+    see the most keys, and the GPU starts programs in grid order, so the longest ones start
+    first and the grid ends on short ones instead of a tail of long ones on a few SMs."""
     b, h, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
     hk = h // GROUP
-    start_m = tl.program_id(0) * BLOCK_M
+    pid_m = tl.program_id(0)
+    if HEAVY_FIRST:
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
     last_m = tl.minimum(start_m + BLOCK_M, seqlen_q) - 1
@@ -244,11 +250,12 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                      HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                     IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                     IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                     HEAVY_FIRST: tl.constexpr):
     (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
      lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
                                               window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                              HAS_ALIBI, IS_VARLEN)
+                                              HAS_ALIBI, IS_VARLEN, HEAVY_FIRST)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
@@ -340,6 +347,16 @@ def config_candidates(configs, block_d, tma_ok):
     return _candidate_lists[key]
 
 
+# Launch the query blocks of causal (right-bounded) attention longest first; a switch for
+# benchmarks/heavy_first.py, which measures both orders.
+HEAVY_FIRST = True
+
+
+def heavy_first_order(window_right):
+    """Whether the forward and dQ kernels number query blocks from the last (see _query_block)."""
+    return HEAVY_FIRST and window_right >= 0
+
+
 def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
                        alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None, cu_seqlens_k=None,
                        max_seqlen_q=None, max_seqlen_k=None, use_tma=None, block_m=None, block_n=None,
@@ -420,7 +437,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, USE_TMA=tma,
-            UPCAST_DOT=interp and q.dtype == torch.bfloat16, **extra,
+            UPCAST_DOT=interp and q.dtype == torch.bfloat16, HEAVY_FIRST=heavy_first_order(right), **extra,
         )
 
     if interp or block_m is not None:

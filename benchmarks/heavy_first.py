@@ -1,0 +1,99 @@
+"""Causal attention with the query blocks launched last-first (HEAVY_FIRST) or in order.
+
+Under a causal mask query block i sees i + 1 key blocks, so the grid's last programs are
+its longest; launched in order they finish on a few SMs while the rest idle. This times
+the forward and the backward (launchers, same launch configuration for both orders) on
+the benchmark's causal bf16 head-dim-128 rows and the Llama-3-8B prefill shape, with SDPA's
+cuDNN and FlashAttention-2 backends in the same run; two rounds, orders interleaved.
+Usage: python benchmarks/heavy_first.py OUT.json
+"""
+
+import datetime
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from modelaccel.attention import flash_fwd
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
+
+# (batch, query heads, kv heads, tokens)
+SHAPES = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (2, 16, 16, 8192), (1, 16, 16, 16384),
+          (2, 48, 48, 1024), (2, 32, 8, 8192), (1, 32, 8, 8192), (1, 32, 8, 2048)]
+
+
+def causal_flops(batch, heads, n):
+    return 4 * batch * heads * n * n * 128 / 2
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sdpa_fn(q, k, v, backend, backward, dout):
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(backward) for t in (q, k, v))
+    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
+
+    def fwd():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **gqa)
+
+    if not backward:
+        return fwd
+    out = fwd()
+    doutt = dout.transpose(1, 2)
+    return lambda: torch.autograd.grad(out, (qt, kt, vt), doutt, retain_graph=True)
+
+
+def main():
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "timing": "do_bench median",
+              "rows": []}
+    for batch, hq, hk, n in SHAPES:
+        torch.manual_seed(0)
+        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        dout = torch.randn_like(q)
+        scale = 128 ** -0.5
+        row = {"shape": [batch, hq, hk, n], "ms": {}}
+        flash_fwd.HEAVY_FIRST = False
+        out, lse = flash_attn_forward(q, k, v, scale, causal=True)  # tunes the class once
+        flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True)
+        for rnd in range(2):
+            for heavy_first in ((False, True) if rnd == 0 else (True, False)):
+                flash_fwd.HEAVY_FIRST = heavy_first
+                name = "heavy_first" if heavy_first else "in_order"
+                f_ms = bench(lambda: flash_attn_forward(q, k, v, scale, causal=True))
+                b_ms = bench(lambda: flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True))
+                row["ms"].setdefault(f"fwd {name}", []).append(f_ms)
+                row["ms"].setdefault(f"bwd {name}", []).append(b_ms)
+        flash_fwd.HEAVY_FIRST = True
+        ref_out = out.float()
+        got = flash_attn_forward(q, k, v, scale, causal=True)[0].float()
+        row["heavy_first_max_abs_diff_vs_in_order"] = (got - ref_out).abs().max().item()
+        for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
+            try:
+                row["ms"][f"fwd {label}"] = [bench(sdpa_fn(q, k, v, backend, False, dout))]
+                row["ms"][f"bwd {label}"] = [bench(sdpa_fn(q, k, v, backend, True, dout))]
+            except RuntimeError as exc:
+                row[f"{label}_error"] = str(exc).splitlines()[0]
+        fl = causal_flops(batch, hq, n)
+        row["tflops"] = {key: (fl * (2.5 if key.startswith("bwd") else 1.0)) / (min(v) * 1e-3) / 1e12
+                         for key, v in row["ms"].items()}
+        t = row["tflops"]
+        print(f"{(batch, hq, hk, n)} TFLOPS fwd in-order {t['fwd in_order']:.1f} heavy-first {t['fwd heavy_first']:.1f}"
+              f" cudnn {t.get('fwd cudnn', float('nan')):.1f} flash {t.get('fwd flash', float('nan')):.1f} | bwd"
+              f" in-order {t['bwd in_order']:.1f} heavy-first {t['bwd heavy_first']:.1f}"
+              f" cudnn {t.get('bwd cudnn', float('nan')):.1f} flash {t.get('bwd flash', float('nan')):.1f}",
+              flush=True)
+        result["rows"].append(row)
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
