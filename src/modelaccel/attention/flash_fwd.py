@@ -347,9 +347,11 @@ def config_candidates(configs, block_d, tma_ok):
     return _candidate_lists[key]
 
 
-# Launch the query blocks of causal (right-bounded) attention longest first; a switch for
-# benchmarks/heavy_first.py, which measures both orders.
-HEAVY_FIRST = True
+# Launch the query blocks of causal (right-bounded) attention longest first. Off: on the
+# H100 (benchmarks/heavy_first.py, results/tuning/heavy_first_00cf9bf.json) it gained 0-7%
+# on long MHA forwards, within the run-to-run spread, but cost 3-6% on the long backwards
+# and a third of the (2,48,48,1024) forward. Kept as a switch for that script.
+HEAVY_FIRST = False
 
 
 def heavy_first_order(window_right):
