@@ -17,7 +17,7 @@
   autograd Function, tuner lookup, a bare Triton launch, an empty autograd Function), no
   profiler attached, to find where the step's host time goes.
 - `breakdown`: the training layer's step timed piece by piece from inside (wall-clock
-  counters wrapped around our launchers, each Triton kernel's launch and the autograd
+  counters wrapped around our launchers, each kernel launch (launch_kernel) and the autograd
   Function's methods; no profiler), with the thread each piece ran on.
 Host time is the wall clock of a loop of calls without syncing, divided by the count.
 Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces|breakdown
@@ -211,10 +211,12 @@ def profile_breakdown():
 
     main_thread = threading.get_ident()
     for module in (flash_fwd, flash_bwd):
-        for name in dir(module):
-            kernel = getattr(module, name)
-            if name.endswith("_kernel") and hasattr(kernel, "run"):
-                kernel.run = timed(f"triton run {name}", kernel.run)
+        launch_kernel = module.launch_kernel
+
+        def timed_launch(kernel, grid, args, kwargs, launch_kernel=launch_kernel):
+            return timed(f"launch {kernel.fn.__name__}", launch_kernel)(kernel, grid, args, kwargs)
+
+        module.launch_kernel = timed_launch
     flash_fwd_timed = timed("flash_attn_forward", flash_fwd.flash_attn_forward)
     flash_bwd_timed = timed("flash_attn_backward", flash_bwd.flash_attn_backward)
     interface.flash_attn_forward = flash_fwd_timed

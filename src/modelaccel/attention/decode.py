@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .flash_fwd import LOG2E, _dot, _scores_log2
-from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
+from .launch import LaunchTuner, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
 
 
 @triton.jit
@@ -282,7 +282,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
             if fused and splits > 1 else placeholder
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _decode_split_kernel[(splits, batch * nheads_k)](
+        launch_kernel(_decode_split_kernel, (splits, batch * nheads_k), (
             q, k_cache, v_cache, o_part, lse_part,
             block_table if paged else placeholder, cache_seqlens,
             cache_batch_idx if cache_batch_idx is not None else placeholder,
@@ -296,17 +296,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             out.stride(0), out.stride(1), out.stride(2),
             nheads, nheads_k, group, seqlen_q, page_size, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
-            softmax_scale / softcap if softcap > 0 else 1.0,
+            softmax_scale / softcap if softcap > 0 else 1.0), dict(
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            **extra)
+            **extra))
         if not fused:
-            _decode_combine_kernel[(batch * seqlen_q * nheads,)](
+            launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
-                out.stride(0), out.stride(1), out.stride(2),
-                BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim)
+                out.stride(0), out.stride(1), out.stride(2)),
+                dict(BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim))
 
     if config is None:
         if interp or block_n is not None:

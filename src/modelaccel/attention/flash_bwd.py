@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2,
                         _store_tile, _tanh, config_candidates, heavy_first_order)
-from .launch import LaunchTuner, cdiv, interpreting, next_power_of_2, size_bucket
+from .launch import LaunchTuner, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
 
 
 @triton.jit
@@ -376,12 +376,12 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     def launch_dq(config):
         bm, bn, warps, stages, _ = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _attn_bwd_dq_kernel[(cdiv(seqlen_q, bm), batch * nheads)](
+        launch_kernel(_attn_bwd_dq_kernel, (cdiv(seqlen_q, bm), batch * nheads), (
             q4, k4, v4, o4, do4, dq4, lse, delta, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
-            *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args,
-            BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=heavy_first_order(right), **flags, **extra)
+            *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args),
+            dict(BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=heavy_first_order(right), **flags, **extra))
 
     def launch_dkdv(config, dq_config):
         """The rest of the backward after the tuned dQ launch; config's last field picks
@@ -392,18 +392,18 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         if atomic:
             # dO's layout (contiguous, shaped like q), so the kernel reuses its strides.
             dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device)
-            _attn_bwd_delta_kernel[(cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads)](
-                o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q,
-                BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen)
+            launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
+                o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q),
+                dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen))
         else:
             launch_dq(dq_config)
-        _attn_bwd_dkdv_kernel[(cdiv(seqlen_k, bn), batch * nheads_k)](
+        launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(seqlen_k, bn), batch * nheads_k), (
             q4, k4, v4, do4, dk4, dv4, lse, delta, dq_acc if atomic else lse, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, **flags, **extra)
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
 

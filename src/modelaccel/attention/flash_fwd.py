@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import LaunchTuner, TensorDescriptor, cdiv, interpreting, next_power_of_2, size_bucket, tma_usable
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
+                     tma_usable)
 
 LOG2E = 1.4426950408889634
 
@@ -425,7 +426,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         else:
             Q, K, V, O = q4, k4, v4, o4
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        _attn_fwd_kernel[(cdiv(seqlen_q, bm), batch * nheads)](
+        launch_kernel(_attn_fwd_kernel, (cdiv(seqlen_q, bm), batch * nheads), (
             Q, K, V, O, lse, alibi_slopes if alibi_slopes is not None else lse,
             cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
             q4.stride(0), q4.stride(1), q4.stride(2),
@@ -435,12 +436,11 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
             *lse_strides, alibi_stride_b,
             nheads, nheads // nheads_k, seqlen_q, seqlen_k,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
-            softmax_scale / softcap if softcap > 0 else 1.0, seed, dropout_p,
+            softmax_scale / softcap if softcap > 0 else 1.0, seed, dropout_p), dict(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, USE_TMA=tma,
-            UPCAST_DOT=interp and q.dtype == torch.bfloat16, HEAVY_FIRST=heavy_first_order(right), **extra,
-        )
+            UPCAST_DOT=interp and q.dtype == torch.bfloat16, HEAVY_FIRST=heavy_first_order(right), **extra))
 
     if interp or block_m is not None:
         config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,

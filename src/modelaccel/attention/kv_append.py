@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import next_power_of_2
+from .launch import launch_kernel, next_power_of_2
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def append_kv(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_
     cos = rotary_cos.contiguous() if rotary else k
     sin = rotary_sin.contiguous() if rotary else k
     placeholder = cache_seqlens
-    _append_kv_kernel[(batch * rows, q_heads + nheads_k)](
+    launch_kernel(_append_kv_kernel, (batch * rows, q_heads + nheads_k), (
         q, q_out, k, v, k_cache, v_cache, cos, sin, cache_seqlens,
         cache_leftpad if cache_leftpad is not None else placeholder,
         cache_batch_idx if cache_batch_idx is not None else placeholder,
@@ -124,8 +124,8 @@ def append_kv(q, k_cache, v_cache, k, v, cache_seqlens, rotary_cos=None, rotary_
         v.stride(0), v.stride(1), v.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         cos.stride(0) if rotary else 0, block_table.stride(0) if paged else 0,
-        rows, seqlen_q, seqlen_new, q_heads, k_cache.shape[1] if paged else 1,
+        rows, seqlen_q, seqlen_new, q_heads, k_cache.shape[1] if paged else 1), dict(
         HEADDIM=headdim, BLOCK_D=max(next_power_of_2(headdim), 16), HALF=rotary_cos.shape[1] if rotary else 1,
         ROTARY=rotary, INTERLEAVED=bool(rotary_interleaved), Q_STEPS=bool(q_steps),
-        HAS_LEFTPAD=cache_leftpad is not None, HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged)
+        HAS_LEFTPAD=cache_leftpad is not None, HAS_BATCH_IDX=cache_batch_idx is not None, PAGED=paged))
     return q_out
