@@ -13,40 +13,33 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from modelaccel.attention import flash_fwd
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.bench.attention import BWD_FLOPS_FACTOR, _forward_with_graph, _provider_call, attention_flops
 
 # (batch, query heads, kv heads, tokens)
 SHAPES = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (2, 16, 16, 8192), (1, 16, 16, 16384),
           (2, 48, 48, 1024), (2, 32, 8, 8192), (1, 32, 8, 8192), (1, 32, 8, 2048)]
 
 
-def causal_flops(batch, heads, n):
-    return 4 * batch * heads * n * n * 128 / 2
-
-
 def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def sdpa_fn(q, k, v, backend, backward, dout):
-    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_(backward) for t in (q, k, v))
-    gqa = {"enable_gqa": True} if q.shape[2] != k.shape[2] else {}
-
-    def fwd():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, **gqa)
-
-    if not backward:
-        return fwd
-    out = fwd()
-    doutt = dout.transpose(1, 2)
-    return lambda: torch.autograd.grad(out, (qt, kt, vt), doutt, retain_graph=True)
+def sdpa_ms(provider, q, k, v, dout):
+    """(forward ms, backward ms) of SDPA's `provider` backend ("cudnn"/"flash"), causal,
+    through the attention benchmark's own calls."""
+    fn, ctx = _provider_call(provider, q, k, v, True)
+    with ctx:
+        fwd_ms = bench(fn)
+    qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+    out, reason = _forward_with_graph(provider, qg, kg, vg, True)
+    if out is None:
+        raise RuntimeError(reason)
+    return fwd_ms, bench(lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True))
 
 
 def main():
@@ -75,14 +68,14 @@ def main():
         ref_out = out.float()
         got = flash_attn_forward(q, k, v, scale, causal=True)[0].float()
         row["heavy_first_max_abs_diff_vs_in_order"] = (got - ref_out).abs().max().item()
-        for backend, label in ((SDPBackend.CUDNN_ATTENTION, "cudnn"), (SDPBackend.FLASH_ATTENTION, "flash")):
+        for label in ("cudnn", "flash"):
             try:
-                row["ms"][f"fwd {label}"] = [bench(sdpa_fn(q, k, v, backend, False, dout))]
-                row["ms"][f"bwd {label}"] = [bench(sdpa_fn(q, k, v, backend, True, dout))]
+                fwd_ms, bwd_ms = sdpa_ms(label, q, k, v, dout)
+                row["ms"][f"fwd {label}"], row["ms"][f"bwd {label}"] = [fwd_ms], [bwd_ms]
             except RuntimeError as exc:
                 row[f"{label}_error"] = str(exc).splitlines()[0]
-        fl = causal_flops(batch, hq, n)
-        row["tflops"] = {key: (fl * (2.5 if key.startswith("bwd") else 1.0)) / (min(v) * 1e-3) / 1e12
+        fl = attention_flops(batch, hq, n, n, 128, causal=True)
+        row["tflops"] = {key: (fl * (BWD_FLOPS_FACTOR if key.startswith("bwd") else 1.0)) / (min(v) * 1e-3) / 1e12
                          for key, v in row["ms"].items()}
         t = row["tflops"]
         print(f"{(batch, hq, hk, n)} TFLOPS fwd in-order {t['fwd in_order']:.1f} heavy-first {t['fwd heavy_first']:.1f}"

@@ -155,6 +155,11 @@ def _use_triton(q):
     return q.is_cuda or interpreting()
 
 
+def _grad_needed(q, k, v):
+    # Training calls take FlashAttnFunc (autograd); inference calls the launcher alone.
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -292,7 +297,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if torch.compiler.is_compiling():
             out, lse = _flash_attn_fwd_op(q, k, v, scale, causal, left, right, softcap, alibi_slopes, dropout_p, seed,
                                           bool(deterministic))
-        elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        elif _grad_needed(q, k, v):
             out, lse = FlashAttnFunc.apply(q, k, v, None, None, None, None, scale, causal, (left, right), softcap,
                                            alibi_slopes, dropout_p, seed, bool(deterministic))
         else:
@@ -342,7 +347,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     options = (float(softmax_scale), bool(causal), tuple(window_size), float(softcap))
     if _use_triton(q):
         seed = _new_dropout_seed(batch, q.shape[1]) if dropout_p > 0 else 0
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if _grad_needed(q, k, v):
             out, lse = FlashAttnFunc.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                            int(max_seqlen_k), *options, alibi_slopes, dropout_p, seed,
                                            bool(deterministic))

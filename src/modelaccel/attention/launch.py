@@ -193,8 +193,6 @@ _COMPILED_LAUNCHES_MAX = 512  # per kernel; a workload that keeps missing starts
 
 
 def _arg_key(arg):
-    if type(arg) is int:  # most arguments (strides, sizes); an int never equals a tuple below
-        return arg
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
     if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
