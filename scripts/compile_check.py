@@ -73,18 +73,40 @@ CASES = [
 ]
 
 
-def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages):
-    signature = {}
+# What a real launch of the d128 benchmark row (4, 16, 16, 4096) passes for the integer
+# arguments, contiguous [batch, seqlen, nheads, headdim] tensors. Triton specializes a
+# launch on them: an int equal to 1 becomes a constant and one divisible by 16 is marked
+# so, which lets the compiler prove 16-byte alignment, vectorize the tile loads and
+# pipeline them through cp.async. Compiled without that (every int unknown), the kernels
+# load 2-byte elements one by one and spill their pointer tensors: resources that no
+# launch ever has.
+LAUNCH_INTS = dict(
+    {f"stride_{t}{a}": v for t in ("q", "k", "v", "o", "dk") for a, v in (("b", 4096 * 16 * 128), ("s", 16 * 128),
+                                                                         ("h", 128))},
+    stride_lse_b=16 * 4096, stride_lse_h=4096, stride_alibi_b=0, NHEADS=16, NHEADS_K=16, GROUP=1,
+    SEQLEN_Q=4096, SEQLEN_K=4096)
+
+
+def compile_for_hopper(kernel, pointers, constexprs, num_warps, num_stages, launch_ints=None):
+    """Compile for sm_90. launch_ints: integer arguments' values to specialize on as a
+    launch does (LAUNCH_INTS); pointers are then taken as 16-byte aligned too."""
+    signature, attrs, constants = {}, {}, dict(constexprs)
     for name in kernel.arg_names:
-        if name in constexprs:
+        value = (launch_ints or {}).get(name)
+        if name in constexprs or value == 1:
             signature[name] = "constexpr"
+            constants.setdefault(name, value)
         elif name in pointers:  # a pointer's element type, or a TMA descriptor's full type
             kind = pointers[name]
             signature[name] = kind if kind.startswith("tensordesc") else "*" + kind
+            if launch_ints is not None and not kind.startswith("tensordesc"):
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+            if value is not None and value % 16 == 0 and value != 0:
+                attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": num_stages})
 
 
@@ -125,7 +147,8 @@ def print_candidate_usage():
     for label, (kernel, pointers, constexprs, warps, stages) in candidate_cases():
         blocks = tuple(constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in constexprs and label != "decode")
         blocks = blocks if label != "decode" else (constexprs["BLOCK_N"],)
-        regs, stack, shared = resource_usage(compile_for_hopper(kernel, pointers, constexprs, warps, stages))
+        regs, stack, shared = resource_usage(compile_for_hopper(kernel, pointers, constexprs, warps, stages,
+                                                                LAUNCH_INTS))
         print(f"{label:12s}  {blocks}, {warps}, {stages}: {regs} registers, {stack} stack, {shared} shared",
               flush=True)
 
