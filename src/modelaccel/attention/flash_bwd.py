@@ -287,10 +287,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
 # stream queries (BLOCK_M is streamed). Small streamed tiles keep the registers in check.
 _DQ_CONFIGS = {
     64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)],
-    # Register spills per thread at head dim 128 on triton 3.6 (scripts/compile_check.py
-    # --candidates, results/tuning/candidate_resources_triton36.txt): (128, 32, 8, 2) 208
-    # bytes and (64, 64, 8, 2) 264, added untimed; (128, 32, 4, 3), which they replace,
-    # spilled 4.7 KB.
+    # At head dim 128 none spills on triton 3.6 (scripts/compile_check.py --candidates,
+    # results/tuning/candidate_resources_triton36.txt); (64, 32, 4, 3) fits two programs
+    # per SM (154 registers, 80 KB of shared memory).
     128: [(128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2), (64, 64, 8, 2)],
     256: [(64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
@@ -300,13 +299,17 @@ _DQ_CONFIGS = {
 # for both strategies (results/tuning/bwd_choices_b3eb523.json); (64, 64, 4, 3) and
 # (32, 128, 4, 3) never did, so they are no longer timed there (each whole-backward
 # candidate costs a compile and a timing per problem class).
-# The two that won spill 1.7-2.3 KB a thread (the dK and dV accumulators alone take 128
-# registers at BLOCK_N 128 with 8 warps); (32, 128, 8, 2) keeps the 128-key block at
-# 0.3-0.4 KB and (64, 64, 8, 2) spills 0.24 KB split, 0.86 KB atomic (same file). Those two
-# are candidates not yet timed on a GPU.
+# Compiled as a launch specializes them (16-byte aligned pointers, strides divisible by 16:
+# scripts/compile_check.py --candidates,
+# results/tuning/candidate_resources_triton36.txt; the kilobytes of spills read there
+# before came from compiling without that specialization, which also left the Q/dO tile
+# loads unvectorized and unpipelined), the split strategy's candidates spill 0-56 bytes a
+# thread and the atomic ones 40-360. Every 8-warp candidate runs one program per SM
+# (130-200 KB of shared memory); (64, 64, 4, 2) fits two 4-warp programs per SM (97 KB,
+# 255 registers), so one program's softmax can overlap the other's matmuls.
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
-    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2)],
+    128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 _DELTA_BLOCK_M = 64
