@@ -29,14 +29,16 @@ def test_llama_sized_decode(batch, capacity, page_size):
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
 @pytest.mark.parametrize("config", _DECODE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
-def test_every_launch_candidate(config):
+def test_every_launch_candidate(config, page_size):
+    """Each tuning candidate, contiguous and paged (a paged launch pipelines deeper)."""
     gen = torch.Generator().manual_seed(1)
-    k_cache, v_cache, _ = make_cache(2, 20000, 8, 128, torch.bfloat16, "cuda", gen)
+    k_cache, v_cache, table = make_cache(2, 20000, 8, 128, torch.bfloat16, "cuda", gen, page_size)
     q = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
     seqlens = torch.tensor([20000, 4321], dtype=torch.int32, device="cuda")
-    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, config=config)
-    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens)
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, block_table=table, config=config)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens, block_table=table)
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
 
 

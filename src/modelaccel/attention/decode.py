@@ -281,7 +281,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         # a buffer kept between calls would be shared by streams and by graphs.
         counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
             if fused and splits > 1 else placeholder
-        extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        # Triton's pipeliner gives the page-table load of a paged cache two stages of its
+        # own: 3 stages left one K/V buffer in flight where the contiguous cache has two
+        # (compiled for sm_90 with triton 3.6: 39 KB of shared memory against 72 KB, and
+        # an async_wait for everything at the top of each iteration). Two more stages
+        # give the paged loop the contiguous one's K/V depth.
+        extra = {} if interp else {"num_warps": warps, "num_stages": stages + (2 if paged else 0)}
         launch_kernel(_decode_split_kernel, (splits, batch * nheads_k), (
             q, k_cache, v_cache, o_part, lse_part,
             block_table if paged else placeholder, cache_seqlens,
