@@ -40,23 +40,24 @@ DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, HAS_
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
-                                      CU_K="i32"), dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=False, HEAVY_FIRST=True), 8, 3),
+                                      CU_K="i32"), dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=False, LAUNCH_GROUP=8), 8, 3),
     (flash_fwd._attn_fwd_kernel, dict(Q="fp16", K="fp16", V="fp16", O="fp16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
                                       CU_K="i32"),
      dict(ATTENTION, BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, HEADDIM=160, HAS_LEFT=True, HAS_SOFTCAP=True,
-          HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=False, HEAVY_FIRST=False), 4, 2),
+          HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False, USE_TMA=False, LAUNCH_GROUP=0), 4, 2),
     (flash_fwd._attn_fwd_kernel, dict(Q="tensordesc<bf16[1,128,1,128]>", K="tensordesc<bf16[1,64,1,128]>",
                                       V="tensordesc<bf16[1,64,1,128]>", O="tensordesc<bf16[1,128,1,128]>",
                                       LSE="fp32", ALIBI="fp32", CU_Q="i32", CU_K="i32"),
-     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=True, IS_VARLEN=False, HEAVY_FIRST=True), 8, 3),
+     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, USE_TMA=True, IS_VARLEN=False, LAUNCH_GROUP=8), 8, 3),
     (flash_fwd._dropout_mask_kernel, dict(MASK="i8"), dict(BLOCK_M=32, BLOCK_N=32), 4, 2),
     (flash_bwd._attn_bwd_dq_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", DO="bf16", DQ="bf16", LSE="fp32",
                                          DELTA="fp32", ALIBI="fp32", CU_Q="i32", CU_K="i32"),
-     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, HEAVY_FIRST=True), 8, 2),
+     dict(ATTENTION, BLOCK_M=128, BLOCK_N=64, LAUNCH_GROUP=8), 8, 2),
     *[(flash_bwd._attn_bwd_dkdv_kernel, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16",
                                              LSE="fp32", DELTA="fp32", DQ_ACC="fp32", ALIBI="fp32", CU_Q="i32",
                                              CU_K="i32"),
-       dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic), 8, 3) for atomic in (False, True)],
+       dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic, LAUNCH_GROUP=8 * atomic), 8, 3)
+      for atomic in (False, True)],
     (flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", CU_Q="i32"),
      dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=True), 4, 2),
     *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
@@ -127,15 +128,16 @@ def candidate_cases():
     fwd_ptrs, dq_ptrs, dkdv_ptrs = CASES[0][1], CASES[4][1], CASES[5][1]
     dense = dict(ATTENTION, HAS_ALIBI=False, HAS_DROPOUT=False, IS_VARLEN=False)
     for bm, bn, warps, stages in flash_fwd._GPU_CONFIGS[128]:
-        yield "fwd", (flash_fwd._attn_fwd_kernel, fwd_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, HEAVY_FIRST=True),
+        yield "fwd", (flash_fwd._attn_fwd_kernel, fwd_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, LAUNCH_GROUP=8),
                       warps, stages)
     for bm, bn, warps, stages in flash_bwd._DQ_CONFIGS[128]:
-        yield "dq", (flash_bwd._attn_bwd_dq_kernel, dq_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=True),
+        yield "dq", (flash_bwd._attn_bwd_dq_kernel, dq_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, LAUNCH_GROUP=8),
                      warps, stages)
     for atomic in (False, True):
         for bm, bn, warps, stages in flash_bwd._DKDV_CONFIGS[128]:
             yield "dkdv" + (" atomic" if atomic else ""), (
-                flash_bwd._attn_bwd_dkdv_kernel, dkdv_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic),
+                flash_bwd._attn_bwd_dkdv_kernel, dkdv_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
+                                                                LAUNCH_GROUP=0),
                 warps, stages)
     plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False)
     for bn, warps, stages, *_ in sorted(set(c[:3] for c in decode._DECODE_CONFIGS)):

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _load_tile, _query_block, _scores_log2,
-                        _store_tile, _tanh, config_candidates, heavy_first_order)
+from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
+                        _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
 from .launch import LaunchTuner, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
 
 
@@ -106,7 +106,8 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, 
                            NHEADS, SEQLEN_Q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                            HEADDIM: tl.constexpr, IS_VARLEN: tl.constexpr):
     """delta for one block of query rows, for the atomic-dQ strategy (no dQ kernel runs)."""
-    b, h, bt, q_start, seqlen_q, _, _ = _batch_head(NHEADS, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q, IS_VARLEN)
+    b, h, bt, q_start, seqlen_q, _, _ = _batch_head(tl.program_id(1), NHEADS, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q,
+                                                    IS_VARLEN)
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
@@ -126,16 +127,16 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                         HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                        IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+                        IS_VARLEN: tl.constexpr, UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
     """dQ for one query block; O, dO and dQ share one layout (strides stride_o*)."""
     (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
      lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
                                               window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                              HAS_ALIBI, IS_VARLEN, HEAVY_FIRST)
+                                              HAS_ALIBI, IS_VARLEN, LAUNCH_GROUP)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
-    seed_bh = seed + tl.program_id(1)
+    seed_bh = seed + b * NHEADS + h
 
     q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
                    BLOCK_M, BLOCK_D, HEADDIM, False)
@@ -231,12 +232,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                          LAUNCH_GROUP: tl.constexpr):
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
     dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
-    block's share of dQ, added into DQ_ACC."""
-    b, hk, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(NHEADS_K, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
-    start_n = tl.program_id(0) * BLOCK_N
+    block's share of dQ, added into DQ_ACC. LAUNCH_GROUP orders the programs
+    (_grid_position; under a causal mask the first key blocks are the longest)."""
+    pid_n, pid_bh = _grid_position(LAUNCH_GROUP, False)
+    b, hk, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(pid_bh, NHEADS_K, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K,
+                                                                  IS_VARLEN)
+    start_n = pid_n * BLOCK_N
     if IS_VARLEN:
         if start_n >= seqlen_k:
             return
@@ -313,6 +318,9 @@ _DKDV_CONFIGS = {
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 _DELTA_BLOCK_M = 64
+# The dK/dV kernel's launch order under a causal mask (flash_fwd._grid_position; 0: grid
+# order, in which each batch-head's key blocks already run longest first).
+DKDV_LAUNCH_GROUP = 0
 _dq_tuner = LaunchTuner("attention_bwd_dq")
 _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 
@@ -384,7 +392,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads // nheads_k, seqlen_q, seqlen_k, *common_args),
-            dict(BLOCK_M=bm, BLOCK_N=bn, HEAVY_FIRST=heavy_first_order(right), **flags, **extra))
+            dict(BLOCK_M=bm, BLOCK_N=bn, LAUNCH_GROUP=launch_group(right), **flags, **extra))
 
     def launch_dkdv(config, dq_config):
         """The rest of the backward after the tuned dQ launch; config's last field picks
@@ -406,7 +414,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, **flags, **extra))
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
+                                LAUNCH_GROUP=DKDV_LAUNCH_GROUP if right >= 0 else 0, **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
 

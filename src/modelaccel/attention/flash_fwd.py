@@ -156,33 +156,53 @@ def _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr)
 
 
 @triton.jit
-def _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr):
-    """For grid axis 1 over batch * NHEADS: (batch, head) and the batch's sequence bounds
+def _grid_position(LAUNCH_GROUP: tl.constexpr, LAST_LONGEST: tl.constexpr):
+    """(block, batch * head) of this program in a grid (blocks, batch * heads).
+
+    LAUNCH_GROUP 0: grid order. G > 0: the GPU starts programs in grid order, so number
+    them longest first within groups of G batch-heads: every block index of a group before
+    the next index (the longest, under a causal mask: the last query blocks, LAST_LONGEST, or
+    the first key blocks), groups one after the other. In grid order each batch-head's
+    longest programs start together with its short ones, and the last batch-head's run on
+    a few SMs while the rest idle; the groups keep the programs that run at the same time
+    on the K/V (or Q/dO) of a few batch-heads, which stay in L2.
+    """
+    if LAUNCH_GROUP == 0:
+        return tl.program_id(0), tl.program_id(1)
+    nblocks = tl.num_programs(0)
+    pid = tl.program_id(1) * nblocks + tl.program_id(0)
+    first = pid // (LAUNCH_GROUP * nblocks) * LAUNCH_GROUP
+    size = tl.minimum(tl.num_programs(1) - first, LAUNCH_GROUP)
+    rest = pid - first * nblocks
+    block = rest // size
+    if LAST_LONGEST:
+        block = nblocks - 1 - block
+    return block, first + rest % size
+
+
+@triton.jit
+def _batch_head(pid_bh, NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN: tl.constexpr):
+    """For pid_bh over batch * NHEADS: (batch, head) and the batch's sequence bounds
     (as _sequence_bounds)."""
-    pid = tl.program_id(1)
-    b = pid // NHEADS
+    b = pid_bh // NHEADS
     bt, q_start, seqlen_q, k_start, seqlen_k = _sequence_bounds(b, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
-    return b, pid % NHEADS, bt, q_start, seqlen_q, k_start, seqlen_k
+    return b, pid_bh % NHEADS, bt, q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
 def _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, window_left, window_right,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                 HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, HEAVY_FIRST: tl.constexpr):
+                 HAS_ALIBI: tl.constexpr, IS_VARLEN: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
     """What a program of grid (query block, batch * head) works on, in the forward and dQ
     kernels: (batch, head, kv head, batch index into the tensors, first q row, seqlen_q,
     first k row, seqlen_k, start_m, offs_m, diagonal offset, ALiBi slope in log2 units, and
     the key range [lo, hi) with its unmasked part [full_lo, full_hi), see _key_block_range).
     A varlen program whose block starts past its sequence (start_m >= seqlen_q) has nothing
-    to do; the caller returns.
-    HEAVY_FIRST numbers the query blocks from the last: under a causal mask the last blocks
-    see the most keys, and the GPU starts programs in grid order, so the longest ones start
-    first and the grid ends on short ones instead of a tail of long ones on a few SMs."""
-    b, h, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K, IS_VARLEN)
+    to do; the caller returns. LAUNCH_GROUP orders the programs (_grid_position)."""
+    pid_m, pid_bh = _grid_position(LAUNCH_GROUP, True)
+    b, h, bt, q_start, seqlen_q, k_start, seqlen_k = _batch_head(pid_bh, NHEADS, CU_Q, CU_K, SEQLEN_Q, SEQLEN_K,
+                                                                 IS_VARLEN)
     hk = h // GROUP
-    pid_m = tl.program_id(0)
-    if HEAVY_FIRST:
-        pid_m = tl.num_programs(0) - 1 - pid_m
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     diag = seqlen_k - seqlen_q
@@ -252,15 +272,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, ALIBI, CU_Q, CU_K,
                      HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                      HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                      IS_VARLEN: tl.constexpr, USE_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                     HEAVY_FIRST: tl.constexpr):
+                     LAUNCH_GROUP: tl.constexpr):
     (b, h, hk, bt, q_start, seqlen_q, k_start, seqlen_k, start_m, offs_m, diag, alibi_slope,
      lo, full_lo, full_hi, hi) = _query_block(CU_Q, CU_K, ALIBI, stride_alibi_b, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K,
                                               window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                              HAS_ALIBI, IS_VARLEN, HEAVY_FIRST)
+                                              HAS_ALIBI, IS_VARLEN, LAUNCH_GROUP)
     if IS_VARLEN:  # the grid covers the longest sequence of the batch
         if start_m >= seqlen_q:
             return
-    seed_bh = seed + tl.program_id(1)
+    seed_bh = seed + b * NHEADS + h
 
     q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
                    BLOCK_M, BLOCK_D, HEADDIM, USE_TMA)
@@ -348,16 +368,15 @@ def config_candidates(configs, block_d, tma_ok):
     return _candidate_lists[key]
 
 
-# Launch the query blocks of causal (right-bounded) attention longest first. Off: on the
-# H100 (benchmarks/heavy_first.py, results/tuning/heavy_first_00cf9bf.json) it gained 0-7%
-# on long MHA forwards, within the run-to-run spread, but cost 3-6% on the long backwards
-# and a third of the (2,48,48,1024) forward. Kept as a switch for that script.
-HEAVY_FIRST = False
+# Programs of causal (right-bounded) attention launch longest first in groups of this many
+# batch-heads (_grid_position); 0 keeps grid order. Only the forward and dQ kernels read it.
+LAUNCH_GROUP = 0
 
 
-def heavy_first_order(window_right):
-    """Whether the forward and dQ kernels number query blocks from the last (see _query_block)."""
-    return HEAVY_FIRST and window_right >= 0
+def launch_group(window_right):
+    """LAUNCH_GROUP for a mask with this right window bound (-1: none, so every program is
+    equally long and the grid order stays)."""
+    return LAUNCH_GROUP if window_right >= 0 else 0
 
 
 def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -440,7 +459,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout_p > 0, IS_VARLEN=varlen, USE_TMA=tma,
-            UPCAST_DOT=interp and q.dtype == torch.bfloat16, HEAVY_FIRST=heavy_first_order(right), **extra))
+            UPCAST_DOT=interp and q.dtype == torch.bfloat16, LAUNCH_GROUP=launch_group(right), **extra))
 
     if interp or block_m is not None:
         config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,
