@@ -27,7 +27,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_alibi_b, stride_ob, stride_os, stride_oh,
-                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, MAX_PAGES, SPLIT_LEN, NSPLITS,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, SPLIT_LEN, NSPLITS,
                          window_left, window_right, qk_scale, softcap_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
@@ -47,15 +47,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     pid_bhk = tl.program_id(1)
     b = pid_bhk // NHEADS_K
     hk = pid_bhk % NHEADS_K
-    if PAGED:
-        # The loop's first page-table loads wait for cache_seqlens (the loop bounds), then
-        # K and V wait for them: three memory latencies where a contiguous cache has two,
-        # in a step short enough to be latency-bound. Reading this split's first table
-        # entries now, alongside the cache_seqlens load, turns the loop's first table
-        # reads into cache hits. The loop uses them only as the page of masked-off keys
-        # (never read), which keeps the early load from being optimized away.
-        touch = split * SPLIT_LEN // PAGE_SIZE + tl.arange(0, 16)
-        first_pages = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + touch, mask=touch < MAX_PAGES, other=0)
     seqlen_k = tl.load(CACHE_SEQLENS + b)
     cache_b = b
     if HAS_BATCH_IDX:
@@ -73,9 +64,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + pos_q[:, None] * stride_qs + heads[:, None] * stride_qh
               + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    page_hint = 0
-    if PAGED:  # reduced after the other loads are issued, so none waits for it
-        page_hint = tl.min(first_pages, 0)
     diag = seqlen_k - SEQLEN_Q
     alibi_slope = 0.0
     if HAS_ALIBI:
@@ -96,7 +84,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < seqlen_k) & (offs_n >= first_key)
         if PAGED:
-            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=page_hint)
+            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
             k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
             v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
         else:
@@ -315,7 +303,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
             out.stride(0), out.stride(1), out.stride(2),
-            nheads, nheads_k, group, seqlen_q, page_size, block_table.shape[1] if paged else 0, split_len, splits,
+            nheads, nheads_k, group, seqlen_q, page_size, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0), dict(
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
