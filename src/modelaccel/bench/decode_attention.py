@@ -25,13 +25,13 @@ the CPU self-check of the decode kernel in the Triton interpreter.
 
 import contextlib
 import os
-import statistics
 import sys
 import warnings
 
 import torch
 import torch.nn.functional as F
 
+from ..attention.launch import read_flush_ms
 from ..testing import to_paged  # noqa: F401 - part of this module's paging helpers
 from . import report
 
@@ -220,44 +220,9 @@ def _sdpa_call(backend, q, k_t, v_t):
             (lambda: sdpa_kernel(backend)))
 
 
-_flush_buffer = None
-
-
 def bench_ms(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
-    """Median ms of fn(), with L2 emptied before every call by *reading* 256 MB.
-
-    triton's do_bench empties L2 by zeroing a 256 MB buffer: the ~50 MB of dirty lines
-    that leaves must then be written back to HBM while the next call runs, and that
-    write-back (~17 us at 3 TB/s) was charged to the call. For a decoding step of 16-128
-    MiB it was a third of the time, for every provider alike. A read leaves clean lines,
-    which L2 drops for free, so the call reads K/V from HBM and pays nothing else.
-    CUDA events around each call, as do_bench: GPU time, or host time where that is longer.
-    """
-    global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.empty(128 * 2**20, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
-    fn()
-    torch.cuda.synchronize()
-    probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    probe_start.record()
-    for _ in range(5):
-        _flush_buffer.sum()
-        fn()
-    probe_end.record()
-    torch.cuda.synchronize()
-    per_call = max(probe_start.elapsed_time(probe_end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / per_call))):
-        fn()
-    reps = max(5, int(rep_ms / per_call))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for start, end in zip(starts, ends):
-        _flush_buffer.sum()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends))
+    """Median ms of fn() with L2 emptied by a read before every call (launch.read_flush_ms)."""
+    return read_flush_ms(fn, warmup_ms, rep_ms)
 
 
 def time_plain(fn):
