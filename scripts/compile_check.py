@@ -63,7 +63,7 @@ CASES = [
     *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
                                          BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
                                          CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
-       dict(DECODE, FUSED=fused), 4, 3) for fused in (False, True)],
+       dict(DECODE, FUSED=fused, SPLIT_PAGES=16 * fused), 4, 3) for fused in (False, True)],
     (decode._decode_combine_kernel, dict(O_PART="fp32", LSE_PART="fp32", O="bf16", LSE="fp32"),
      dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128), 4, 2),
     (kv_append._append_kv_kernel, dict(Q="bf16", Q_OUT="bf16", K_NEW="bf16", V_NEW="bf16", K_CACHE="bf16",

@@ -35,6 +35,27 @@ def test_decode_matches_reference(page_size, seqlen_q, causal, num_splits, devic
     check(q, k_cache, v_cache, seqlens, table, causal=causal, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("split_pages_max", [0, None], ids=["table-in-loop", "table-up-front"])
+@pytest.mark.parametrize("page_size", [16, 128])
+def test_paged_table_read_up_front_or_in_the_loop(page_size, split_pages_max, device, monkeypatch):
+    """A paged split reads its block-table entries once before the loop (SPLIT_PAGES), or,
+    for splits over more pages than that holds, in the loop: both agree with the reference,
+    with pages larger and smaller than a split, a window that starts a split late, and
+    table entries past each sequence that point nowhere (-1: they must never be used)."""
+    from modelaccel.attention import decode
+
+    if split_pages_max is not None:
+        monkeypatch.setattr(decode, "_SPLIT_PAGES_MAX", split_pages_max)
+    gen = torch.Generator().manual_seed(page_size)
+    k_cache, v_cache, table = make_cache(2, 256, 2, 64, torch.float16, device, gen, page_size)
+    seqlens = torch.tensor([256, 70], dtype=torch.int32, device=device)
+    table[1, -(-70 // page_size):] = -1
+    q = torch.randn(2, 2, 4, 64, generator=gen).to(device, torch.float16)
+    for num_splits in (1, 3, 7):
+        check(q, k_cache, v_cache, seqlens, table, causal=True, num_splits=num_splits)
+        check(q, k_cache, v_cache, seqlens, table, causal=True, window_size=(40, 0), num_splits=num_splits)
+
+
 def test_split_and_unsplit_agree_to_rounding(device):
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache, _ = make_cache(2, 200, 1, 64, torch.bfloat16, device, gen)

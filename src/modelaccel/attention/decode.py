@@ -27,18 +27,23 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_alibi_b, stride_ob, stride_os, stride_oh,
-                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, SPLIT_LEN, NSPLITS,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, MAX_PAGES, SPLIT_LEN, NSPLITS,
                          window_left, window_right, qk_scale, softcap_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr):
+                         UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
     O_PART [splits, batch, seqlen_q, nheads, headdim] and LSE_PART [splits, batch, nheads,
     seqlen_q] (float32, lse -inf where the split holds no visible key).
+    SPLIT_PAGES (paged caches; a power of two > the pages one split spans, or 0): the
+    split's block-table entries are read once, before the loop and beside cache_seqlens,
+    and each tile takes its pages from them (tl.gather). Read inside the loop instead (0),
+    the table loads wait for cache_seqlens (the loop bounds) and K/V for the table: three
+    memory latencies in a row where the contiguous cache has two.
     FUSED: no combine kernel follows. With one split the program writes O and LSE itself;
     with more, the last program of a kv head to finish (an atomic count per (batch, kv
     head) in COUNTER, zeroed by the caller) merges the splits into O and LSE.
@@ -47,6 +52,10 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     pid_bhk = tl.program_id(1)
     b = pid_bhk // NHEADS_K
     hk = pid_bhk % NHEADS_K
+    if SPLIT_PAGES > 0:
+        first_page = split * SPLIT_LEN // PAGE_SIZE
+        page_ids = first_page + tl.arange(0, SPLIT_PAGES)
+        split_pages = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + page_ids, mask=page_ids < MAX_PAGES, other=0)
     seqlen_k = tl.load(CACHE_SEQLENS + b)
     cache_b = b
     if HAS_BATCH_IDX:
@@ -83,7 +92,11 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < seqlen_k) & (offs_n >= first_key)
-        if PAGED:
+        if SPLIT_PAGES > 0:
+            page = tl.gather(split_pages, tl.minimum(offs_n // PAGE_SIZE - first_page, SPLIT_PAGES - 1), 0)
+            k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
+            v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
+        elif PAGED:
             page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
             k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
             v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
@@ -222,6 +235,9 @@ _DECODE_CONFIGS = [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (64, 4, 2, 4, 1), (32, 4,
 # A decoding step's host time (two launches, ~200 us on the H100 box) exceeds the flush
 # do_bench hides it behind, so direct timing ranked every candidate the same.
 _tuner = LaunchTuner("decode_attention", graph_timing=True)
+# The most block-table entries a program holds in registers (SPLIT_PAGES): 1024 int32 over
+# 128 threads is 8 registers. Longer splits read the table inside the loop.
+_SPLIT_PAGES_MAX = 1024
 
 
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
@@ -285,12 +301,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         # a buffer kept between calls would be shared by streams and by graphs.
         counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
             if fused and splits > 1 else placeholder
-        # Triton's pipeliner gives the page-table load of a paged cache two stages of its
-        # own: 3 stages left one K/V buffer in flight where the contiguous cache has two
-        # (compiled for sm_90 with triton 3.6: 39 KB of shared memory against 72 KB, and
-        # an async_wait for everything at the top of each iteration). Two more stages
-        # give the paged loop the contiguous one's K/V depth.
-        extra = {} if interp else {"num_warps": warps, "num_stages": stages + (2 if paged else 0)}
+        split_pages = next_power_of_2(split_len // page_size + 2) if paged else 0
+        if split_pages > _SPLIT_PAGES_MAX:
+            split_pages = 0
+        # With the block table read inside the loop (split_pages 0), Triton's pipeliner
+        # gives those loads two stages of their own: 3 stages left one K/V buffer in flight
+        # where the contiguous cache has two (compiled for sm_90 with triton 3.6: 39 KB of
+        # shared memory against 72 KB). Two more stages give that loop the same K/V depth.
+        extra = {} if interp else {"num_warps": warps,
+                                   "num_stages": stages + (2 if paged and not split_pages else 0)}
         launch_kernel(_decode_split_kernel, (splits, batch * nheads_k), (
             q, k_cache, v_cache, o_part, lse_part,
             block_table if paged else placeholder, cache_seqlens,
@@ -303,14 +322,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
             out.stride(0), out.stride(1), out.stride(2),
-            nheads, nheads_k, group, seqlen_q, page_size, split_len, splits,
+            nheads, nheads_k, group, seqlen_q, page_size, block_table.shape[1] if paged else 0, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0), dict(
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            **extra))
+            SPLIT_PAGES=split_pages, **extra))
         if not fused:
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,

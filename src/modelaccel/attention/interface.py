@@ -477,8 +477,11 @@ def _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens
         if min(rows) < 0 or max(rows) >= k_cache.shape[0]:
             raise ValueError(f"cache_batch_idx must index the {k_cache.shape[0]} cache rows, got {rows}")
     if paged:
-        used = (max(lengths) + new + k_cache.shape[1] - 1) // k_cache.shape[1]
-        pages = block_table[:, :used]
+        # Only the pages a sequence uses must be real: entries past them may hold anything
+        # (serving stacks leave them unset), and the kernels never read through them.
+        page = k_cache.shape[1]
+        used = torch.tensor([(n + new + page - 1) // page for n in lengths], device=block_table.device)
+        pages = block_table[used[:, None] > torch.arange(block_table.shape[1], device=block_table.device)]
         if pages.numel() and (int(pages.min()) < 0 or int(pages.max()) >= k_cache.shape[0]):
             raise ValueError(f"block_table points outside the pool of {k_cache.shape[0]} pages")
     if rotary_cos is not None:
