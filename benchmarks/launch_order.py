@@ -2,9 +2,9 @@
 
 Under a causal mask the forward's (and dQ's) last query blocks and the dK/dV kernel's first
 key blocks do the most work. In grid order the last batch-head's long programs start at
-the end and run on a few SMs while the rest idle; flash_fwd.LAUNCH_GROUP and
-flash_bwd.DKDV_LAUNCH_GROUP = G number the programs longest first within groups of G
-batch-heads (flash_fwd._grid_position). This times the forward and the backward
+the end and run on a few SMs while the rest idle; flash_fwd.LAUNCH_GROUP = G numbers the
+programs of all three kernels longest first within groups of G batch-heads
+(flash_fwd._grid_position). This times the forward and the backward
 (launchers, the tuned launch of grid order for every G) on the backward benchmark's rows
 and the Llama-3-8B prefill shape; two rounds, the orders interleaved.
 Usage: python benchmarks/launch_order.py OUT.json [G ...]   (default G: 0 4 16)
@@ -17,7 +17,7 @@ import sys
 import torch
 import triton
 
-from modelaccel.attention import flash_bwd, flash_fwd
+from modelaccel.attention import flash_fwd
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.bench.attention import BWD_FLOPS_FACTOR, attention_flops
@@ -33,7 +33,6 @@ def bench(fn):
 
 def set_group(group):
     flash_fwd.LAUNCH_GROUP = group
-    flash_bwd.DKDV_LAUNCH_GROUP = group
 
 
 def main():

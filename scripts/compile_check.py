@@ -63,6 +63,7 @@ CASES = [
     *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
                                          BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
                                          CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
+       # The unfused case reads the block table in its loop, the fused one before it.
        dict(DECODE, FUSED=fused, SPLIT_PAGES=16 * fused), 4, 3) for fused in (False, True)],
     (decode._decode_combine_kernel, dict(O_PART="fp32", LSE_PART="fp32", O="bf16", LSE="fp32"),
      dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128), 4, 2),
@@ -139,7 +140,8 @@ def candidate_cases():
                 flash_bwd._attn_bwd_dkdv_kernel, dkdv_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
                                                                 LAUNCH_GROUP=0),
                 warps, stages)
-    plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False)
+    plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
+                        SPLIT_PAGES=0)
     for bn, warps, stages, *_ in sorted(set(c[:3] for c in decode._DECODE_CONFIGS)):
         yield "decode", (decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn), warps, stages)
 

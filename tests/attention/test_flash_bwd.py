@@ -75,13 +75,12 @@ def test_grads_masks_and_blocks(blocks, causal, window_size, device):
 @pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("causal,window_size", [(True, (-1, -1)), (False, (9, 5))])
 def test_launch_group_order(group, causal, window_size, device, monkeypatch):
-    """Programs numbered longest first in groups of batch-heads (the launch-order switches
-    of the forward/dQ and dK/dV kernels) still cover every block once: out, lse and grads
+    """Programs numbered longest first in groups of batch-heads (the launch-order switch
+    of the forward, dQ and dK/dV kernels) still cover every block once: out, lse and grads
     match the reference, also when the batch-heads do not fill the last group (10 of 3s)."""
-    from modelaccel.attention import flash_bwd, flash_fwd
+    from modelaccel.attention import flash_fwd
 
     monkeypatch.setattr(flash_fwd, "LAUNCH_GROUP", group)
-    monkeypatch.setattr(flash_bwd, "DKDV_LAUNCH_GROUP", group)
     for shape in [(1, 77, 45, 2, 1, 64), (2, 40, 61, 5, 5, 32)]:
         q, k, v = make_qkv(*shape, dtype=torch.float16, device=device, seed=sum(shape))
         check_grads(q, k, v, blocks=((16, 32), (32, 16)), causal=causal, window_size=window_size)
@@ -91,14 +90,13 @@ def test_launch_group_order(group, causal, window_size, device, monkeypatch):
 def test_launch_group_keeps_the_dropout_mask(device, monkeypatch):
     """Each program draws dropout from its own batch-head's seed, wherever the launch order
     puts it: out and grads are the same bits in grid order and in groups."""
-    from modelaccel.attention import flash_bwd, flash_fwd
+    from modelaccel.attention import flash_fwd
 
     q, k, v = make_qkv(2, 40, 61, 5, 5, 32, dtype=torch.float16, device=device, seed=5)
     dout = torch.randn_like(q)
     results = []
     for group in (0, 3):
         monkeypatch.setattr(flash_fwd, "LAUNCH_GROUP", group)
-        monkeypatch.setattr(flash_bwd, "DKDV_LAUNCH_GROUP", group)
         results.append(kernel_grads(q, k, v, dout, blocks=((16, 32), (32, 16)), causal=True, dropout_p=0.3, seed=11))
     (out0, lse0, grads0), (out1, lse1, grads1) = results
     assert torch.equal(out0, out1) and torch.equal(lse0, lse1)

@@ -318,10 +318,6 @@ _DKDV_CONFIGS = {
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 _DELTA_BLOCK_M = 64
-# The dK/dV kernel's launch order under a causal mask (flash_fwd._grid_position; 0: grid
-# order, in which each batch-head's key blocks already run longest first). Measured with
-# flash_fwd.LAUNCH_GROUP (see there).
-DKDV_LAUNCH_GROUP = 16
 _dq_tuner = LaunchTuner("attention_bwd_dq")
 _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 
@@ -416,7 +412,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
             *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
-                                LAUNCH_GROUP=DKDV_LAUNCH_GROUP if right >= 0 else 0, **flags, **extra))
+                                LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
 

@@ -369,7 +369,7 @@ def config_candidates(configs, block_d, tma_ok):
 
 
 # Programs of causal (right-bounded) attention launch longest first in groups of this many
-# batch-heads (_grid_position); 0 keeps grid order. The forward and dQ kernels read it.
+# batch-heads (_grid_position); 0 keeps grid order. The forward, dQ and dK/dV kernels read it.
 # On the H200 (benchmarks/launch_order.py, results/tuning/launch_order_h200_1b7d08a.json)
 # groups of 16 took the causal forward 5% faster than grid order (geomean of 9 shapes, up
 # to 18% at (1, 32, 8, 2048)) and the backward 4% (up to 13%); groups of 4 gained 2%.

@@ -67,7 +67,7 @@ def size_bucket(n):
 _flush_buffer = None
 
 
-def read_flush_ms(fn, warmup_ms=5, rep_ms=20):
+def read_flush_ms(fn, warmup_ms=5, rep_ms=20, keep_buffer=False):
     """Median ms of fn(), with L2 emptied before every call by *reading* 256 MB.
 
     triton's do_bench empties L2 by zeroing a 256 MB buffer: the ~50 MB of dirty lines
@@ -77,16 +77,21 @@ def read_flush_ms(fn, warmup_ms=5, rep_ms=20):
     between them. A read leaves clean lines, which L2 drops for free, so the call reads
     its inputs from HBM and pays nothing else.
     CUDA events around each call, as do_bench: GPU time, or host time where that is longer.
+    keep_buffer keeps the 256 MB flush buffer for later calls (benchmarks); the tuner,
+    which runs inside users' processes, lets it go.
     """
     global _flush_buffer
-    if _flush_buffer is None:
-        _flush_buffer = torch.empty(128 * 2**20, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
+    flush = _flush_buffer
+    if flush is None:
+        flush = torch.empty(128 * 2**20, device="cuda", dtype=torch.bfloat16).uniform_(-1, 1)
+        if keep_buffer:
+            _flush_buffer = flush
     fn()
     torch.cuda.synchronize()
     probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     probe_start.record()
     for _ in range(5):
-        _flush_buffer.sum()
+        flush.sum()
         fn()
     probe_end.record()
     torch.cuda.synchronize()
@@ -97,7 +102,7 @@ def read_flush_ms(fn, warmup_ms=5, rep_ms=20):
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
-        _flush_buffer.sum()
+        flush.sum()
         start.record()
         fn()
         end.record()

@@ -222,7 +222,7 @@ def _sdpa_call(backend, q, k_t, v_t):
 
 def bench_ms(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
     """Median ms of fn() with L2 emptied by a read before every call (launch.read_flush_ms)."""
-    return read_flush_ms(fn, warmup_ms, rep_ms)
+    return read_flush_ms(fn, warmup_ms, rep_ms, keep_buffer=True)
 
 
 def time_plain(fn):
