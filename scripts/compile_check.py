@@ -36,7 +36,8 @@ FLOAT_ARGS = {"qk_scale", "softcap_scale", "softmax_scale", "dropout_p"}
 ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=True,
                  HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
 DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True,
-              HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST_DOT=False)
+              HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4,
+              MERGE_SPLITS=4)
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
@@ -142,15 +143,17 @@ def candidate_cases():
                 warps, stages)
     plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
                         SPLIT_PAGES=0)
-    for bn, warps, stages, *_ in sorted(set(c[:3] for c in decode._DECODE_CONFIGS)):
-        yield "decode", (decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn), warps, stages)
+    for bn, warps, stages, fused in sorted(set(c[:3] + (bool(c[5:]),) for c in decode._DECODE_CONFIGS)):
+        yield "decode" + (" fused" if fused else ""), (
+            decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn, FUSED=fused), warps, stages)
 
 
 def print_candidate_usage():
     print("kernel        (BLOCK_M, BLOCK_N | BLOCK_N), warps, stages: registers, stack bytes, shared bytes")
     for label, (kernel, pointers, constexprs, warps, stages) in candidate_cases():
-        blocks = tuple(constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in constexprs and label != "decode")
-        blocks = blocks if label != "decode" else (constexprs["BLOCK_N"],)
+        decoding = label.startswith("decode")
+        blocks = tuple(constexprs[k] for k in ("BLOCK_M", "BLOCK_N") if k in constexprs and not decoding)
+        blocks = blocks if not decoding else (constexprs["BLOCK_N"],)
         regs, stack, shared = resource_usage(compile_for_hopper(kernel, pointers, constexprs, warps, stages,
                                                                 LAUNCH_INTS))
         print(f"{label:12s}  {blocks}, {warps}, {stages}: {regs} registers, {stack} stack, {shared} shared",

@@ -221,11 +221,15 @@ def test_value_checks_run_once_per_tensor_version(device, monkeypatch):
 @pytest.mark.parametrize("seqlen_q,causal,window_size", [(1, False, (-1, -1)), (3, True, (-1, -1)),
                                                          (2, False, (20, 0))])
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
-def test_fused_split_merge(page_size, seqlen_q, causal, window_size, num_splits, device, monkeypatch):
+@pytest.mark.parametrize("merge_values", [8192, 1024], ids=["one-load", "chunked"])
+def test_fused_split_merge(page_size, seqlen_q, causal, window_size, num_splits, merge_values, device, monkeypatch):
     """The fused launch (the last split program of each kv head merges) against the reference,
     with a sequence whose keys all lie in one split and an empty one (every split empty).
-    Every buffer the launcher allocates with torch.empty starts as NaN: all of out and lse
-    must be written."""
+    merge_values 1024 makes the merge load its splits in several chunks (the last one partly
+    past the splits). Every buffer the launcher allocates with torch.empty starts as NaN: all
+    of out and lse must be written."""
+    import modelaccel.attention.decode as decode
+    monkeypatch.setattr(decode, "_MERGE_VALUES_MAX", merge_values)
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *shape, **kw: empty(*shape, **kw).fill_(float("nan")))
     gen = torch.Generator().manual_seed(seqlen_q * 10 + num_splits)

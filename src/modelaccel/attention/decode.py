@@ -33,7 +33,8 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
-                         UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr):
+                         UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr, MERGE_ROWS: tl.constexpr,
+                         MERGE_SPLITS: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
@@ -144,41 +145,58 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
             tl.debug_barrier()
             done = tl.atomic_add(COUNTER + pid_bhk, 1, sem="acq_rel")
             if done == NSPLITS - 1:
-                _merge_splits(O_PART, LSE_PART, out_ptrs, lse_ptrs, b, batch, heads, pos_q, offs_d, row_ok,
-                              tile_ok, NSPLITS, nheads_q, SEQLEN_Q, HEADDIM, BLOCK_M, BLOCK_D)
+                _merge_splits(O_PART, LSE_PART, O, LSE, b, hk, batch, NSPLITS, nheads_q, GROUP, SEQLEN_Q, HEADDIM,
+                              stride_ob, stride_os, stride_oh, MERGE_ROWS, MERGE_SPLITS, BLOCK_D)
     else:
         tl.store(o_ptrs, acc / l_safe[:, None], mask=tile_ok)
         tl.store(lse_part_ptrs, lse, mask=row_ok)
 
 
 @triton.jit
-def _merge_splits(O_PART, LSE_PART, out_ptrs, lse_ptrs, b, batch, heads, pos_q, offs_d, row_ok, tile_ok,
-                  NSPLITS, NHEADS, SEQLEN_Q, HEADDIM, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Merge the NSPLITS partial results of a tile's rows by their lse (the fused path).
+def _merge_splits(O_PART, LSE_PART, O, LSE, b, hk, batch, NSPLITS, NHEADS, GROUP, SEQLEN_Q, HEADDIM,
+                  stride_ob, stride_os, stride_oh,
+                  MERGE_ROWS: tl.constexpr, MERGE_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the NSPLITS partial results of kv head hk's query rows by their lse (the fused
+    path), MERGE_SPLITS splits a load.
 
-    The loads bypass L1 (.cg): the partials were written by other programs on other SMs.
+    The splits are loaded side by side: one at a time, every load waited on the last (an L2
+    round trip each), which made the fused launch 4-6 us slower than a separate combine
+    kernel at 16 splits (tune_decode.py on the H100). The loads bypass L1 (.cg): the
+    partials were written by other programs on other SMs.
     """
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for s in range(0, NSPLITS):
-        part = s * batch + b.to(tl.int64)
-        lse_s = tl.load(LSE_PART + (part * NHEADS + heads) * SEQLEN_Q + pos_q, mask=row_ok, other=float("-inf"),
-                        cache_modifier=".cg")
-        o_s = tl.load(O_PART + ((part * SEQLEN_Q + pos_q[:, None]) * NHEADS + heads[:, None]) * HEADDIM
-                      + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse_s)
+    rows = tl.arange(0, MERGE_ROWS)
+    pos_q = rows // GROUP
+    heads = hk * GROUP + rows % GROUP
+    row_ok = rows < GROUP * SEQLEN_Q
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEADDIM
+    m = tl.full([MERGE_ROWS], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([MERGE_ROWS], dtype=tl.float32)
+    acc = tl.zeros([MERGE_ROWS, BLOCK_D], dtype=tl.float32)
+    for first in range(0, NSPLITS, MERGE_SPLITS):
+        splits = first + tl.arange(0, MERGE_SPLITS)
+        part = splits.to(tl.int64) * batch + b
+        ok = (splits < NSPLITS)[:, None] & row_ok[None, :]
+        lse_s = tl.load(LSE_PART + (part[:, None] * NHEADS + heads[None, :]) * SEQLEN_Q + pos_q[None, :],
+                        mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(O_PART + ((part[:, None, None] * SEQLEN_Q + pos_q[None, :, None]) * NHEADS
+                                + heads[None, :, None]) * HEADDIM + offs_d[None, None, :],
+                      mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse_s, 0))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_use)
-        w = tl.exp(lse_s - m_use)
-        total = total * alpha + w
-        acc = acc * alpha[:, None] + o_s * w[:, None]
+        w = tl.exp(lse_s - m_use[None, :])
+        total = total * alpha + tl.sum(w, 0)
+        acc = acc * alpha[:, None] + tl.sum(o_s * w[:, :, None], 0)
         m = m_new
     m_use = tl.where(m == float("-inf"), 0.0, m)
     # No split saw a key: out 0 and lse +inf, as the combine kernel gives.
     total_safe = tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptrs, (acc / total_safe[:, None]).to(out_ptrs.dtype.element_ty), mask=tile_ok)
-    tl.store(lse_ptrs, tl.where(total == 0.0, float("inf"), m_use + tl.log(total_safe)), mask=row_ok)
+    out_ptrs = (O + b.to(tl.int64) * stride_ob + pos_q[:, None] * stride_os + heads[:, None] * stride_oh
+                + offs_d[None, :])
+    tl.store(out_ptrs, (acc / total_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + (b * NHEADS + heads) * SEQLEN_Q + pos_q, tl.where(total == 0.0, float("inf"),
+                                                                     m_use + tl.log(total_safe)), mask=row_ok)
 
 
 @triton.jit
@@ -229,15 +247,24 @@ _DECODE_CONFIGS = [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (64, 4, 2, 4, 1), (32, 4,
                    (128, 4, 2, 2, 2), (128, 8, 2, 2, 1), (64, 8, 4, 2, 2), (64, 4, 4, 1, 8), (64, 4, 3, 1, 4),
                    (128, 4, 3, 1, 4)]
 # A sixth field True selects the fused launch: the split kernel merges its own splits (the
-# last program of each kv head to finish), so no combine kernel runs. Not among the GPU
-# candidates until the GPU tests have run it (its ordering rests on a CTA barrier and an
-# acq_rel atomic); decode_attention(config=...) reaches it, and the CPU tests do.
+# last program of each kv head to finish), so no combine kernel runs, at the price of a
+# zeroed counter per call. With the splits merged one at a time it measured 4-6 us slower
+# than the combine kernel (tune_decode.py, H100, 18fcea5); _merge_splits now loads them side
+# by side, and the fused launches of the five most chosen tiles compete in the tuning.
+_DECODE_CONFIGS += [c + (True,) for c in [(64, 4, 3, 2, 4), (64, 4, 3, 4, 1), (32, 4, 3, 4, 1), (64, 4, 3, 1, 4),
+                                          (128, 4, 3, 1, 4)]]
 # A decoding step's host time (two launches, ~200 us on the H100 box) exceeds the flush
 # do_bench hides it behind, so direct timing ranked every candidate the same.
 _tuner = LaunchTuner("decode_attention", graph_timing=True)
 # The most block-table entries a program holds in registers (SPLIT_PAGES): 1024 int32 over
 # 128 threads is 8 registers. Longer splits read the table inside the loop.
 _SPLIT_PAGES_MAX = 1024
+# The most float32 partial values the fused merge loads at once: 2048 over 128 threads is 16
+# registers, 4 splits of 4 query rows at head dim 128. The kernel's registers are the most
+# any part of it needs: with 8192 the fused launches took 153-204 registers against 72-128
+# unfused (scripts/compile_check.py --candidates, triton 3.6), too many for 3-4 programs per
+# SM; with 2048, 96-138, as unfused but for the 128-key tile.
+_MERGE_VALUES_MAX = 2048
 
 
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
@@ -278,7 +305,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     if causal:
         right = 0
     block_d = max(next_power_of_2(headdim), 16)
-    block_m = max(next_power_of_2(group * seqlen_q), 16)
+    merge_rows = next_power_of_2(group * seqlen_q)
+    block_m = max(merge_rows, 16)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     interp = interpreting()
@@ -301,6 +329,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         # a buffer kept between calls would be shared by streams and by graphs.
         counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
             if fused and splits > 1 else placeholder
+        merge_splits = max(1, min(next_power_of_2(splits), _MERGE_VALUES_MAX // (merge_rows * block_d)))
         split_pages = next_power_of_2(split_len // page_size + 2) if paged else 0
         if split_pages > _SPLIT_PAGES_MAX:
             split_pages = 0
@@ -329,7 +358,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            SPLIT_PAGES=split_pages, **extra))
+            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, **extra))
         if not fused:
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
@@ -340,7 +369,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         if interp or block_n is not None:
             config = (block_n or 16, 4, 3, 2, 4)
         else:
-            key = (q.dtype, headdim, block_m, paged, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
+            key = (q.dtype, headdim, block_m, page_size, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None,
                    num_splits, size_bucket(batch * nheads_k), size_bucket(max_keys))
             config = _tuner.choose(key, _DECODE_CONFIGS, launch)
     launch(config)
