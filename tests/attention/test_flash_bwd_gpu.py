@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import triton
 
 import modelaccel
 from modelaccel.attention.flash_bwd import _DKDV_CONFIGS, _DQ_CONFIGS, flash_attn_backward
@@ -64,6 +65,25 @@ def test_deterministic_grads():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
+@pytest.mark.parametrize("dq_tma", [False, True], ids=["atomics", "tma_reduce"])
+def test_varlen_grads_atomic_dq(dq_tma):
+    """A packed batch through the atomic-dQ backward: a TMA reduce box reaches past a
+    sequence's last rows into the next one's."""
+    lengths = [700, 0, 37, 130, 1]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    q, k, v = (randn(sum(lengths), hk, 128, dtype=torch.bfloat16) for hk in (8, 2, 2))
+    varlen = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lengths), max_seqlen_k=max(lengths))
+    out, lse = flash_attn_forward(q, k, v, 128 ** -0.5, causal=True, **varlen)
+    dout = torch.randn_like(q)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    flash_attn_backward(dout, q, k, v, out, lse, 128 ** -0.5, causal=True, atomic_dq=True, dq_tma=dq_tma,
+                        grads=grads, **varlen)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = varlen_attention_ref(q32, k32, v32, cu, cu, causal=True, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_grads_close(grads, (q32.grad, k32.grad, v32.grad), q.dtype)
+
+
 def test_varlen_grads():
     lengths = [1000, 0, 37, 513, 2048, 1]
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
@@ -96,11 +116,13 @@ def test_dropout_keep_rate_and_reference():
     assert ((out.float() - ref_out).norm() / ref_out.norm()).item() < 3e-3
 
 
-@pytest.mark.parametrize("atomic_dq", [False, True], ids=["deterministic", "atomic_dq"])
+@pytest.mark.parametrize("atomic_dq,dq_tma", [(False, False), (True, False), (True, True)],
+                         ids=["deterministic", "atomic_dq", "atomic_dq_tma"])
 @pytest.mark.parametrize("config", [(2, 16, 4, 1000, 1000, 128, True), (1, 8, 8, 700, 1300, 64, False),
                                     (2, 8, 2, 513, 513, 256, True)], ids=lambda c: "x".join(map(str, c)))
-def test_each_strategy_matches_reference(config, atomic_dq):
-    """Both backward strategies, forced, whichever one the tuner would pick by default."""
+def test_each_strategy_matches_reference(config, atomic_dq, dq_tma):
+    """Both backward strategies (atomic dQ by the threads' atomics or a TMA reduce), forced,
+    whichever one the tuner would pick by default."""
     b, hq, hk, sq, sk, d, causal = config
     q, k, v = randn(b, sq, hq, d, dtype=torch.bfloat16), randn(b, sk, hk, d, dtype=torch.bfloat16), \
         randn(b, sk, hk, d, dtype=torch.bfloat16)
@@ -108,7 +130,7 @@ def test_each_strategy_matches_reference(config, atomic_dq):
     out, lse = flash_attn_forward(q, k, v, scale, causal=causal)
     dout = torch.randn_like(q)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    flash_attn_backward(dout, q, k, v, out, lse, scale, causal=causal, atomic_dq=atomic_dq, grads=grads)
+    flash_attn_backward(dout, q, k, v, out, lse, scale, causal=causal, atomic_dq=atomic_dq, dq_tma=dq_tma, grads=grads)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     ref_out, _ = attention_ref(q32, k32, v32, causal=causal, compute_dtype=torch.float32)
     ref_out.backward(dout.float())
@@ -116,20 +138,21 @@ def test_each_strategy_matches_reference(config, atomic_dq):
 
 
 def _every_launch():
-    """(head dim, dQ launch, dK/dV launch, atomic dQ): every configuration of each head-dim
-    class, paired with the class's first configuration of the other kernel."""
+    """(head dim, dQ launch, dK/dV launch, atomic dQ, TMA reduce): every configuration of
+    each head-dim class, paired with the class's first configuration of the other kernel."""
     cases = []
+    strategies = ((False, False), (True, False), (True, True))
     for headdim, block_d in ((64, 64), (128, 128), (160, 256)):
         dq, dkdv = _DQ_CONFIGS[block_d], _DKDV_CONFIGS[block_d]
-        cases += [(headdim, c, dkdv[0], False) for c in dq]
-        cases += [(headdim, dq[0], c, atomic) for c in dkdv for atomic in (False, True) if c != dkdv[0] or atomic]
+        cases += [(headdim, c, dkdv[0], False, False) for c in dq]
+        cases += [(headdim, dq[0], c, *s) for c in dkdv for s in strategies if c != dkdv[0] or s[0]]
     name = "x".join
     return [pytest.param(*c, id=f"d{c[0]}-dq{name(map(str, c[1]))}-dkdv{name(map(str, c[2]))}"
-                                + ("-atomic" if c[3] else "")) for c in cases]
+                                + ("-atomic" if c[3] else "") + ("-tma" if c[4] else "")) for c in cases]
 
 
-@pytest.mark.parametrize("headdim,dq_config,dkdv_config,atomic_dq", _every_launch())
-def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq):
+@pytest.mark.parametrize("headdim,dq_config,dkdv_config,atomic_dq,dq_tma", _every_launch())
+def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq, dq_tma):
     """Each tuning candidate computes the right gradients, since the other GPU tests run with
     MODELACCEL_TUNING=off (first candidates only): causal GQA with odd lengths."""
     gen = torch.Generator().manual_seed(headdim)
@@ -139,8 +162,14 @@ def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq):
     out, lse = flash_attn_forward(q, k, v, scale, causal=True)
     dout = torch.randn_like(q)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True, atomic_dq=atomic_dq,
-                        blocks=(dq_config, dkdv_config), grads=grads)
+    try:
+        flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True, atomic_dq=atomic_dq, dq_tma=dq_tma,
+                            blocks=(dq_config, dkdv_config), grads=grads)
+    except triton.runtime.errors.OutOfResources:
+        # The TMA reduce's staging tile can take a launch past the shared memory a program
+        # may have; the tuner skips such candidates the same way.
+        assert dq_tma
+        pytest.skip("does not fit in shared memory")
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     ref_out, _ = attention_ref(q32, k32, v32, causal=True, compute_dtype=torch.float32)
     ref_out.backward(dout.float())

@@ -23,7 +23,8 @@ import triton.language as tl
 
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
                         _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
-from .launch import LaunchTuner, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
+                     tma_usable)
 
 
 @triton.jit
@@ -176,10 +177,12 @@ def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_s
                           qk_scale, softcap_scale, softmax_scale, alibi_slope, seed, dropout_p,
                           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                          HEADDIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
+                          ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h;
-    with ATOMIC_DQ also add dS K (scaled) into the float32 DQ_ACC (dO's layout)."""
+    with ATOMIC_DQ also add dS K (scaled) into the float32 DQ_ACC (dO's layout; with DQ_TMA
+    a tensor descriptor over it, [batch, seqlen, nheads, headdim] in blocks of [1, BLOCK_M,
+    1, BLOCK_D])."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_base = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
@@ -213,9 +216,16 @@ def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_s
         dk = _dot(ds, q, dk, UPCAST_DOT)
         if ATOMIC_DQ:
             dq = _dot(tl.trans(ds), k, None, UPCAST_DOT) * softmax_scale
-            ptrs = (DQ_ACC + bt.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                    + (q_start + offs_m[:, None]).to(tl.int64) * stride_os + offs_d[None, :])
-            tl.atomic_add(ptrs, dq, mask=in_seq[:, None] & (offs_d[None, :] < HEADDIM), sem="relaxed")
+            if DQ_TMA:
+                # One bulk reduce-add through the TMA unit instead of BLOCK_M x BLOCK_D atomics
+                # from the threads. The box clips at the tensor's edges; in a packed batch it
+                # may reach the next sequence's first rows, which get exact zeros (rows past
+                # this sequence have lse +inf, so P, dS and their dq rows are 0).
+                DQ_ACC.atomic_add([bt, q_start + start_m, h, 0], tl.reshape(dq, [1, BLOCK_M, 1, BLOCK_D]))
+            else:
+                ptrs = (DQ_ACC + bt.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                        + (q_start + offs_m[:, None]).to(tl.int64) * stride_os + offs_d[None, :])
+                tl.atomic_add(ptrs, dq, mask=in_seq[:, None] & (offs_d[None, :] < HEADDIM), sem="relaxed")
     return dk, dv
 
 
@@ -232,8 +242,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                           HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                          LAUNCH_GROUP: tl.constexpr):
+                          IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                          UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
     dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
     block's share of dQ, added into DQ_ACC. LAUNCH_GROUP orders the programs
@@ -267,19 +277,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
             dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_lo, full_hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
             dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_hi, hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
     dk = dk * softmax_scale
     _store_tile(DK, dk.to(k.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
                 k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
@@ -325,7 +335,7 @@ _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None,
                         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, atomic_dq=None,
-                        blocks=None, grads=None):
+                        dq_tma=None, blocks=None, grads=None):
     """Gradients of the forward pass with the same arguments.
 
     Args:
@@ -335,6 +345,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             True: dQ accumulated with float32 atomic adds (5 matmuls per tile pair, not
             bit-reproducible). None: on a GPU, whichever of the two measures faster for
             this problem class; under the interpreter or with `blocks`, False.
+        dq_tma: with atomic dQ, add each tile through the TMA unit (a bulk reduce-add of a
+            tensor descriptor) instead of per-element atomics. None: tuned where TMA works
+            (Hopper, 16-byte aligned); under the interpreter or with `blocks`, False.
         blocks: ((BLOCK_M, BLOCK_N[, num_warps, num_stages]) for dQ, the same for dK/dV)
             to skip tuning (tests, experiments); the interpreter uses 16x16 blocks.
         grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
@@ -395,38 +408,47 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         """The rest of the backward after the tuned dQ launch; config's last field picks
         the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel."""
         nonlocal dq_acc
-        bm, bn, warps, stages, _, atomic = config
+        bm, bn, warps, stages, use_tma, atomic = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
+        dq_target = lse
         if atomic:
             # dO's layout (contiguous, shaped like q), so the kernel reuses its strides.
             dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device)
+            dq_target = dq_acc
+            if use_tma:
+                dq_target = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, bm, 1, block_d])
             launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
                 o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q),
                 dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen))
         else:
             launch_dq(dq_config)
         launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(seqlen_k, bn), batch * nheads_k), (
-            q4, k4, v4, do4, dk4, dv4, lse, delta, dq_acc if atomic else lse, alibi, cu_q, cu_k,
+            q4, k4, v4, do4, dk4, dv4, lse, delta, dq_target, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=atomic and use_tma,
                                 LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
 
     if interp or blocks is not None:
-        dq_config, dkdv_config = ((*b, 4, 2)[:4] + (False,) for b in (blocks or ((16, 16), (16, 16))))
-        dkdv_config += (bool(atomic_dq),)
+        dq_config, dkdv_config = ((*b, 4, 2)[:4] for b in (blocks or ((16, 16), (16, 16))))
+        dq_config += (False,)
+        dkdv_config += (bool(atomic_dq and dq_tma), bool(atomic_dq))
     else:
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
                varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads),
                size_bucket(nheads // nheads_k))
         dq_config = _dq_tuner.choose(key, config_candidates(_DQ_CONFIGS, block_d, False), launch_dq)
         strategies = (False, True) if atomic_dq is None else (bool(atomic_dq),)
-        candidates = [c + (a,) for a in strategies for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
+        tma_choices = (False, True) if dq_tma is None else (bool(dq_tma),)
+        if not tma_usable(do4):  # the accumulator is laid out as dO, contiguous
+            tma_choices = (False,)
+        candidates = [c[:4] + (t, a) for a in strategies for t in (tma_choices if a else (False,))
+                      for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
         # Timed as the whole backward, so the two strategies compare like for like.
-        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq,), candidates, lambda c: launch_dkdv(c, dq_config))
+        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma), candidates, lambda c: launch_dkdv(c, dq_config))
     launch_dkdv(dkdv_config, dq_config)
     return dq, dk, dv

@@ -20,6 +20,23 @@ def interpreting():
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _interpreter_descriptor_reduce(builder, kind, desc, value, indices):
+    """A tensor descriptor's atomic_add (TMA reduce) for the interpreter, which lacks it
+    (triton 3.9): an atomic add over the descriptor's in-bounds elements."""
+    from triton._C.libtriton import ir
+    if kind != ir.DESCRIPTOR_REDUCE_KIND.ADD:
+        raise NotImplementedError(f"descriptor reduce {kind} in the interpreter")
+    ptrs, mask = desc.materialize_pointers(indices)
+    op = ir.ATOMIC_OP.FADD if value.dtype.scalar.is_floating() else ir.ATOMIC_OP.ADD
+    builder.create_atomic_rmw(op, ptrs, value, mask, ir.MEM_SEMANTIC.RELAXED, ir.MEM_SYNC_SCOPE.GPU)
+
+
+if interpreting():
+    from triton.runtime import interpreter as _interpreter
+    if not hasattr(_interpreter.InterpreterBuilder, "create_descriptor_reduce"):
+        _interpreter.InterpreterBuilder.create_descriptor_reduce = _interpreter_descriptor_reduce
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_available():
     # torch.cuda.is_available() asks NVML each call: ~10 us on the GPU machine's host, paid
