@@ -37,7 +37,7 @@ ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_S
                  HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
 DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True,
               HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4,
-              MERGE_SPLITS=4)
+              MERGE_SPLITS=4, USE_PDL=True)
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
@@ -67,7 +67,7 @@ CASES = [
        # The unfused case reads the block table in its loop, the fused one before it.
        dict(DECODE, FUSED=fused, SPLIT_PAGES=16 * fused), 4, 3) for fused in (False, True)],
     (decode._decode_combine_kernel, dict(O_PART="fp32", LSE_PART="fp32", O="bf16", LSE="fp32"),
-     dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128), 4, 2),
+     dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128, USE_PDL=True), 4, 2),
     (kv_append._append_kv_kernel, dict(Q="bf16", Q_OUT="bf16", K_NEW="bf16", V_NEW="bf16", K_CACHE="bf16",
                                        V_CACHE="bf16", COS="fp32", SIN="fp32", CACHE_SEQLENS="i32",
                                        CACHE_LEFTPAD="i32", CACHE_BATCH_IDX="i32", BLOCK_TABLE="i32"),

@@ -15,9 +15,10 @@ row by row through the table, so any power-of-two page size works with any key t
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .flash_fwd import LOG2E, _dot, _scores_log2
-from .launch import LaunchTuner, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
+from .launch import LaunchTuner, capability, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
 
 
 @triton.jit
@@ -34,7 +35,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
                          UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                         MERGE_SPLITS: tl.constexpr):
+                         MERGE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
@@ -49,6 +50,9 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     with more, the last program of a kv head to finish (an atomic count per (batch, kv
     head) in COUNTER, zeroed by the caller) merges the splits into O and LSE.
     """
+    if USE_PDL:
+        # The combine kernel may launch now; it waits for this grid's end before reading.
+        gdc_launch_dependents()
     split = tl.program_id(0)
     pid_bhk = tl.program_id(1)
     b = pid_bhk // NHEADS_K
@@ -202,8 +206,17 @@ def _merge_splits(O_PART, LSE_PART, O, LSE, b, hk, batch, NSPLITS, NHEADS, GROUP
 @triton.jit
 def _decode_combine_kernel(O_PART, LSE_PART, O, LSE, NSPLITS, BATCH, NHEADS, SEQLEN_Q,
                            stride_ob, stride_os, stride_oh,
-                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr):
-    """Merge the splits of one (batch, query position, head) row by their lse."""
+                           BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
+                           USE_PDL: tl.constexpr):
+    """Merge the splits of one (batch, query position, head) row by their lse.
+
+    USE_PDL: launched as a programmatic dependent of the split kernel (Hopper), so its
+    programs are resident before the split kernel ends and wait here for its writes
+    (griddepcontrol.wait returns once the split grid has finished and its memory is
+    visible) instead of paying a kernel launch after it.
+    """
+    if USE_PDL:
+        gdc_wait()
     pid = tl.program_id(0)  # over batch * seqlen_q * nheads, head fastest
     h = pid % NHEADS
     i = (pid // NHEADS) % SEQLEN_Q
@@ -310,6 +323,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
     interp = interpreting()
+    pdl_usable = not interp and q.is_cuda and capability(q.device.index)[0] >= 9
     placeholder = cache_seqlens
 
     def launch(config):
@@ -337,6 +351,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         # gives those loads two stages of their own: 3 stages left one K/V buffer in flight
         # where the contiguous cache has two (compiled for sm_90 with triton 3.6: 39 KB of
         # shared memory against 72 KB). Two more stages give that loop the same K/V depth.
+        pdl = not fused and pdl_usable
         extra = {} if interp else {"num_warps": warps,
                                    "num_stages": stages + (2 if paged and not split_pages else 0)}
         launch_kernel(_decode_split_kernel, (splits, batch * nheads_k), (
@@ -358,12 +373,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, **extra))
+            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl, **extra))
         if not fused:
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
                 out.stride(0), out.stride(1), out.stride(2)),
-                dict(BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim))
+                dict(BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim, USE_PDL=pdl,
+                     **({"launch_pdl": True} if pdl else {})))
 
     if config is None:
         if interp or block_n is not None:
