@@ -87,7 +87,10 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     start = split * SPLIT_LEN
-    end = tl.minimum(start + SPLIT_LEN, seqlen_k)
+    # Splits need not start on a key tile: the last tile of one may reach into the next,
+    # so keys are masked at the split's end, not only at the sequence's.
+    last_key = tl.minimum(start + SPLIT_LEN, seqlen_k)
+    end = last_key
     # Keys some row may see: causal/window bounds of the first and last query rows.
     if HAS_LEFT:
         start = tl.maximum(start, diag - window_left) // BLOCK_N * BLOCK_N
@@ -96,7 +99,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         end = tl.minimum(end, SEQLEN_Q - 1 + diag + window_right + 1)
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = (offs_n < seqlen_k) & (offs_n >= first_key)
+        n_ok = (offs_n < last_key) & (offs_n >= first_key)
         if SPLIT_PAGES > 0:
             page = tl.gather(split_pages, tl.minimum(offs_n // PAGE_SIZE - first_page, SPLIT_PAGES - 1), 0)
             k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
@@ -331,7 +334,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         fused = bool(fused and fused[0])
         splits = num_splits if num_splits > 0 else choose_num_splits(batch, nheads_k, max_keys, q.device, bn,
                                                                      per_sm, min_blocks)
-        split_len = cdiv(cdiv(max_keys, splits), bn) * bn
+        # Not rounded to whole key tiles: 33 splits of 8 KV heads are 264 programs, two on
+        # each of 132 SMs, where tile-sized splits came to 32 (8 SMs with one program).
+        split_len = cdiv(max_keys, splits)
         splits = cdiv(max_keys, split_len)
         merged_here = fused and splits == 1
         # With one fused split nothing is merged: the partial buffers are never touched.
