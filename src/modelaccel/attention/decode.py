@@ -22,6 +22,16 @@ from .launch import LaunchTuner, capability, cdiv, interpreting, launch_kernel, 
 
 
 @triton.jit
+def _kv_head_rows(hk, GROUP, SEQLEN_Q, HEADDIM, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The query rows of kv head hk as one tile: row r is query position r // GROUP of head
+    hk * GROUP + r % GROUP. Returns (position, head, row in range) per row and (offset, in
+    range) per head-dim column."""
+    rows = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    return rows // GROUP, hk * GROUP + rows % GROUP, rows < GROUP * SEQLEN_Q, offs_d, offs_d < HEADDIM
+
+
+@triton.jit
 def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, CACHE_BATCH_IDX, CACHE_LEFTPAD,
                          ALIBI, O, LSE, COUNTER,
                          stride_qb, stride_qs, stride_qh,
@@ -69,12 +79,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     if HAS_LEFTPAD:
         first_key = tl.load(CACHE_LEFTPAD + b)
 
-    rows = tl.arange(0, BLOCK_M)
-    pos_q = rows // GROUP
-    heads = hk * GROUP + rows % GROUP
-    row_ok = rows < GROUP * SEQLEN_Q
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEADDIM
+    pos_q, heads, row_ok, offs_d, d_ok = _kv_head_rows(hk, GROUP, SEQLEN_Q, HEADDIM, BLOCK_M, BLOCK_D)
     q_ptrs = (Q + b.to(tl.int64) * stride_qb + pos_q[:, None] * stride_qs + heads[:, None] * stride_qh
               + offs_d[None, :])
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -171,12 +176,7 @@ def _merge_splits(O_PART, LSE_PART, O, LSE, b, hk, batch, NSPLITS, NHEADS, GROUP
     kernel at 16 splits (tune_decode.py on the H100). The loads bypass L1 (.cg): the
     partials were written by other programs on other SMs.
     """
-    rows = tl.arange(0, MERGE_ROWS)
-    pos_q = rows // GROUP
-    heads = hk * GROUP + rows % GROUP
-    row_ok = rows < GROUP * SEQLEN_Q
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEADDIM
+    pos_q, heads, row_ok, offs_d, d_ok = _kv_head_rows(hk, GROUP, SEQLEN_Q, HEADDIM, MERGE_ROWS, BLOCK_D)
     m = tl.full([MERGE_ROWS], float("-inf"), dtype=tl.float32)
     total = tl.zeros([MERGE_ROWS], dtype=tl.float32)
     acc = tl.zeros([MERGE_ROWS, BLOCK_D], dtype=tl.float32)
@@ -279,7 +279,7 @@ _SPLIT_PAGES_MAX = 1024
 # registers, 4 splits of 4 query rows at head dim 128. The kernel's registers are the most
 # any part of it needs: with 8192 the fused launches took 153-204 registers against 72-128
 # unfused (scripts/compile_check.py --candidates, triton 3.6), too many for 3-4 programs per
-# SM; with 2048, 96-138, as unfused but for the 128-key tile.
+# SM; with 2048, 96-139 against 80-128 (results/tuning/candidate_resources_triton36.txt).
 _MERGE_VALUES_MAX = 2048
 
 

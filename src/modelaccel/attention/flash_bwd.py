@@ -319,9 +319,12 @@ _DQ_CONFIGS = {
 # results/tuning/candidate_resources_triton36.txt; the kilobytes of spills read there
 # before came from compiling without that specialization, which also left the Q/dO tile
 # loads unvectorized and unpipelined), the split strategy's candidates spill 0-56 bytes a
-# thread and the atomic ones 40-360. Every 8-warp candidate runs one program per SM
-# (130-200 KB of shared memory); (64, 64, 4, 2) fits two 4-warp programs per SM (97 KB,
-# 255 registers), so one program's softmax can overlap the other's matmuls.
+# thread, the atomic ones 40-360 with per-thread atomics and 0-272 with TMA reduces (16-32
+# KB more shared memory for the staging tile). Every 8-warp candidate runs one program per
+# SM (130-214 KB of shared memory); (64, 64, 4, 2) fits two 4-warp programs per SM (97 KB,
+# 255 registers), so one program's softmax can overlap the other's matmuls. On the H200
+# the tuner chose the atomic strategy's (64, 128, 8, 3) with TMA reduces for every row of
+# the d128 causal benchmark (results/attention_bwd_nvidia-h200_2026-12-01.json).
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
     128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],
