@@ -299,3 +299,20 @@ def test_write_results_bwd_and_varlen(tmp_path):
     assert "| BATCH | HQ | HK | MAX_LEN | TOKENS |" in md and "modelaccel Mtok/s" in md
     assert "| 2.6 | 1.3 | - | 2.6 |" in md and "sequence lengths: [1024, 300]" in md
     assert open(paths["png"], "rb").read(4) == b"\x89PNG"
+
+
+def test_nested_sdpa_peer_takes_gqa_by_repeating_heads():
+    """The non-causal varlen peer runs SDPA on nested jagged tensors, which refuses GQA: its
+    K/V heads are repeated first. Checked on the CPU (math backend) against the reference."""
+    from torch.nn.attention import SDPBackend
+
+    from modelaccel.attention.reference import varlen_attention_ref
+
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 14, 17])
+    q, k, v = (torch.randn(17, h, 16, generator=gen) for h in (4, 2, 2))
+    call, context = bench._nested_sdpa_call(SDPBackend.MATH, q, k, v, cu)
+    with context:
+        out = call().transpose(1, 2).values()
+    ref, _ = varlen_attention_ref(q.double(), k.double(), v.double(), cu.int(), cu.int())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)

@@ -520,8 +520,7 @@ def _varlen_reference(q, k, v, seqlens, causal):
     mask needed), K/V heads repeated for GQA; (None, reason) if SDPA refused."""
     from torch.nn.attention import SDPBackend
 
-    group = q.shape[1] // k.shape[1]
-    k_full, v_full = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    k_full, v_full = _repeat_kv_heads(q, k, v)
     outs, start = [], 0
     for n in seqlens:
         sl = slice(start, start + n)
@@ -544,14 +543,25 @@ def _padded_sdpa_call(backend, q_pad, k_pad, v_pad):
     return _sdpa_call(backend, q_pad, k_pad, v_pad, causal=True)
 
 
+def _repeat_kv_heads(q, k, v):
+    """k, v with each KV head repeated over its query-head group (packed [tokens, heads, d]):
+    for peers that refuse GQA. Same FLOPs; the peer reads group-times more K/V bytes."""
+    group = q.shape[1] // k.shape[1]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+
 def _nested_sdpa_call(backend, q, k, v, offsets):
     """SDPA on nested jagged tensors [b, heads, j, d]: a true varlen call, no padding; SDPA
-    does not take is_causal on nested tensors, so this is for non-causal rows."""
+    does not take is_causal on nested tensors, so this is for non-causal rows. Nested SDPA
+    refuses GQA (torch 2.11: "broadcastable num heads"), so K/V heads are repeated first,
+    outside the timing."""
     from torch.nn.attention import sdpa_kernel
 
+    k, v = _repeat_kv_heads(q, k, v)
     qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
-    gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    return (lambda: F.scaled_dot_product_attention(qn, kn, vn, **gqa)), sdpa_kernel(backend)
+    return (lambda: F.scaled_dot_product_attention(qn, kn, vn)), sdpa_kernel(backend)
 
 
 def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal):
@@ -567,7 +577,10 @@ def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal):
     if causal:
         kwargs.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
     if q.shape[1] != k.shape[1]:
-        kwargs["enable_gqa"] = True
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:  # torch 2.11's varlen_attn has no GQA switch
+            k, v = _repeat_kv_heads(q, k, v)
     return (lambda: varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)), \
         contextlib.nullcontext()
 
