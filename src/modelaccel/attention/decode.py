@@ -105,12 +105,11 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < last_key) & (offs_n >= first_key)
-        if SPLIT_PAGES > 0:
-            page = tl.gather(split_pages, tl.minimum(offs_n // PAGE_SIZE - first_page, SPLIT_PAGES - 1), 0)
-            k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
-            v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
-        elif PAGED:
-            page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
+        if PAGED:
+            if SPLIT_PAGES > 0:
+                page = tl.gather(split_pages, tl.minimum(offs_n // PAGE_SIZE - first_page, SPLIT_PAGES - 1), 0)
+            else:
+                page = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + offs_n // PAGE_SIZE, mask=n_ok, other=0)
             k_rows = page.to(tl.int64) * stride_kb + (offs_n % PAGE_SIZE) * stride_ks
             v_rows = page.to(tl.int64) * stride_vb + (offs_n % PAGE_SIZE) * stride_vs
         else:

@@ -431,7 +431,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=atomic and use_tma,
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma,
                                 LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
