@@ -2,7 +2,8 @@
 # GPU check: the `gpu` tests and the benchmarks, in one call.
 # Runs from the source tree with the machine's own torch and triton (no install, no network).
 #   scripts/gpu_check.sh OUTDIR [PART ...]
-# PART: tests, fwd, bwd, varlen, train, decode, transformers (default: all, in that order). A device call
+# PART: tests, fwd, bwd, varlen, train, decode, transformers (default: all, in that order);
+# gluon (the Gluon forward prototype's GPU tests and benchmarks/gluon_fwd.py) only when named. A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
@@ -14,7 +15,7 @@
 # compiles one configuration instead of timing every candidate, which is most of the GPU
 # tests' time. Leave it unset for benchmarks after a kernel change (stale choices).
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train|decode|transformers ...]}
+out=${1:?usage: scripts/gpu_check.sh OUTDIR [tests|fwd|bwd|varlen|train|decode|transformers|gluon ...]}
 shift
 parts=${*:-tests fwd bwd varlen train decode transformers}
 suite=${SUITE:-default}
@@ -39,13 +40,17 @@ run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
 for part in $parts; do
   case $part in
     tests) run gpu_tests env MODELACCEL_TUNING=${MODELACCEL_TUNING:-off} python3 -m pytest -q -m gpu -p no:cacheprovider \
-             --durations=25 --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
+             --durations=25 --junitxml="$out/gpu_tests.xml" \
+             ${PYTEST_ARGS:-tests --ignore=tests/attention/test_gluon_fwd_gpu.py} ;;
     fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
     bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
     train) run train python3 -m modelaccel bench train --out "$out" ;;
     decode) run bench_decode python3 -m modelaccel bench decode-attention --suite "$suite" --out "$out" ;;
     transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ;;
+    gluon) run gluon_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
+             tests/attention/test_gluon_fwd_gpu.py
+           run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json" ;;
     *) echo "unknown part: $part"; failed="$failed $part" ;;
   esac
 done

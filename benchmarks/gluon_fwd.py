@@ -1,0 +1,73 @@
+"""The Gluon forward prototype against modelaccel's Triton forward and SDPA, same inputs.
+
+Each configuration of attention/gluon_fwd.GLUON_CONFIGS is checked against SDPA flash's
+output first (a wrong one is reported and not timed), then timed with do_bench (median);
+modelaccel (flash_attn_func, tuned Triton kernel), SDPA FLASH_ATTENTION and CUDNN_ATTENTION
+in the same run. bf16, head dim 128, causal: the forward benchmark's square rows and the
+Llama-3-8B prefill shapes; fp16 d128 non-causal on two rows.
+Usage: python benchmarks/gluon_fwd.py OUT.json
+"""
+
+import datetime
+import json
+import sys
+
+import torch
+import triton
+
+from modelaccel.attention.gluon_fwd import GLUON_CONFIGS, flash_attn_forward_gluon
+from modelaccel.bench.attention import _provider_call, attention_flops, compare_outputs, tflops
+
+# (batch, query heads, kv heads, tokens, causal, dtype)
+ROWS = [(16, 16, 16, 1024, True), (8, 16, 16, 2048, True), (4, 16, 16, 4096, True), (2, 16, 16, 8192, True),
+        (1, 16, 16, 16384, True), (1, 32, 8, 2048, True), (1, 32, 8, 8192, True), (4, 16, 16, 4096, False),
+        (1, 16, 16, 16384, False)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    for batch, hq, hk, n, causal in ROWS:
+        dtype = torch.bfloat16 if causal else torch.float16
+        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=dtype) for _ in range(2))
+        flops = attention_flops(batch, hq, n, n, 128, causal)
+        row = {"shape": [batch, hq, hk, n], "causal": causal, "dtype": str(dtype), "tflops": {}, "errors": {}}
+        with torch.inference_mode():
+            peers = {p: _provider_call(p, q, k, v, causal) for p in ("modelaccel", "flash", "cudnn")}
+            fn, ctx = peers["flash"]
+            with ctx:
+                ref = fn().transpose(1, 2)
+            for name, (fn, ctx) in peers.items():
+                with ctx:
+                    row["tflops"][name] = tflops(flops, bench(fn))
+            for config in GLUON_CONFIGS:
+                name = "gluon" + "x".join(map(str, config))
+                bm, bn, stages, warps = config
+
+                def call():
+                    return flash_attn_forward_gluon(q, k, v, 128 ** -0.5, causal, bm, bn, stages, warps)[0]
+                try:
+                    check = compare_outputs(call(), ref, "bf16" if dtype == torch.bfloat16 else "fp16")
+                except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on
+                    row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                    continue
+                if not check["ok"]:
+                    row["errors"][name] = f"wrong output: {check}"
+                    continue
+                row["tflops"][name] = tflops(flops, bench(call))
+        result["rows"].append(row)
+        best = max((t, p) for p, t in row["tflops"].items() if p.startswith("gluon")) if any(
+            p.startswith("gluon") for p in row["tflops"]) else (None, None)
+        print(batch, hq, hk, n, "causal" if causal else "full",
+              {p: round(t, 1) for p, t in row["tflops"].items()}, "best gluon", best, row["errors"] or "", flush=True)
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
