@@ -22,6 +22,8 @@ sequence. Dropout draws Philox numbers from (seed + batch * nheads + head, row *
 + col), so the backward pass regenerates the same mask.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -351,6 +353,11 @@ _GPU_CONFIGS = {
 # (benchmarks/launch_overhead.py), more than a small problem spends on the GPU.
 _TMA_MIN_FLOPS = 8e10
 _tuner = LaunchTuner("attention_fwd")
+# MODELACCEL_GLUON_FWD=1 sends the calls the Gluon prototype covers (gluon_fwd.py) to it:
+# an experiment switch, off by default, until the prototype is measured on a GPU.
+_GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "0") == "1"
+if _GLUON_FWD:
+    from . import gluon_fwd
 
 
 _candidate_lists = {}
@@ -430,6 +437,9 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
     left, right = window_size
     if causal:
         right = 0
+    if _GLUON_FWD and block_m is None and not interpreting() and gluon_fwd.gluon_forward_applies(
+            q, k, v, out, (left, right), softcap, alibi_slopes, dropout_p, varlen):
+        return gluon_fwd.flash_attn_forward_gluon_tuned(q, k, v, softmax_scale, right == 0, out, lse)
     block_d = max(next_power_of_2(headdim), 16)
     # Packed batches take the pointer path: a TMA box would read across sequence ends.
     tma_ok = not varlen and use_tma is not False

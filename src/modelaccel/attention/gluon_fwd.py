@@ -28,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_fwd import LOG2E
-from .launch import cdiv
+from .launch import LaunchTuner, capability, cdiv, size_bucket
 
 # triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 only async_load.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -185,7 +185,7 @@ def _shared_layout(block_shape, dtype):
 
 
 def flash_attn_forward_gluon(q, k, v, softmax_scale, causal=False, block_m=128, block_n=128, stages=2,
-                             num_warps=8):
+                             num_warps=8, out=None, lse=None):
     """The prototype forward: out [batch, seqlen_q, nheads, headdim] and lse float32
     [batch, nheads, seqlen_q], as flash_fwd.flash_attn_forward's.
 
@@ -200,8 +200,8 @@ def flash_attn_forward_gluon(q, k, v, softmax_scale, causal=False, block_m=128, 
         raise ValueError("the Gluon prototype takes contiguous q, k, v")
     if block_m != 16 * num_warps * (block_m // (16 * num_warps)) or block_m % (16 * num_warps):
         raise ValueError(f"block_m {block_m} must be a multiple of 16 x num_warps ({16 * num_warps})")
-    out = torch.empty_like(q)
-    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device) if lse is None else lse
     q2, k2, v2 = (t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3]) for t in (q, k, v))
     q_desc = TensorDescriptor.from_tensor(q2, [block_m, headdim], _shared_layout([block_m, headdim], q.dtype))
     kv_layout = _shared_layout([block_n, headdim], q.dtype)
@@ -212,4 +212,31 @@ def flash_attn_forward_gluon(q, k, v, softmax_scale, causal=False, block_m=128, 
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale * LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, num_warps=num_warps)
+    return out, lse
+
+
+_tuner = LaunchTuner("attention_fwd_gluon")
+
+
+def gluon_forward_applies(q, k, v, out, window_size, softcap, alibi_slopes, dropout_p, varlen):
+    """Whether the prototype covers this call (MODELACCEL_GLUON_FWD=1 routes such calls of
+    flash_fwd.flash_attn_forward here): dense contiguous fp16/bf16 on Hopper, head dim 64
+    or 128, no window (causal allowed), softcap, ALiBi or dropout."""
+    left, right = window_size
+    return (q.is_cuda and not varlen and left < 0 and right in (-1, 0) and softcap <= 0 and alibi_slopes is None
+            and dropout_p == 0 and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, out))
+            and capability(q.device.index)[0] == 9)
+
+
+def flash_attn_forward_gluon_tuned(q, k, v, softmax_scale, causal, out, lse):
+    """flash_attn_forward_gluon with its configuration tuned per problem class."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    key = (q.dtype, headdim, causal, size_bucket(seqlen_q), size_bucket(k.shape[1]), size_bucket(batch * nheads))
+
+    def launch(config):
+        block_m, block_n, stages, warps = config
+        flash_attn_forward_gluon(q, k, v, softmax_scale, causal, block_m, block_n, stages, warps, out, lse)
+
+    launch(_tuner.choose(key, GLUON_CONFIGS, launch))
     return out, lse
