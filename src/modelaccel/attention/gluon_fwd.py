@@ -46,17 +46,24 @@ def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, block, k_row0, col, BLOCK_N: 
 
 
 @gluon.jit
-def _online_softmax(s, m_i, l_i, offs_m, offs_n, qk_scale, SEQLEN_K, diag, CAUSAL: gl.constexpr):
-    """P = exp2(scores - running max) for one key block, in the log2 domain, with the
-    running max and sum updated; alpha rescales what was accumulated before."""
-    s = s * qk_scale
-    keep = offs_n[None, :] < SEQLEN_K
+def _online_softmax(s, m_i, l_i, offs_m, start_m, start_n, offs_n0, qk_scale, SEQLEN_K, diag,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """P = exp2(scores * qk_scale - running max) for the key block at start_n (the max kept
+    in scaled log2 units, so each score costs one FMA before its exp2), with the running
+    max and sum updated; alpha rescales what was accumulated before. Only a block that
+    reaches past the keys or across the causal diagonal is masked (a uniform branch)."""
+    needs_mask = start_n + BLOCK_N > SEQLEN_K
     if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
-    s = gl.where(keep, s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        needs_mask = needs_mask | (start_n + BLOCK_N - 1 > start_m + diag)
+    if needs_mask:
+        offs_n = start_n + offs_n0
+        keep = offs_n[None, :] < SEQLEN_K
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + diag)
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
     m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-    p = gl.exp2(s - m_use[:, None])
+    p = gl.exp2(s * qk_scale - m_use[:, None])
     alpha = gl.exp2(m_i - m_use)
     return p, m_new, l_i * alpha + gl.sum(p, axis=1), alpha
 
@@ -124,7 +131,8 @@ def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os,
     s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-    p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, offs_n0, qk_scale, SEQLEN_K, diag, CAUSAL)
+    p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, start_m, 0, offs_n0, qk_scale, SEQLEN_K, diag,
+                                             BLOCK_M, BLOCK_N, CAUSAL)
     p = gl.convert_layout(p_f32.to(dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
     # Slot STAGES - 1 has not been used yet.
@@ -140,8 +148,8 @@ def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os,
         # wgmma groups complete in order: one left in flight means S_j is done while
         # P_{j-1} V_{j-1} may still run under the softmax below.
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
-        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, j * BLOCK_N + offs_n0, qk_scale, SEQLEN_K,
-                                                 diag, CAUSAL)
+        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, start_m, j * BLOCK_N, offs_n0, qk_scale,
+                                                 SEQLEN_K, diag, BLOCK_M, BLOCK_N, CAUSAL)
         # P_{j-1} is the product's register operand: kept alive (a dependency) until the
         # product is done, so the softmax above cannot have taken its registers.
         acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
@@ -172,10 +180,10 @@ def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os,
 
 # (BLOCK_M, BLOCK_N, STAGES, num_warps) to sweep on the GPU (benchmarks/gluon_fwd.py).
 # Registers and shared memory per program at head dim 128, bf16, causal, compiled for sm_90
-# with triton 3.6 (scripts/compile_check.py --gluon): (128, 128, 2, 8) 194 / 160 KB;
-# (64, 128, 2, 4) 194 / 144 KB; (128, 64, 3, 8) 139 / 128 KB; (64, 64, 3, 4) 138 / 112 KB;
-# (64, 64, 2, 4) fits two programs per SM (80 KB each), the nearest this kernel gets to
-# FA3's two warpgroups taking turns.
+# with triton 3.6 (scripts/compile_check.py --gluon): (128, 128, 2, 8) 210 / 160 KB;
+# (64, 128, 2, 4) 212 / 144 KB; (128, 64, 3, 8) 166 / 128 KB; (64, 64, 3, 4) 151 / 112 KB;
+# (64, 64, 2, 4) 155 / 80 KB fits two programs per SM, the nearest this kernel gets to
+# FA3's two warpgroups taking turns. None spills.
 GLUON_CONFIGS = [(128, 128, 2, 8), (128, 64, 3, 8), (64, 128, 2, 4), (64, 64, 3, 4), (64, 64, 2, 4)]
 
 
