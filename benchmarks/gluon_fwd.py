@@ -1,21 +1,23 @@
-"""The Gluon forward prototype against modelaccel's Triton forward and SDPA, same inputs.
+"""Each launch configuration of the warp-specialized Gluon forward against flash_attn_func
+(tuned over the Triton and Gluon candidates) and SDPA, same inputs.
 
-Each configuration of attention/gluon_fwd.GLUON_CONFIGS is checked against SDPA flash's
+Each configuration of attention/gluon_fwd.GLUON_WS_CONFIGS is checked against SDPA flash's
 output first (a wrong one is reported and not timed), then timed with do_bench (median);
-modelaccel (flash_attn_func, tuned Triton kernel), SDPA FLASH_ATTENTION and CUDNN_ATTENTION
-in the same run. bf16, head dim 128, causal: the forward benchmark's square rows and the
+modelaccel (flash_attn_func as users call it), SDPA FLASH_ATTENTION and CUDNN_ATTENTION in
+the same run. bf16, head dim 128, causal: the forward benchmark's square rows and the
 Llama-3-8B prefill shapes; fp16 d128 non-causal on two rows.
 Usage: python benchmarks/gluon_fwd.py OUT.json
 """
 
 import datetime
 import json
+import os
 import sys
 
 import torch
 import triton
 
-from modelaccel.attention.gluon_fwd import GLUON_CONFIGS, flash_attn_forward_gluon
+from modelaccel.attention.gluon_fwd import GLUON_WS_CONFIGS, flash_attn_forward_gluon_ws
 from modelaccel.bench.attention import _provider_call, attention_flops, compare_outputs, tflops
 
 # (batch, query heads, kv heads, tokens, causal, dtype)
@@ -30,6 +32,7 @@ def bench(fn):
 
 def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
     for batch, hq, hk, n, causal in ROWS:
         dtype = torch.bfloat16 if causal else torch.float16
@@ -38,19 +41,20 @@ def main():
         flops = attention_flops(batch, hq, n, n, 128, causal)
         row = {"shape": [batch, hq, hk, n], "causal": causal, "dtype": str(dtype), "tflops": {}, "errors": {}}
         with torch.inference_mode():
-            peers = {p: _provider_call(p, q, k, v, causal) for p in ("modelaccel", "flash", "cudnn")}
-            fn, ctx = peers["flash"]
+            # A peer's context (SDPA's backend choice) is a one-shot context manager: one per use.
+            fn, ctx = _provider_call("flash", q, k, v, causal)
             with ctx:
                 ref = fn().transpose(1, 2)
-            for name, (fn, ctx) in peers.items():
+            for name in ("modelaccel", "flash", "cudnn"):
+                fn, ctx = _provider_call(name, q, k, v, causal)
                 with ctx:
                     row["tflops"][name] = tflops(flops, bench(fn))
-            for config in GLUON_CONFIGS:
-                name = "gluon" + "x".join(map(str, config))
-                bm, bn, stages, warps = config
-
-                def call():
-                    return flash_attn_forward_gluon(q, k, v, 128 ** -0.5, causal, bm, bn, stages, warps)[0]
+            candidates = {}
+            for bn, stages, pingpong in GLUON_WS_CONFIGS:
+                candidates[f"ws{bn}x{stages}{'pp' if pingpong else ''}"] = (
+                    lambda bn=bn, stages=stages, pingpong=pingpong:
+                    flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, causal, bn, stages, pingpong)[0])
+            for name, call in candidates.items():
                 try:
                     check = compare_outputs(call(), ref, "bf16" if dtype == torch.bfloat16 else "fp16")
                 except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on
@@ -61,8 +65,8 @@ def main():
                     continue
                 row["tflops"][name] = tflops(flops, bench(call))
         result["rows"].append(row)
-        best = max((t, p) for p, t in row["tflops"].items() if p.startswith("gluon")) if any(
-            p.startswith("gluon") for p in row["tflops"]) else (None, None)
+        ours = [(t, p) for p, t in row["tflops"].items() if p not in ("modelaccel", "flash", "cudnn")]
+        best = max(ours) if ours else (None, None)
         print(batch, hq, hk, n, "causal" if causal else "full",
               {p: round(t, 1) for p, t in row["tflops"].items()}, "best gluon", best, row["errors"] or "", flush=True)
     with open(sys.argv[1], "w") as f:

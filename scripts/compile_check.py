@@ -7,7 +7,7 @@ installed. Run it with the GPU machine's triton (3.6) too: `pip install --no-dep
 DIR triton==3.6.0` and put DIR first on PYTHONPATH.
 Usage: python scripts/compile_check.py   (exit status 1 if a kernel fails to compile)
        python scripts/compile_check.py --candidates
-       python scripts/compile_check.py --gluon   (the Gluon forward prototype's configurations)
+       python scripts/compile_check.py --gluon   (the warp-specialized Gluon forward's configurations)
 The second compiles every GPU launch candidate of the forward, backward and decode kernels
 (bf16, head dim 128, causal; decoding with a contiguous cache, one query, GQA 4) and prints each one's registers, stack (spilled registers
 live there) and static shared memory from the cubin: a candidate that spills kilobytes
@@ -167,36 +167,40 @@ def print_candidate_usage():
               flush=True)
 
 
-def compile_gluon_fwd(block_m, block_n, stages, num_warps, headdim=128, causal=True):
-    """The Gluon forward prototype (attention/gluon_fwd.py) compiled for sm_90, bf16."""
+def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
+    """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from modelaccel.attention import gluon_fwd
 
-    kernel = gluon_fwd._attn_fwd_gluon_kernel
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
-                      num_warps=num_warps)
+    kernel = gluon_fwd._attn_fwd_ws_kernel
+    constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong)
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
-                   for name, rows in (("q_desc", block_m), ("k_desc", block_n), ("v_desc", block_n))}
+                   for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
                  {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32"}.get(name, "i32") for name in kernel.arg_names}
     source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps})
+    return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
 def print_gluon_usage():
-    from modelaccel.attention.gluon_fwd import GLUON_CONFIGS
+    from modelaccel.attention.gluon_fwd import GLUON_WS_CONFIGS
 
-    print("gluon fwd (BLOCK_M, BLOCK_N, STAGES, num_warps), d128 bf16 causal: registers, stack bytes, shared bytes, "
-          "wgmma waits")
-    for config in GLUON_CONFIGS:
-        compiled = compile_gluon_fwd(*config)
+    print("gluon warp-specialized fwd (BLOCK_N, STAGES, PINGPONG), d128 bf16 causal: registers, stack, shared, "
+          "setmaxnreg")
+    for config in GLUON_WS_CONFIGS:
+        try:
+            compiled = compile_gluon_ws_fwd(*config)
+        except Exception:  # noqa: BLE001 - report each configuration
+            print(f"{config}: FAIL\n{traceback.format_exc()}", flush=True)
+            continue
         regs, stack, shared = resource_usage(compiled)
-        waits = re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)", compiled.asm["ptx"])
-        print(f"{config}: {regs} registers, {stack} stack, {shared} shared, waits {' '.join(waits)}", flush=True)
+        setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", compiled.asm["ptx"])
+        print(f"{config}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg {' '.join(setmax)}",
+              flush=True)
 
 
 def main():

@@ -1,21 +1,28 @@
-"""The Gluon forward prototype (attention/gluon_fwd.py) on a Hopper GPU, against the float32
-reference: every configuration, causal or not, GQA, ragged lengths, fp16/bf16."""
+"""The warp-specialized Gluon forward (attention/gluon_fwd.py) on a Hopper GPU, against the
+float32 reference: every configuration, causal or not, GQA, ragged lengths, fp16/bf16; and
+flash_attn_func (forward and backward) with the tuner sent to it."""
 
 import pytest
 import torch
 
-from modelaccel.attention.gluon_fwd import GLUON_CONFIGS, flash_attn_forward_gluon
+from modelaccel import flash_attn_func
+from modelaccel.attention import flash_fwd, gluon_fwd
+from modelaccel.attention.gluon_fwd import GLUON_WS_CANDIDATES, GLUON_WS_CONFIGS, flash_attn_forward_gluon_ws
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close
+from modelaccel.testing import assert_attention_close, assert_grads_close
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("config", GLUON_CONFIGS, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64),
-                                   (2, 2048, 2048, 8, 2, 128)], ids=lambda s: "x".join(map(str, s)))
+SHAPES = [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64), (2, 2048, 2048, 8, 2, 128),
+          (1, 1500, 300, 4, 4, 128)]
+
+
+@pytest.mark.parametrize("config", GLUON_WS_CONFIGS, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True])
-def test_gluon_forward_matches_reference(config, shape, causal, monkeypatch):
+@pytest.mark.parametrize("layouts", [("bshd",) * 3, ("bhsd", "bhsd", "bshd")], ids="-".join)
+def test_gluon_forward_matches_reference(config, shape, causal, layouts, monkeypatch):
     # The launcher's outputs start as NaN: every element must be written.
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
@@ -26,10 +33,46 @@ def test_gluon_forward_matches_reference(config, shape, causal, monkeypatch):
     dtype = torch.bfloat16 if headdim == 128 else torch.float16
     q = torch.randn(batch, seqlen_q, nheads, headdim, generator=gen).to("cuda", dtype)
     k, v = (torch.randn(batch, seqlen_k, nheads_k, headdim, generator=gen).to("cuda", dtype) for _ in range(2))
-    block_m, block_n, stages, warps = config
-    out, lse = flash_attn_forward_gluon(q, k, v, headdim ** -0.5, causal=causal, block_m=block_m, block_n=block_n,
-                                        stages=stages, num_warps=warps)
+    # "bhsd": Transformers' layout, [batch, heads, seqlen, headdim] contiguous seen as bshd.
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) if layout == "bhsd" else t
+               for t, layout in zip((q, k, v), layouts))
+    out, lse = flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, causal, *config)
     ref_out, ref_lse = attention_ref(q.float(), k.float(), v.float(), headdim ** -0.5, causal,
                                      compute_dtype=torch.float32)
     assert torch.isfinite(out).all()
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+@pytest.mark.parametrize("candidate", GLUON_WS_CANDIDATES, ids=lambda c: "x".join(map(str, c[1:])))
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_runs_the_gluon_forward_when_tuned_to_it(candidate, causal, monkeypatch):
+    # Large enough for the tuner to offer the Gluon candidates (flash_fwd._TMA_MIN_FLOPS).
+    batch, seqlen, nheads, nheads_k, headdim = 1, 4096, 16, 4, 128
+    assert 4 * batch * nheads * seqlen * seqlen * headdim >= flash_fwd._TMA_MIN_FLOPS
+    offered, ran = [], []
+    choose = flash_fwd._tuner.choose
+
+    def choose_gluon(key, candidates, launch):
+        if candidate in candidates:
+            offered.append(key)
+            return candidate
+        return choose(key, candidates, launch)
+
+    real = gluon_fwd.flash_attn_forward_gluon_ws
+    monkeypatch.setattr(flash_fwd._tuner, "choose", choose_gluon)
+    monkeypatch.setattr(gluon_fwd, "flash_attn_forward_gluon_ws", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    assert offered and ran, "the Gluon candidate was not offered or did not run"
+    grad = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    ref_out, ref_lse = attention_ref(q.float(), k.float(), v.float(), headdim ** -0.5, causal,
+                                     compute_dtype=torch.float32)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(qf, kf, vf, headdim ** -0.5, causal,
+                                                  compute_dtype=torch.float32)[0], (qf, kf, vf), grad.float())
+    assert_grads_close((dq, dk, dv), ref_grads, q.dtype)

@@ -1,23 +1,25 @@
-"""Prototype: the attention forward in Gluon for Hopper, with the softmax of one key block
-overlapping the matmuls of the next (FA3's intra-warpgroup pipelining).
+"""The attention forward in Gluon for Hopper, warp-specialized as FlashAttention-3 is.
 
-Why: Triton 3.6 waits on every non-accumulating wgmma right after issuing it (TTGIR of
-flash_fwd._attn_fwd_kernel), so a warpgroup's exp2/max/sum work and its tensor-core work
-run one after the other; that is most of the gap to cuDNN (benchmarks/NOTES.md). Gluon
-(triton.experimental.gluon, in triton 3.6) issues wgmma asynchronously and lets the kernel
-say where to wait. Per key block j the loop here:
-    issue S_j = Q K_j^T                  (async)
-    issue O += P_{j-1} V_{j-1}           (async, P from registers)
-    wait for S_j only (one group left in flight), softmax of S_j while P_{j-1} V_{j-1} runs
-    wait for O, rescale it by exp2(m_{j-1} - m_j)
-K/V tiles stream through a ring of STAGES shared-memory buffers by TMA, each with an
-mbarrier; block j + STAGES - 1 is loaded once block j - 1's V has been consumed.
+Why Gluon: Triton 3.6 waits on every non-accumulating wgmma right after issuing it (TTGIR
+of flash_fwd._attn_fwd_kernel), so a warpgroup's exp2/max/sum work and its tensor-core work
+run one after the other; that was most of the gap to cuDNN (benchmarks/NOTES.md). Gluon
+(triton.experimental.gluon, in triton 3.6) issues wgmma asynchronously, lets the kernel say
+where to wait, and splits a program's warps into partitions with their own registers:
+- one producer warp streams Q and K/V tiles by TMA into a ring of shared-memory slots;
+- two consumer warpgroups of 64 query rows each share that ring. Per key block j one
+  issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} together, waits for S_j alone, and runs
+  the softmax of S_j while the P V product is still on the tensor cores; with PINGPONG
+  the two warpgroups take turns issuing, so one's products run under the other's softmax.
+- setmaxnreg gives each consumer 240 registers and the producer 24.
+A first version without warp specialization (one or two programs per SM, the same
+overlap within a warpgroup) measured no faster than the Triton kernel on the H200
+(benchmarks/results/gluon_fwd_*): the two partitions and their registers are what count.
 
-Scope of the prototype: dense [batch, seqlen, nheads, headdim] fp16/bf16, head dim 64 or
-128, GQA, causal (bottom-right) or not; no window, softcap, ALiBi, dropout or varlen.
-GPU only (Gluon does not run in the Triton interpreter). NOT RUN ON A GPU YET: compiled
-for sm_90 with triton 3.6 on the CPU box only (scripts/compile_check.py --gluon). Not
-wired into flash_attn_func.
+Scope: dense [batch, seqlen, nheads, headdim] fp16/bf16, head dim 64 or 128, GQA, causal
+(bottom-right) or not; no window, softcap, ALiBi, dropout or varlen. GPU only: Gluon does
+not run in the Triton interpreter, so the CPU tests cover the Triton kernel and
+tests/attention/test_gluon_fwd_gpu.py this one. flash_fwd.flash_attn_forward offers it
+to its tuner as extra candidates where gluon_forward_applies.
 """
 
 import torch
@@ -28,21 +30,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_fwd import LOG2E
-from .launch import LaunchTuner, capability, cdiv, size_bucket
+from .launch import capability, cdiv
 
 # triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 only async_load.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, bars, block, k_row0, col, BLOCK_N: gl.constexpr,
-             STAGES: gl.constexpr, pred):
-    """TMA of key block `block` (K and V) into ring slot block % STAGES, if pred."""
-    slot = block % STAGES
-    bar = bars.index(slot)
-    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-    _tma_load(k_desc, [k_row0 + block * BLOCK_N, col], bar, k_smem.index(slot), pred=pred)
-    _tma_load(v_desc, [k_row0 + block * BLOCK_N, col], bar, v_smem.index(slot), pred=pred)
 
 
 @gluon.jit
@@ -68,123 +59,268 @@ def _online_softmax(s, m_i, l_i, offs_m, start_m, start_n, offs_n0, qk_scale, SE
     return p, m_new, l_i * alpha + gl.sum(p, axis=1), alpha
 
 
+
+# Every partition takes the same arguments (Gluon requires it of the workers; the default
+# partition follows suit so that one body serves both consumers).
+WS_ROWS = 64  # query rows per consumer warpgroup (wgmma's M); host side
+_WS_ROWS: gl.constexpr = gl.constexpr(WS_ROWS)
+
+
 @gluon.jit
-def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b,
-                           stride_lse_h, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, qk_scale,
-                           BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
-    """One BLOCK_M block of query rows of one (batch, head). q_desc is over q viewed as
-    [batch * seqlen_q, nheads * headdim] in blocks [BLOCK_M, HEAD_D]; k_desc, v_desc over
-    k, v as [batch * seqlen_k, nheads_k * headdim] in blocks [BLOCK_N, HEAD_D]. A block past
-    a sequence's end reads the next sequence's rows (or TMA's zeros past the tensor): those
-    keys are masked, those query rows never stored. O [batch, seqlen_q, nheads, headdim],
-    LSE float32 (natural log)."""
+def _ws_take_turn(turn_bars, wg: gl.constexpr, section, PINGPONG: gl.constexpr):
+    """Wait until the other warpgroup has issued its products of the section before ours
+    (warpgroup 0 goes first in each section)."""
+    if PINGPONG:
+        if wg == 0:
+            mbarrier.wait(turn_bars.index(0), (section - 1) & 1, pred=section > 0)
+        else:
+            mbarrier.wait(turn_bars.index(1), section & 1)
+
+
+@gluon.jit
+def _ws_pass_turn(turn_bars, wg: gl.constexpr, PINGPONG: gl.constexpr):
+    if PINGPONG:
+        mbarrier.arrive(turn_bars.index(1 - wg), count=1)
+
+
+@gluon.jit
+def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                 k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h,
+                 q_row0, q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
+                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 PINGPONG: gl.constexpr):
+    """Q for both warpgroups, then K and V block by block into the ring. A slot's K is
+    refilled once both warpgroups have their scores from it, its V once both have the
+    P V product: K runs up to a block ahead of V. Tiles start at (row0 + offset, col) of
+    each tensor's 2D view. (wg is unused: the workers' signatures must match.)"""
+    for i in gl.static_range(2):
+        mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row0 + i * _WS_ROWS, q_col], q_bars.index(i), q_smem.index(i))
+    for j in range(n_blocks):
+        slot = j % STAGES
+        phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier reads as having completed phase 1
+        mbarrier.wait(k_empty.index(slot), phase)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.wait(v_empty.index(slot), phase)
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [v_row0 + j * BLOCK_N, v_col], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
+                k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h,
+                q_row0, q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
+                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                PINGPONG: gl.constexpr):
+    """Query rows start_m + 64 wg ... + 63 against every key block: S_j and P_{j-1} V_{j-1}
+    in flight together, the softmax of S_j under the second, the ring's slots released as
+    their K or V is consumed. A query block past a sequence's end reads the next
+    sequence's rows (or TMA's zeros past the tensor): never stored. A key block past
+    seqlen_k is masked. Rows that see no key (causal, seqlen_q > seqlen_k) give 0, lse +inf."""
     dtype: gl.constexpr = q_desc.dtype
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    cols_s: gl.constexpr = gl.SliceLayout(0, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    cols_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    row0 = start_m + wg * _WS_ROWS
+    offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
+    offs_n0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+    s_zero = gl.zeros([_WS_ROWS, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.index(wg)
+    mbarrier.wait(q_bars.index(wg), 0)
 
-    pid_m = gl.program_id(0)
-    pid_bh = gl.program_id(1)
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    diag = SEQLEN_K - SEQLEN_Q
-    k_row0 = b * SEQLEN_K
-    kv_col = hk * HEAD_D
-    hi = SEQLEN_K
-    if CAUSAL:
-        hi = gl.minimum(SEQLEN_K, gl.maximum(start_m + BLOCK_M + diag, 0))
-    # At least one block, so a program whose rows see no key (causal, seqlen_q > seqlen_k)
-    # still runs the loop's code path: every score is masked and its rows come out empty.
-    n_blocks = gl.maximum((hi + BLOCK_N - 1) // BLOCK_N, 1)
-
-    q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(kv_bars.index(i), count=1)
-    fence_async_shared()
-
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    _tma_load(q_desc, [b * SEQLEN_Q + start_m, h * HEAD_D], q_bar, q_smem)
-    for i in gl.static_range(STAGES - 1):
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, i, k_row0, kv_col, BLOCK_N, STAGES, i < n_blocks)
-
-    offs_m = start_m + gl.arange(0, BLOCK_M, layout=rows_s)
-    offs_n0 = gl.arange(0, BLOCK_N, layout=cols_s)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
-
-    # Block 0 alone: there is no P V product to overlap yet.
-    mbarrier.wait(kv_bars.index(0), 0)
-    s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=rows_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=rows_s)
-    p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, start_m, 0, offs_n0, qk_scale, SEQLEN_K, diag,
-                                             BLOCK_M, BLOCK_N, CAUSAL)
+    # Section 0: the scores of block 0 alone.
+    _ws_take_turn(turn_bars, wg, 0, PINGPONG)
+    mbarrier.wait(k_ready.index(0), 0)
+    s_token = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _ws_pass_turn(turn_bars, wg, PINGPONG)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
+    mbarrier.arrive(k_empty.index(0), count=1)
+    m_i = gl.full([_WS_ROWS], float("-inf"), gl.float32, layout=rows_s)
+    l_i = gl.zeros([_WS_ROWS], gl.float32, layout=rows_s)
+    p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, 0, offs_n0, qk_scale, SEQLEN_K, diag,
+                                             _WS_ROWS, BLOCK_N, CAUSAL)
     p = gl.convert_layout(p_f32.to(dtype), p_layout)
-    acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
-    # Slot STAGES - 1 has not been used yet.
-    _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, STAGES - 1, k_row0, kv_col, BLOCK_N, STAGES,
-             STAGES - 1 < n_blocks)
+    acc = gl.zeros([_WS_ROWS, HEAD_D], gl.float32, layout=o_layout)
 
     for j in range(1, n_blocks):
         slot = j % STAGES
         prev = (j - 1) % STAGES
-        mbarrier.wait(kv_bars.index(slot), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _ws_take_turn(turn_bars, wg, j, PINGPONG)
+        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
+        s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
         o_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
-        # wgmma groups complete in order: one left in flight means S_j is done while
-        # P_{j-1} V_{j-1} may still run under the softmax below.
+        _ws_pass_turn(turn_bars, wg, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
-        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, start_m, j * BLOCK_N, offs_n0, qk_scale,
-                                                 SEQLEN_K, diag, BLOCK_M, BLOCK_N, CAUSAL)
-        # P_{j-1} is the product's register operand: kept alive (a dependency) until the
-        # product is done, so the softmax above cannot have taken its registers.
+        mbarrier.arrive(k_empty.index(slot), count=1)
+        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, j * BLOCK_N, offs_n0, qk_scale,
+                                                 SEQLEN_K, diag, _WS_ROWS, BLOCK_N, CAUSAL)
         acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
+        mbarrier.arrive(v_empty.index(prev), count=1)
         acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
-        # Slot `prev` held block j - 1, whose V the wait above has consumed.
-        _load_kv(k_desc, v_desc, k_smem, v_smem, kv_bars, j + STAGES - 1, k_row0, kv_col, BLOCK_N, STAGES,
-                 j + STAGES - 1 < n_blocks)
 
-    acc = warpgroup_mma(p, v_smem.index((n_blocks - 1) % STAGES), acc)
+    # Last section: the P V product of the last block.
+    last = (n_blocks - 1) % STAGES
+    _ws_take_turn(turn_bars, wg, n_blocks, PINGPONG)
+    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
+    o_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+    _ws_pass_turn(turn_bars, wg, PINGPONG)
+    acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
 
-    mbarrier.invalidate(q_bar)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(kv_bars.index(i))
-
-    # Rows that see no key (causal, seqlen_q > seqlen_k) give 0 and lse +inf.
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
     out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-    offs_mo = start_m + gl.arange(0, BLOCK_M, layout=rows_o)
-    offs_d = gl.arange(0, HEAD_D, layout=cols_o)
+    offs_mo = row0 + gl.arange(0, _WS_ROWS, layout=rows_o)
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
     out_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
                 + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
     gl.store(out_ptrs, out.to(dtype), mask=offs_mo[:, None] < SEQLEN_Q)
     gl.store(LSE + b.to(gl.int64) * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=offs_m < SEQLEN_Q)
 
 
-# (BLOCK_M, BLOCK_N, STAGES, num_warps) to sweep on the GPU (benchmarks/gluon_fwd.py).
-# Registers and shared memory per program at head dim 128, bf16, causal, compiled for sm_90
-# with triton 3.6 (scripts/compile_check.py --gluon): (128, 128, 2, 8) 210 / 160 KB;
-# (64, 128, 2, 4) 212 / 144 KB; (128, 64, 3, 8) 166 / 128 KB; (64, 64, 3, 4) 151 / 112 KB;
-# (64, 64, 2, 4) 155 / 80 KB fits two programs per SM, the nearest this kernel gets to
-# FA3's two warpgroups taking turns. None spills.
-GLUON_CONFIGS = [(128, 128, 2, 8), (128, 64, 3, 8), (64, 128, 2, 4), (64, 64, 3, 4), (64, 64, 2, 4)]
+@gluon.jit
+def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                        NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+                        K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, BLOCK_N: gl.constexpr,
+                        HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+    """128 query rows of one (batch, head). q_desc is over a 2D view of q in blocks
+    [64, HEAD_D] where sequence position s of (batch b, head h) is row b Q_ROWS_B +
+    h Q_ROWS_H + s from column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v
+    in blocks [BLOCK_N, HEAD_D]. O [batch, seqlen_q, nheads, headdim],
+    LSE float32. Grid (batch * nheads, query blocks): heads vary fastest, so the programs
+    sharing a kv head run together; causal runs the longest query blocks first. Both
+    consumers run the same number of key blocks (the lower half masks one more)."""
+    pid_bh = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    if CAUSAL:
+        pid_m = gl.num_programs(1) - 1 - pid_m
+    b = pid_bh // NHEADS
+    h = pid_bh % NHEADS
+    start_m = pid_m * (2 * _WS_ROWS)
+    diag = SEQLEN_K - SEQLEN_Q
+    hi = SEQLEN_K
+    if CAUSAL:
+        hi = gl.minimum(SEQLEN_K, gl.maximum(start_m + 2 * _WS_ROWS + diag, 0))
+    n_blocks = gl.maximum((hi + BLOCK_N - 1) // BLOCK_N, 1)
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, _WS_ROWS, HEAD_D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn_bars.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    hk = h // GROUP
+    q_row0 = b * Q_ROWS_B + h * Q_ROWS_H + start_m
+    q_col = h * Q_COLS_H
+    k_row0 = b * K_ROWS_B + hk * K_ROWS_H
+    k_col = hk * K_COLS_H
+    v_row0 = b * V_ROWS_B + hk * V_ROWS_H
+    v_col = hk * V_COLS_H
+    # Each partition gets its own tuple, written out: constexprs reach a partition as
+    # constexprs only so (BLOCK_N sizes layouts).
+    gl.warp_specialize([
+        (_ws_consume, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
+                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
+                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
+        (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
+                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
+                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
+        (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
+                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
+                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
+                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
+    ],
+                       [4, 1], [_WS_CONSUMER_REGS, 24])
+
+
+# Registers per thread: the second consumer and the producer ask for these; the kernel's
+# maxnreg leaves the first consumer (the default partition) the same 240:
+# (168 * 12 warps - 240 * 4 - 24 * 4) * 32 / 128 threads = 240.
+_WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+_WS_MAXNREG = 168
+
+# (BLOCK_N, STAGES, PINGPONG). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
+# On the H200 (benchmarks/results/gluon_fwd_*) 128-key blocks won every row; 64-key blocks
+# (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
+# 128 x 2 and is kept beside the free-running launch, 3 stages where the ring runs dry.
+GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
+# As flash_fwd.flash_attn_forward's tuner sees them.
+GLUON_WS_CANDIDATES = [("gluon_ws", *c) for c in GLUON_WS_CONFIGS]
+
+
+def _row_view(t):
+    """t [batch, seqlen, heads, headdim] as a 2D tensor whose rows are sequence positions,
+    with (rows per batch, rows per head, columns per head) locating (b, h, s), or None.
+
+    Two layouts qualify: [batch, seqlen, heads, headdim] contiguous (flash-attn's; a row
+    holds every head) and [batch, heads, seqlen, headdim] contiguous seen through a
+    transpose (Transformers' layout; each head is a run of rows). Anything else goes to
+    the Triton kernel, which takes any strides."""
+    batch, seqlen, heads, headdim = t.shape
+    sb, ss, sh, sd = t.stride()
+    if sd != 1 or t.data_ptr() % 16:
+        return None
+    if ss == heads * headdim and sh == headdim and (batch == 1 or sb == seqlen * ss):
+        return t.as_strided((batch * seqlen, heads * headdim), (ss, 1)), seqlen, 0, headdim
+    if ss == headdim and sh == seqlen * headdim and (batch == 1 or sb == heads * sh):
+        return t.as_strided((batch * heads * seqlen, headdim), (ss, 1)), heads * seqlen, seqlen, 0
+    return None
+
+
+def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
+                                out=None, lse=None):
+    """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
+    lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
+    flash_fwd.flash_attn_forward returns them.
+
+    q [batch, seqlen_q, nheads, headdim], k/v [batch, seqlen_k, nheads_k, headdim]:
+    fp16/bf16 CUDA tensors on Hopper, each contiguous either as is or as the transpose of a
+    contiguous [batch, heads, seqlen, headdim] (_row_view); headdim 64 or 128, nheads a
+    multiple of nheads_k. causal is bottom-right aligned. out/lse: optional outputs."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if headdim not in (64, 128):
+        raise ValueError(f"the Gluon forward takes head dim 64 or 128, got {headdim}")
+    views = [_row_view(t) for t in (q, k, v)]
+    if any(view is None for view in views):
+        raise ValueError("the Gluon forward takes q, k, v contiguous as [batch, seqlen, heads, headdim] or "
+                         "[batch, heads, seqlen, headdim]")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
+    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device) if lse is None else lse
+    q_desc = TensorDescriptor.from_tensor(views[0][0], [WS_ROWS, headdim],
+                                          _shared_layout([WS_ROWS, headdim], q.dtype))
+    kv_layout = _shared_layout([block_n, headdim], q.dtype)
+    k_desc, v_desc = (TensorDescriptor.from_tensor(view[0], [block_n, headdim], kv_layout) for view in views[1:])
+    grid = (batch * nheads, cdiv(seqlen_q, 2 * WS_ROWS))
+    _attn_fwd_ws_kernel[grid](
+        q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
+        nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
+        softmax_scale * LOG2E, BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
+        num_warps=4, maxnreg=_WS_MAXNREG)
+    return out, lse
 
 
 def _shared_layout(block_shape, dtype):
@@ -192,59 +328,11 @@ def _shared_layout(block_shape, dtype):
                                                              torch.bfloat16: gl.bfloat16}[dtype])
 
 
-def flash_attn_forward_gluon(q, k, v, softmax_scale, causal=False, block_m=128, block_n=128, stages=2,
-                             num_warps=8, out=None, lse=None):
-    """The prototype forward: out [batch, seqlen_q, nheads, headdim] and lse float32
-    [batch, nheads, seqlen_q], as flash_fwd.flash_attn_forward's.
-
-    q [batch, seqlen_q, nheads, headdim], k/v [batch, seqlen_k, nheads_k, headdim],
-    contiguous fp16/bf16 CUDA tensors on Hopper; headdim 64 or 128. block_m: 64 per
-    warpgroup (num_warps 4 per 64 rows)."""
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k, nheads_k = k.shape[1], k.shape[2]
-    if headdim not in (64, 128):
-        raise ValueError(f"the Gluon prototype takes head dim 64 or 128, got {headdim}")
-    if not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
-        raise ValueError("the Gluon prototype takes contiguous q, k, v")
-    if block_m != 16 * num_warps * (block_m // (16 * num_warps)) or block_m % (16 * num_warps):
-        raise ValueError(f"block_m {block_m} must be a multiple of 16 x num_warps ({16 * num_warps})")
-    out = torch.empty_like(q) if out is None else out
-    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device) if lse is None else lse
-    q2, k2, v2 = (t.view(t.shape[0] * t.shape[1], t.shape[2] * t.shape[3]) for t in (q, k, v))
-    q_desc = TensorDescriptor.from_tensor(q2, [block_m, headdim], _shared_layout([block_m, headdim], q.dtype))
-    kv_layout = _shared_layout([block_n, headdim], q.dtype)
-    k_desc = TensorDescriptor.from_tensor(k2, [block_n, headdim], kv_layout)
-    v_desc = TensorDescriptor.from_tensor(v2, [block_n, headdim], kv_layout)
-    grid = (cdiv(seqlen_q, block_m), batch * nheads)
-    _attn_fwd_gluon_kernel[grid](
-        q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        nheads, nheads // nheads_k, seqlen_q, seqlen_k, softmax_scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, num_warps=num_warps)
-    return out, lse
-
-
-_tuner = LaunchTuner("attention_fwd_gluon")
-
-
-def gluon_forward_applies(q, k, v, out, window_size, softcap, alibi_slopes, dropout_p, varlen):
-    """Whether the prototype covers this call (MODELACCEL_GLUON_FWD=1 routes such calls of
-    flash_fwd.flash_attn_forward here): dense contiguous fp16/bf16 on Hopper, head dim 64
-    or 128, no window (causal allowed), softcap, ALiBi or dropout."""
+def gluon_forward_applies(q, k, v, window_size, softcap, alibi_slopes, dropout_p, varlen):
+    """Whether flash_attn_forward_gluon_ws covers a call of flash_fwd.flash_attn_forward:
+    dense fp16/bf16 on Hopper in a layout _row_view takes, head dim 64 or 128, no window
+    (causal allowed), softcap, ALiBi or dropout."""
     left, right = window_size
     return (q.is_cuda and not varlen and left < 0 and right in (-1, 0) and softcap <= 0 and alibi_slopes is None
             and dropout_p == 0 and q.shape[-1] in (64, 128) and q.dtype in (torch.float16, torch.bfloat16)
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (q, k, v, out))
-            and capability(q.device.index)[0] == 9)
-
-
-def flash_attn_forward_gluon_tuned(q, k, v, softmax_scale, causal, out, lse):
-    """flash_attn_forward_gluon with its configuration tuned per problem class."""
-    batch, seqlen_q, nheads, headdim = q.shape
-    key = (q.dtype, headdim, causal, size_bucket(seqlen_q), size_bucket(k.shape[1]), size_bucket(batch * nheads))
-
-    def launch(config):
-        block_m, block_n, stages, warps = config
-        flash_attn_forward_gluon(q, k, v, softmax_scale, causal, block_m, block_n, stages, warps, out, lse)
-
-    launch(_tuner.choose(key, GLUON_CONFIGS, launch))
-    return out, lse
+            and capability(q.device.index)[0] == 9 and all(_row_view(t) is not None for t in (q, k, v)))
