@@ -3,8 +3,8 @@
 # Runs from the source tree with the machine's own torch and triton (no install, no network).
 #   scripts/gpu_check.sh OUTDIR [PART ...]
 # PART: tests, fwd, bwd, varlen, train, decode, transformers (default: all, in that order);
-# gluon (the Gluon forward prototype's GPU tests, benchmarks/gluon_fwd.py, and the forward
-# benchmark with MODELACCEL_GLUON_FWD=1 into OUTDIR/gluon_bench) only when named. A device call
+# gluon (benchmarks/gluon_fwd.py: each Gluon forward configuration against the tuned
+# flash_attn_func and SDPA) only when named. A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
@@ -41,20 +41,14 @@ run() {  # run NAME COMMAND...: log to OUTDIR/NAME.log, remember failures
 for part in $parts; do
   case $part in
     tests) run gpu_tests env MODELACCEL_TUNING=${MODELACCEL_TUNING:-off} python3 -m pytest -q -m gpu -p no:cacheprovider \
-             --durations=25 --junitxml="$out/gpu_tests.xml" \
-             ${PYTEST_ARGS:-tests --ignore=tests/attention/test_gluon_fwd_gpu.py} ;;
+             --durations=25 --junitxml="$out/gpu_tests.xml" ${PYTEST_ARGS:-tests} ;;
     fwd) run bench_fwd python3 -m modelaccel bench attention --suite "$suite" --out "$out" ;;
     bwd) run bench_bwd python3 -m modelaccel bench attention --mode bwd --suite "$suite" --out "$out" ;;
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
     train) run train python3 -m modelaccel bench train --out "$out" ;;
     decode) run bench_decode python3 -m modelaccel bench decode-attention --suite "$suite" --out "$out" ;;
     transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ;;
-    gluon) run gluon_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
-             tests/attention/test_gluon_fwd_gpu.py
-           run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json"
-           mkdir -p "$out/gluon_bench"
-           run bench_fwd_gluon env MODELACCEL_GLUON_FWD=1 python3 -m modelaccel bench attention --suite "$suite" \
-             --out "$out/gluon_bench" ;;
+    gluon) run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json" ;;
     *) echo "unknown part: $part"; failed="$failed $part" ;;
   esac
 done

@@ -353,11 +353,23 @@ _GPU_CONFIGS = {
 # (benchmarks/launch_overhead.py), more than a small problem spends on the GPU.
 _TMA_MIN_FLOPS = 8e10
 _tuner = LaunchTuner("attention_fwd")
-# MODELACCEL_GLUON_FWD=1 sends the calls the Gluon prototype covers (gluon_fwd.py) to it:
-# an experiment switch, off by default, until the prototype is measured on a GPU.
-_GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "0") == "1"
-if _GLUON_FWD:
+# The warp-specialized Gluon forward (gluon_fwd.py, Hopper only) competes in tuning for the
+# calls it covers from this many FLOPs (4 b h sq sk d) on: three host-side descriptors cost
+# less than the four of the Triton TMA path, and on the H200 it beat the Triton kernel by
+# 36% at (1, 32, 8, 2048) causal (6.9e10). MODELACCEL_GLUON_FWD=0 leaves it out.
+_GLUON_MIN_FLOPS = 3e10
+_GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "1") != "0"
+
+
+def _gluon_candidates(q, k, v, flops, window, softcap, alibi_slopes, dropout_p, varlen):
+    """The Gluon forward's launch candidates for this call, or [] where it does not apply."""
+    if not (_GLUON_FWD and q.is_cuda) or flops < _GLUON_MIN_FLOPS or interpreting():
+        return []
     from . import gluon_fwd
+
+    if not gluon_fwd.gluon_forward_applies(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):
+        return []
+    return gluon_fwd.GLUON_WS_CANDIDATES
 
 
 _candidate_lists = {}
@@ -437,13 +449,11 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
     left, right = window_size
     if causal:
         right = 0
-    if _GLUON_FWD and block_m is None and not interpreting() and gluon_fwd.gluon_forward_applies(
-            q, k, v, out, (left, right), softcap, alibi_slopes, dropout_p, varlen):
-        return gluon_fwd.flash_attn_forward_gluon_tuned(q, k, v, softmax_scale, right == 0, out, lse)
     block_d = max(next_power_of_2(headdim), 16)
     # Packed batches take the pointer path: a TMA box would read across sequence ends.
     tma_ok = not varlen and use_tma is not False
-    if use_tma is None and q.is_cuda and 4 * batch * nheads * seqlen_q * seqlen_k * headdim < _TMA_MIN_FLOPS:
+    flops = 4 * batch * nheads * seqlen_q * seqlen_k * headdim
+    if use_tma is None and q.is_cuda and flops < _TMA_MIN_FLOPS:
         tma_ok = False
     tma_ok = tma_ok and tma_usable(q, k, v, out)  # after the size test: small calls skip its host time
     alibi_stride_b = alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0
@@ -451,6 +461,11 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
     interp = interpreting()
 
     def launch(config):
+        if config[0] == "gluon_ws":
+            from .gluon_fwd import flash_attn_forward_gluon_ws
+
+            flash_attn_forward_gluon_ws(q, k, v, softmax_scale, right == 0, *config[1:], out=out, lse=lse)
+            return
         bm, bn, warps, stages, tma = config
         if tma:
             Q, K, V, O = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, block_d])
@@ -478,9 +493,14 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,
                   tma_ok if use_tma is None else use_tma)
     else:
+        candidates = config_candidates(_GPU_CONFIGS, block_d, tma_ok)
+        gluon = _gluon_candidates(q, k, v, flops, (left, right), softcap, alibi_slopes, dropout_p,
+                                  varlen) if use_tma is not False else []
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
                varlen, tma_ok, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads))
-        config = _tuner.choose(key, config_candidates(_GPU_CONFIGS, block_d, tma_ok), launch)
+        if gluon:
+            key, candidates = key + ("gluon",), candidates + gluon
+        config = _tuner.choose(key, candidates, launch)
     launch(config)
     return out, lse
 
