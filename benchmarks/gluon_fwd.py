@@ -6,7 +6,11 @@ output first (a wrong one is reported and not timed), then timed with do_bench (
 modelaccel (flash_attn_func as users call it), SDPA FLASH_ATTENTION and CUDNN_ATTENTION in
 the same run. bf16, head dim 128, causal: the forward benchmark's square rows and the
 Llama-3-8B prefill shapes; fp16 d128 non-causal on two rows.
-Usage: python benchmarks/gluon_fwd.py OUT.json
+With --hf-layout, the Llama-3-8B rows only, with q and k laid out as Transformers hands
+them over after RoPE ([batch, heads, seqlen, headdim] contiguous, seen through a transpose)
+and v as [batch, seqlen, heads, headdim]: the layout of the TTFT benchmark's calls.
+--hf-rows: those rows in the plain layout.
+Usage: python benchmarks/gluon_fwd.py OUT.json [--hf-layout | --hf-rows]
 """
 
 import datetime
@@ -24,6 +28,7 @@ from modelaccel.bench.attention import _provider_call, attention_flops, compare_
 ROWS = [(16, 16, 16, 1024, True), (8, 16, 16, 2048, True), (4, 16, 16, 4096, True), (2, 16, 16, 8192, True),
         (1, 16, 16, 16384, True), (1, 32, 8, 2048, True), (1, 32, 8, 8192, True), (4, 16, 16, 4096, False),
         (1, 16, 16, 16384, False)]
+HF_ROWS = [(1, 32, 8, 2048, True), (1, 32, 8, 8192, True), (8, 32, 8, 2048, True), (8, 32, 8, 8192, True)]
 
 
 def bench(fn):
@@ -34,10 +39,15 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
-    for batch, hq, hk, n, causal in ROWS:
+    hf_layout = "--hf-layout" in sys.argv[2:]
+    result["layout"] = "q, k: [b, h, s, d] seen as [b, s, h, d]; v: [b, s, h, d]" if hf_layout else "[b, s, h, d]"
+    rows = HF_ROWS if hf_layout or "--hf-rows" in sys.argv[2:] else ROWS
+    for batch, hq, hk, n, causal in rows:
         dtype = torch.bfloat16 if causal else torch.float16
         q = torch.randn(batch, n, hq, 128, device="cuda", dtype=dtype)
         k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=dtype) for _ in range(2))
+        if hf_layout:
+            q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
         flops = attention_flops(batch, hq, n, n, 128, causal)
         row = {"shape": [batch, hq, hk, n], "causal": causal, "dtype": str(dtype), "tflops": {}, "errors": {}}
         with torch.inference_mode():

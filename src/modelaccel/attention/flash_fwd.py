@@ -352,7 +352,11 @@ _GPU_CONFIGS = {
 # the four host-side descriptors add ~60-80 us to every call with triton 3.6
 # (benchmarks/launch_overhead.py), more than a small problem spends on the GPU.
 _TMA_MIN_FLOPS = 8e10
-_tuner = LaunchTuner("attention_fwd")
+# Candidates are timed from CUDA graphs (GPU time alone): timed by direct launches, calls
+# of ~0.1 ms or less were ranked by host time, which moved from run to run on the H200's
+# host by up to 2x while the GPU time did not (benchmarks/NOTES.md), and the choice came
+# out at random.
+_tuner = LaunchTuner("attention_fwd", graph_timing=True)
 # The warp-specialized Gluon forward (gluon_fwd.py, Hopper only) competes in tuning for the
 # calls it covers from this many FLOPs (4 b h sq sk d) on: three host-side descriptors cost
 # less than the four of the Triton TMA path, and on the H200 it beat the Triton kernel by
