@@ -254,3 +254,27 @@ def test_launch_choices_lists_what_each_tuner_chose(tmp_path, monkeypatch):
     assert "listed" not in launch.launch_choices()  # nothing chosen yet
     tuner.choose(("a", 1), [(1,), (2,)], lambda c: {(1,): 2.0, (2,): 1.0}[c])
     assert launch.launch_choices()["listed"] == {"a|1": (2,)}
+
+
+def test_launch_tuner_skips_a_candidate_that_does_not_compile(tmp_path, monkeypatch):
+    """A launch the installed compiler cannot build (a Gluon kernel on another triton) costs
+    that candidate, with a warning, not the call."""
+    monkeypatch.setenv("MODELACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(launch.torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch.triton.testing, "do_bench", lambda fn, **kw: fn())
+
+    def timed(config):
+        if config == ("gluon",):
+            raise launch.CompilationError("src", None, "unsupported layout")
+        return {(1,): 3.0, (2,): 2.0}[config]
+
+    with pytest.warns(UserWarning, match="does not compile here"):
+        assert launch.LaunchTuner("unit").choose(("k",), [(1,), ("gluon",), (2,)], timed) == (2,)
+
+
+@pytest.mark.parametrize("version, expected", [("3.6.0", True), ("3.9.1", True), ("3.5.1", False),
+                                               ("3.10.0", False), ("4.0.0", False), ("main", False)])
+def test_triton_version_between(version, expected, monkeypatch):
+    monkeypatch.setattr(launch.triton, "__version__", version)
+    assert launch.triton_version_between((3, 6), (3, 9)) is expected

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
-                     tma_usable)
+                     tma_usable, triton_version_between)
 
 LOG2E = 1.4426950408889634
 
@@ -366,10 +366,17 @@ _GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "1") != "0"
 
 
 def _gluon_candidates(q, k, v, flops, window, softcap, alibi_slopes, dropout_p, varlen):
-    """The Gluon forward's launch candidates for this call, or [] where it does not apply."""
-    if not (_GLUON_FWD and q.is_cuda) or flops < _GLUON_MIN_FLOPS or interpreting():
+    """The Gluon forward's launch candidates for this call, or [] where it does not apply.
+
+    Gluon is experimental and its API moves between triton releases: the kernel is offered
+    only on the releases it was compiled with (3.6 on the GPU, 3.9 on the CPU box)."""
+    if not (_GLUON_FWD and q.is_cuda) or flops < _GLUON_MIN_FLOPS or interpreting() \
+            or not triton_version_between((3, 6), (3, 9)):
         return []
-    from . import gluon_fwd
+    try:
+        from . import gluon_fwd
+    except ImportError:  # a triton without triton.experimental.gluon
+        return []
 
     if not gluon_fwd.gluon_forward_applies(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):
         return []

@@ -5,9 +5,11 @@ import functools
 import json
 import os
 import statistics
+import warnings
 
 import torch
 import triton
+from triton.compiler.errors import CompilationError
 
 try:  # triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -224,6 +226,12 @@ class LaunchTuner:
                         timings[config] = triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
                 except triton.runtime.errors.OutOfResources:  # too much shared memory here
                     continue
+                except CompilationError as exc:
+                    # A compiler that cannot build one candidate (a Gluon kernel on a triton
+                    # it was not written for, say) costs that candidate, not the call.
+                    warnings.warn(f"{self.name}: launch {config} does not compile here and is skipped: "
+                                  f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc!r}")
+                    continue
             if not timings:
                 raise RuntimeError(f"no {self.name} kernel configuration fits this GPU for {key}")
             self.choices[key] = min(timings, key=timings.get)
@@ -243,15 +251,20 @@ class LaunchTuner:
 # dtype and 16-byte alignment, every other argument's exact value: finer than Triton's own
 # key, so a hit is always the kernel Triton would pick) and calls its launcher directly.
 
-def _fast_launch_supported():
-    # The calling convention of CompiledKernel.run used below was read in triton 3.6 and 3.9.
-    if interpreting() or os.environ.get("MODELACCEL_FAST_LAUNCH", "1") == "0":
-        return False
+def triton_version_between(low, high):
+    """Whether the installed triton's (major, minor) lies in [low, high]; False if unreadable."""
     try:
         version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (3, 6) <= version <= (3, 9)
+    return low <= version <= high
+
+
+def _fast_launch_supported():
+    # The calling convention of CompiledKernel.run used below was read in triton 3.6 and 3.9.
+    if interpreting() or os.environ.get("MODELACCEL_FAST_LAUNCH", "1") == "0":
+        return False
+    return triton_version_between((3, 6), (3, 9))
 
 
 _fast_launch = None  # decided on the first launch: interpreting() must be settled by then
