@@ -22,6 +22,7 @@ sequence. Dropout draws Philox numbers from (seed + batch * nheads + head, row *
 + col), so the backward pass regenerates the same mask.
 """
 
+import functools
 import os
 
 import torch
@@ -365,36 +366,44 @@ _GLUON_MIN_FLOPS = 3e10
 _GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "1") != "0"
 
 
-def _gluon_candidates(q, k, v, flops, window, softcap, alibi_slopes, dropout_p, varlen):
-    """The Gluon forward's launch candidates for this call, or [] where it does not apply.
-
-    Gluon is experimental and its API moves between triton releases: the kernel is offered
-    only on the releases it was compiled with (3.6 on the GPU, 3.9 on the CPU box)."""
-    if not (_GLUON_FWD and q.is_cuda) or flops < _GLUON_MIN_FLOPS or interpreting() \
-            or not triton_version_between((3, 6), (3, 9)):
-        return []
+@functools.lru_cache(maxsize=None)
+def _gluon_module():
+    """gluon_fwd, or None where the Gluon forward is not offered. Decided once: Gluon is
+    experimental and its API moves between triton releases, so the kernel is offered only
+    on the releases it was compiled with (3.6 on the GPU, 3.9 on the CPU box)."""
+    if not _GLUON_FWD or not triton_version_between((3, 6), (3, 9)):
+        return None
     try:
         from . import gluon_fwd
     except ImportError:  # a triton without triton.experimental.gluon
-        return []
+        return None
+    return gluon_fwd
 
-    if not gluon_fwd.gluon_forward_applies(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):
-        return []
+
+def _gluon_candidates(q, k, v, flops, window, softcap, alibi_slopes, dropout_p, varlen):
+    """The Gluon forward's launch candidates for this call, or () where it does not apply."""
+    if not q.is_cuda or flops < _GLUON_MIN_FLOPS or interpreting():
+        return ()
+    gluon_fwd = _gluon_module()
+    if gluon_fwd is None or not gluon_fwd.gluon_forward_applies(q, k, v, window, softcap, alibi_slopes, dropout_p,
+                                                                varlen):
+        return ()
     return gluon_fwd.GLUON_WS_CANDIDATES
 
 
 _candidate_lists = {}
 
 
-def config_candidates(configs, block_d, tma_ok):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) candidates for a padded head dim.
+def config_candidates(configs, block_d, tma_ok, extra=()):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, use_tma) candidates for a padded head dim,
+    then the module-level list `extra` (other kernels' launches, e.g. the Gluon forward's).
 
-    Built once per (config table, head-dim class, TMA) and reused: every launch asks.
+    Built once per (config table, head-dim class, TMA, extra) and reused: every launch asks.
     """
-    key = (id(configs), block_d, tma_ok)
+    key = (id(configs), block_d, tma_ok, id(extra))
     if key not in _candidate_lists:
         _candidate_lists[key] = [(*c, t) for c in configs[min(c for c in configs if c >= block_d)]
-                                 for t in ((True, False) if tma_ok else (False,))]
+                                 for t in ((True, False) if tma_ok else (False,))] + list(extra)
     return _candidate_lists[key]
 
 
@@ -473,9 +482,8 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
 
     def launch(config):
         if config[0] == "gluon_ws":
-            from .gluon_fwd import flash_attn_forward_gluon_ws
-
-            flash_attn_forward_gluon_ws(q, k, v, softmax_scale, right == 0, *config[1:], out=out, lse=lse)
+            _gluon_module().flash_attn_forward_gluon_ws(q, k, v, softmax_scale, right == 0, *config[1:], out=out,
+                                                        lse=lse)
             return
         bm, bn, warps, stages, tma = config
         if tma:
@@ -504,14 +512,13 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         config = (block_m or 16, block_n or 16, num_warps or 4, num_stages or 2,
                   tma_ok if use_tma is None else use_tma)
     else:
-        candidates = config_candidates(_GPU_CONFIGS, block_d, tma_ok)
         gluon = _gluon_candidates(q, k, v, flops, (left, right), softcap, alibi_slopes, dropout_p,
-                                  varlen) if use_tma is not False else []
+                                  varlen) if use_tma is not False else ()
+        # The key marks classes with Gluon candidates, so choices stored without them are not reused.
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
-               varlen, tma_ok, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads))
-        if gluon:
-            key, candidates = key + ("gluon",), candidates + gluon
-        config = _tuner.choose(key, candidates, launch)
+               varlen, tma_ok, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads)) \
+            + (("gluon",) if gluon else ())
+        config = _tuner.choose(key, config_candidates(_GPU_CONFIGS, block_d, tma_ok, gluon), launch)
     launch(config)
     return out, lse
 
