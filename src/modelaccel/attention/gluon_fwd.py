@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_fwd import LOG2E
-from .launch import capability, cdiv
+from .launch import capability, cdiv, launch_kernel
 
 # triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 only async_load.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
@@ -317,11 +317,12 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     kv_layout = _shared_layout((block_n, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(view[0], [block_n, headdim], kv_layout) for view in views[1:])
     grid = (batch * nheads, cdiv(seqlen_q, 2 * WS_ROWS))
-    _attn_fwd_ws_kernel[grid](
+    # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
+    launch_kernel(_attn_fwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
-        softmax_scale * LOG2E, BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-        num_warps=4, maxnreg=_WS_MAXNREG)
+        softmax_scale * LOG2E), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
+                                     PINGPONG=pingpong, num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
 

@@ -271,9 +271,19 @@ _fast_launch = None  # decided on the first launch: interpreting() must be settl
 _COMPILED_LAUNCHES_MAX = 512  # per kernel; a workload that keeps missing starts afresh
 
 
+try:  # Gluon's host-side descriptor (attention/gluon_fwd.py), where triton has Gluon
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:
+    GluonTensorDescriptor = None
+
+
 def _arg_key(arg):
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
+    if GluonTensorDescriptor is not None and isinstance(arg, GluonTensorDescriptor):
+        base = arg.base
+        return (base.dtype, base.data_ptr() % 16 == 0, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape),
+                arg.layout, arg.padding)
     if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
         base = arg.base
         return (base.dtype, base.data_ptr() % 16 == 0, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape),
