@@ -28,3 +28,18 @@ def test_row_view_refuses_other_layouts():
     assert gluon_fwd._row_view(t[:, ::2]) is None  # strided sequence
     assert gluon_fwd._row_view(t[:, :, :2]) is None  # some heads of a bshd tensor: rows have gaps
     assert gluon_fwd._row_view(t.transpose(-1, -2)) is None  # headdim not contiguous
+
+
+def test_fast_launch_keys_gluon_descriptors_by_what_specializes_them():
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from modelaccel.attention.launch import _arg_key
+
+    t = torch.randn(256, 128).to(torch.bfloat16)
+    layout = gluon_fwd._shared_layout((64, 128), torch.bfloat16)
+    key = _arg_key(TensorDescriptor.from_tensor(t, [64, 128], layout))
+    assert hash(key) == hash(_arg_key(TensorDescriptor.from_tensor(t.clone(), [64, 128], layout)))
+    other_block = _arg_key(TensorDescriptor.from_tensor(t, [128, 128], gluon_fwd._shared_layout((128, 128),
+                                                                                                 torch.bfloat16)))
+    other_shape = _arg_key(TensorDescriptor.from_tensor(t[:192], [64, 128], layout))
+    assert len({key, other_block, other_shape}) == 3
