@@ -1,0 +1,76 @@
+"""Where the backward's GPU time goes, kernel by kernel, next to SDPA's backends.
+
+For each d128 causal bf16 row of the backward benchmark: the tuned flash_attn_backward,
+SDPA FlashAttention-2's and cuDNN's backward (torch.autograd.grad of their outputs), each
+run 10 times under torch.profiler; prints every CUDA kernel's time per call and its share,
+and writes them as JSON. Shows what the fixed costs around the main kernel (delta, the
+float32 dQ accumulator's zeroing and conversion) take at each size.
+Usage: python benchmarks/profile_bwd.py OUT.json
+"""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend
+
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.launch import launch_choices
+from modelaccel.bench.attention import _sdpa_call
+
+ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (1, 16, 16, 16384), (2, 48, 48, 1024),
+        (2, 32, 8, 8192)]
+CALLS = 10
+
+
+def kernel_times(fn):
+    """[(kernel name, us per call)] of fn's CUDA kernels, longest first."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sorted(((e.key, e.self_device_time_total / CALLS) for e in events), key=lambda t: -t[1])
+
+
+def main():
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    for batch, hq, hk, n in ROWS:
+        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        dout = torch.randn_like(q)
+        scale = 128 ** -0.5
+        out, lse = flash_attn_forward(q, k, v, scale, True)
+        providers = {"modelaccel": lambda: flash_attn_backward(dout, q, k, v, out, lse, scale, True)}
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            fn, ctx = _sdpa_call(backend, qg, kg, vg, True)
+            with ctx:
+                sdpa_out = fn()
+            providers[name] = (lambda o=sdpa_out, g=(qg, kg, vg):
+                               torch.autograd.grad(o, g, dout.transpose(1, 2), retain_graph=True))
+        row = {"shape": [batch, hq, hk, n], "kernels": {}}
+        for name, fn in providers.items():
+            times = kernel_times(fn)
+            total = sum(t for _, t in times)
+            row["kernels"][name] = times
+            print(f"== {batch, hq, hk, n} {name}: {total:.1f} us of kernels per call", flush=True)
+            for kernel, t in times[:8]:
+                print(f"  {t:9.1f} us {100 * t / total:5.1f}%  {kernel[:100]}")
+        result["rows"].append(row)
+    result["launch_choices"] = {name: {str(k): v for k, v in c.items()} for name, c in launch_choices().items()}
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
