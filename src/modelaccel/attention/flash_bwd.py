@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .flash_fwd import (LOG2E, _TMA_MIN_FLOPS, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
+from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
                         _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
 from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
                      tma_usable)
@@ -177,23 +177,21 @@ def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_s
                           qk_scale, softcap_scale, softmax_scale, alibi_slope, seed, dropout_p,
                           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, LOAD_TMA: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
-                          UPCAST_DOT: tl.constexpr):
+                          ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h;
     with ATOMIC_DQ also add dS K (scaled) into the float32 DQ_ACC (dO's layout; with DQ_TMA
     a tensor descriptor over it, [batch, seqlen, nheads, headdim] in blocks of [1, BLOCK_M,
-    1, BLOCK_D]). With LOAD_TMA, Q and DO are tensor descriptors in blocks of [1, BLOCK_M,
-    1, BLOCK_D]."""
+    1, BLOCK_D])."""
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_base = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         q = _load_tile(Q, bt, q_start + start_m, h, stride_qb, stride_qs, stride_qh, q_start + seqlen_q,
-                       BLOCK_M, BLOCK_D, HEADDIM, LOAD_TMA)
+                       BLOCK_M, BLOCK_D, HEADDIM, False)
         do = _load_tile(DO, bt, q_start + start_m, h, stride_ob, stride_os, stride_oh, q_start + seqlen_q,
-                        BLOCK_M, BLOCK_D, HEADDIM, LOAD_TMA)
+                        BLOCK_M, BLOCK_D, HEADDIM, False)
         in_seq = offs_m < seqlen_q
         lse2 = tl.load(LSE + row_base + offs_m, mask=in_seq, other=float("inf")) * 1.4426950408889634
         delta = tl.load(DELTA + row_base + offs_m, mask=in_seq, other=0.0)
@@ -245,7 +243,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
                           HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                          LOAD_TMA: tl.constexpr, UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
+                          UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
     dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
     block's share of dQ, added into DQ_ACC. LAUNCH_GROUP orders the programs
@@ -279,19 +277,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, LOAD_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
             dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_lo, full_hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, LOAD_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
             dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_hi, hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, LOAD_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
     dk = dk * softmax_scale
     _store_tile(DK, dk.to(k.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
                 k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
@@ -340,7 +338,7 @@ _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None,
                         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, atomic_dq=None,
-                        dq_tma=None, load_tma=None, blocks=None, grads=None):
+                        dq_tma=None, blocks=None, grads=None):
     """Gradients of the forward pass with the same arguments.
 
     Args:
@@ -353,9 +351,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         dq_tma: with atomic dQ, add each tile through the TMA unit (a bulk reduce-add of a
             tensor descriptor) instead of per-element atomics. None: tuned where TMA works
             (Hopper, 16-byte aligned); under the interpreter or with `blocks`, False.
-        load_tma: with atomic dQ, the dK/dV kernel loads Q and dO tiles through TMA tensor
-            descriptors (dense calls only). None: tuned for dense calls where the forward
-            would tune its TMA path; under the interpreter or with `blocks`, False.
         blocks: ((BLOCK_M, BLOCK_N[, num_warps, num_stages]) for dQ, the same for dK/dV)
             to skip tuning (tests, experiments); the interpreter uses 16x16 blocks.
         grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
@@ -363,8 +358,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         dq shaped like q, dk and dv shaped like k (summed over each GQA group), in q's dtype.
     """
     varlen = cu_seqlens_q is not None
-    if load_tma and varlen:
-        raise ValueError("load_tma=True takes dense q, k, v: a TMA box would read across packed sequences")
     nheads, headdim = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
     # dO, dQ and O share one layout, dK and dV another: fewer strides to pass.
@@ -418,11 +411,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         """The rest of the backward after the tuned dQ launch; config's last field picks
         the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel."""
         nonlocal dq_acc
-        bm, bn, warps, stages, use_tma, atomic, load_tma = config
+        bm, bn, warps, stages, use_tma, atomic = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
-        q_in, do_in = q4, do4
-        if load_tma:
-            q_in, do_in = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, bm, 1, block_d]) for t in (q4, do4))
         dq_target = lse
         if atomic:
             # dO's layout (contiguous, shaped like q), so the kernel reuses its strides.
@@ -436,12 +426,12 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         else:
             launch_dq(dq_config)
         launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(seqlen_k, bn), batch * nheads_k), (
-            q_in, k4, v4, do_in, dk4, dv4, lse, delta, dq_target, alibi, cu_q, cu_k,
+            q4, k4, v4, do4, dk4, dv4, lse, delta, dq_target, alibi, cu_q, cu_k,
             q4.stride(0), q4.stride(1), q4.stride(2), k4.stride(0), k4.stride(1), k4.stride(2),
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma, LOAD_TMA=load_tma,
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma,
                                 LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
@@ -449,7 +439,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     if interp or blocks is not None:
         dq_config, dkdv_config = ((*b, 4, 2)[:4] for b in (blocks or ((16, 16), (16, 16))))
         dq_config += (False,)
-        dkdv_config += (bool(atomic_dq and dq_tma), bool(atomic_dq), bool(load_tma))
+        dkdv_config += (bool(atomic_dq and dq_tma), bool(atomic_dq))
     else:
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
                varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads),
@@ -459,18 +449,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         tma_choices = (False, True) if dq_tma is None else (bool(dq_tma),)
         if not tma_usable(do4):  # the accumulator is laid out as dO, contiguous
             tma_choices = (False,)
-        # Q and dO through TMA loads: dense calls only (a box would read across the ends of
-        # packed sequences), from the forward's TMA size on (the descriptors' host time), and only
-        # with the atomic strategy, the one chosen for every d128 row on the H200.
-        load_choices = (False,)
-        if load_tma is not False and not varlen and tma_usable(q4, do4) \
-                and 4 * batch * nheads * seqlen_q * seqlen_k * headdim >= _TMA_MIN_FLOPS:
-            load_choices = (False, True) if load_tma is None else (True,)
-        candidates = [c[:4] + (t, a, ld) for a in strategies for t in (tma_choices if a else (False,))
-                      for ld in (load_choices if a else (False,))
+        candidates = [c[:4] + (t, a) for a in strategies for t in (tma_choices if a else (False,))
                       for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
         # Timed as the whole backward, so the two strategies compare like for like.
-        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma, load_choices), candidates,
-                                         lambda c: launch_dkdv(c, dq_config))
+        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma), candidates, lambda c: launch_dkdv(c, dq_config))
     launch_dkdv(dkdv_config, dq_config)
     return dq, dk, dv
