@@ -58,8 +58,7 @@ CASES = [
     *[(flash_bwd._attn_bwd_dkdv_kernel, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16",
                                              LSE="fp32", DELTA="fp32", DQ_ACC="fp32", ALIBI="fp32", CU_Q="i32",
                                              CU_K="i32"),
-       dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic, DQ_TMA=False, DQ_HALVES=False,
-            LAUNCH_GROUP=8 * atomic), 8, 3)
+       dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic, DQ_TMA=False, LAUNCH_GROUP=8 * atomic), 8, 3)
       for atomic in (False, True)],
     (flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", CU_Q="i32"),
      dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=True), 4, 2),
@@ -79,12 +78,7 @@ CASES = [
     (flash_bwd._attn_bwd_dkdv_kernel, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16",
                                            LSE="fp32", DELTA="fp32", DQ_ACC="tensordesc<fp32[1,64,1,128]>",
                                            ALIBI="fp32", CU_Q="i32", CU_K="i32"),
-     dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=True, DQ_TMA=True, DQ_HALVES=False, LAUNCH_GROUP=8), 8, 2),
-    # ... by halves of the head dim.
-    (flash_bwd._attn_bwd_dkdv_kernel, dict(Q="bf16", K="bf16", V="bf16", DO="bf16", DK="bf16", DV="bf16",
-                                           LSE="fp32", DELTA="fp32", DQ_ACC="tensordesc<fp32[1,64,1,64]>",
-                                           ALIBI="fp32", CU_Q="i32", CU_K="i32"),
-     dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=True, DQ_TMA=True, DQ_HALVES=True, LAUNCH_GROUP=8), 8, 3),
+     dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=True, DQ_TMA=True, LAUNCH_GROUP=8), 8, 2),
 ]
 
 
@@ -147,13 +141,12 @@ def candidate_cases():
     for bm, bn, warps, stages in flash_bwd._DQ_CONFIGS[128]:
         yield "dq", (flash_bwd._attn_bwd_dq_kernel, dq_ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, LAUNCH_GROUP=8),
                      warps, stages)
-    for atomic, tma, halves in ((False, False, False), (True, False, False), (True, True, False),
-                                (True, False, True), (True, True, True)):
+    for atomic, tma in ((False, False), (True, False), (True, True)):
         for bm, bn, warps, stages in flash_bwd._DKDV_CONFIGS[128]:
-            ptrs = dict(dkdv_ptrs, DQ_ACC=f"tensordesc<fp32[1,{bm},1,{64 if halves else 128}]>") if tma else dkdv_ptrs
-            yield "dkdv" + (" atomic" if atomic else "") + (" tma" if tma else "") + (" halves" if halves else ""), (
+            ptrs = dict(dkdv_ptrs, DQ_ACC=f"tensordesc<fp32[1,{bm},1,128]>") if tma else dkdv_ptrs
+            yield "dkdv" + (" atomic" if atomic else "") + (" tma" if tma else ""), (
                 flash_bwd._attn_bwd_dkdv_kernel, ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
-                                                           DQ_TMA=tma, DQ_HALVES=halves, LAUNCH_GROUP=0),
+                                                           DQ_TMA=tma, LAUNCH_GROUP=0),
                 warps, stages)
     plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
                         SPLIT_PAGES=0)

@@ -28,20 +28,19 @@ def reference_grads(q, k, v, dout, **kwargs):
     return out.detach(), lse, (q64.grad, k64.grad, v64.grad)
 
 
-def kernel_grads(q, k, v, dout, blocks=None, atomic_dq=None, dq_tma=None, dq_halves=None, **kwargs):
+def kernel_grads(q, k, v, dout, blocks=None, atomic_dq=None, dq_tma=None, **kwargs):
     """Forward then backward through the launchers, into NaN-poisoned gradient buffers."""
     scale = kwargs.pop("softmax_scale", q.shape[-1] ** -0.5)
     out, lse = flash_attn_forward(q, k, v, scale, **kwargs)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    flash_attn_backward(dout, q, k, v, out, lse, scale, atomic_dq=atomic_dq, dq_tma=dq_tma, dq_halves=dq_halves,
-                        blocks=blocks, grads=grads, **kwargs)
+    flash_attn_backward(dout, q, k, v, out, lse, scale, atomic_dq=atomic_dq, dq_tma=dq_tma, blocks=blocks, grads=grads,
+                        **kwargs)
     return out, lse, grads
 
 
-def check_grads(q, k, v, blocks=None, seed=0, atomic_dq=None, dq_tma=None, dq_halves=None, **kwargs):
+def check_grads(q, k, v, blocks=None, seed=0, atomic_dq=None, dq_tma=None, **kwargs):
     dout = randn(q.shape, q.dtype, q.device, torch.Generator().manual_seed(seed + 100))
-    out, lse, grads = kernel_grads(q, k, v, dout, blocks=blocks, atomic_dq=atomic_dq, dq_tma=dq_tma,
-                                   dq_halves=dq_halves, **kwargs)
+    out, lse, grads = kernel_grads(q, k, v, dout, blocks=blocks, atomic_dq=atomic_dq, dq_tma=dq_tma, **kwargs)
     ref_out, ref_lse, ref_grads = reference_grads(q, k, v, dout, **kwargs)
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
     return assert_grads_close(grads, ref_grads, q.dtype)
@@ -133,18 +132,16 @@ def test_rows_that_see_no_key_get_zero_grads(device):
 
 @pytest.mark.parametrize("causal,window_size,softcap", [(True, (-1, -1), 0.0), (False, (9, 5), 3.0),
                                                         (True, (20, -1), 0.0)])
-@pytest.mark.parametrize("dq_tma,dq_halves", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["atomics", "tma_reduce", "atomics_halves", "tma_reduce_halves"])
-def test_atomic_dq_matches_reference(causal, window_size, softcap, dq_tma, dq_halves, device):
+@pytest.mark.parametrize("dq_tma", [False, True], ids=["atomics", "tma_reduce"])
+def test_atomic_dq_matches_reference(causal, window_size, softcap, dq_tma, device):
     """The atomic-dQ strategy (deterministic=False on a GPU) over masks, GQA and softcap, its
-    tiles added by the threads' atomics or by a TMA reduce, whole or by halves of the head
-    dim (head dim 48: the box and the upper half are wider than the head, and the rows run
-    past the sequence)."""
+    tiles added by the threads' atomics or by a TMA reduce (head dim 48: the box is wider
+    than the head, and the rows run past the sequence)."""
     slopes = torch.rand(4, generator=torch.Generator().manual_seed(1)).to(device) * 0.3
     for shape, blocks in [((2, 45, 77, 4, 1, 64), ((16, 32), (32, 16))), ((1, 77, 45, 4, 4, 48), ((32, 16), (16, 32)))]:
         q, k, v = make_qkv(*shape, dtype=torch.bfloat16, device=device, seed=sum(shape))
-        check_grads(q, k, v, blocks=blocks, atomic_dq=True, dq_tma=dq_tma, dq_halves=dq_halves, causal=causal,
-                    window_size=window_size, softcap=softcap, alibi_slopes=slopes if softcap else None)
+        check_grads(q, k, v, blocks=blocks, atomic_dq=True, dq_tma=dq_tma, causal=causal, window_size=window_size,
+                    softcap=softcap, alibi_slopes=slopes if softcap else None)
 
 
 @pytest.mark.parametrize("dq_tma", [False, True], ids=["atomics", "tma_reduce"])

@@ -138,24 +138,21 @@ def test_each_strategy_matches_reference(config, atomic_dq, dq_tma):
 
 
 def _every_launch():
-    """(head dim, dQ launch, dK/dV launch, atomic dQ, TMA reduce, dQ by halves): every
-    configuration of each head-dim class, paired with the class's first configuration of
-    the other kernel."""
+    """(head dim, dQ launch, dK/dV launch, atomic dQ, TMA reduce): every configuration of
+    each head-dim class, paired with the class's first configuration of the other kernel."""
     cases = []
-    strategies = ((False, False, False), (True, False, False), (True, True, False), (True, False, True),
-                  (True, True, True))
+    strategies = ((False, False), (True, False), (True, True))
     for headdim, block_d in ((64, 64), (128, 128), (160, 256)):
         dq, dkdv = _DQ_CONFIGS[block_d], _DKDV_CONFIGS[block_d]
-        cases += [(headdim, c, dkdv[0], False, False, False) for c in dq]
+        cases += [(headdim, c, dkdv[0], False, False) for c in dq]
         cases += [(headdim, dq[0], c, *s) for c in dkdv for s in strategies if c != dkdv[0] or s[0]]
     name = "x".join
     return [pytest.param(*c, id=f"d{c[0]}-dq{name(map(str, c[1]))}-dkdv{name(map(str, c[2]))}"
-                                + ("-atomic" if c[3] else "") + ("-tma" if c[4] else "")
-                                + ("-halves" if c[5] else "")) for c in cases]
+                                + ("-atomic" if c[3] else "") + ("-tma" if c[4] else "")) for c in cases]
 
 
-@pytest.mark.parametrize("headdim,dq_config,dkdv_config,atomic_dq,dq_tma,dq_halves", _every_launch())
-def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq, dq_tma, dq_halves):
+@pytest.mark.parametrize("headdim,dq_config,dkdv_config,atomic_dq,dq_tma", _every_launch())
+def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq, dq_tma):
     """Each tuning candidate computes the right gradients, since the other GPU tests run with
     MODELACCEL_TUNING=off (first candidates only): causal GQA with odd lengths."""
     gen = torch.Generator().manual_seed(headdim)
@@ -167,11 +164,11 @@ def test_every_launch_configuration(headdim, dq_config, dkdv_config, atomic_dq, 
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
     try:
         flash_attn_backward(dout, q, k, v, out, lse, scale, causal=True, atomic_dq=atomic_dq, dq_tma=dq_tma,
-                            dq_halves=dq_halves, blocks=(dq_config, dkdv_config), grads=grads)
+                            blocks=(dq_config, dkdv_config), grads=grads)
     except triton.runtime.errors.OutOfResources:
-        # The TMA reduce's staging tile (or K's halves) can take a launch past the shared
-        # memory a program may have; the tuner skips such candidates the same way.
-        assert dq_tma or dq_halves
+        # The TMA reduce's staging tile can take a launch past the shared memory a program
+        # may have; the tuner skips such candidates the same way.
+        assert dq_tma
         pytest.skip("does not fit in shared memory")
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     ref_out, _ = attention_ref(q32, k32, v32, causal=True, compute_dtype=torch.float32)

@@ -170,54 +170,21 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, DQ, LSE, DELTA, ALIBI, CU_Q, CU_K,
 
 
 @triton.jit
-def _load_cols(X, b, s, h, stride_b, stride_s, stride_h, LIMIT, D0,
-               BLOCK_S: tl.constexpr, WIDTH: tl.constexpr, HEADDIM: tl.constexpr):
-    """Columns D0 .. D0 + WIDTH of rows s.. of head h of batch b; zeros from row LIMIT on and
-    past the head dim."""
-    offs_s = s + tl.arange(0, BLOCK_S)
-    offs_d = D0 + tl.arange(0, WIDTH)
-    ptrs = (X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-            + offs_s[:, None].to(tl.int64) * stride_s + offs_d[None, :])
-    return tl.load(ptrs, mask=(offs_s[:, None] < LIMIT) & (offs_d[None, :] < HEADDIM), other=0.0)
-
-
-@triton.jit
-def _add_dq(DQ_ACC, dq, bt, row0, h, offs_m, in_seq, stride_ob, stride_os, stride_oh, D0,
-            BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, HEADDIM: tl.constexpr, DQ_TMA: tl.constexpr):
-    """Add dq ([BLOCK_M, WIDTH], columns D0..) into the float32 accumulator at rows row0 +
-    offs_m of head h: one TMA bulk reduce-add (DQ_TMA: DQ_ACC a descriptor in blocks of [1,
-    BLOCK_M, 1, WIDTH]) or the threads' atomics."""
-    if DQ_TMA:
-        # One bulk reduce-add through the TMA unit instead of BLOCK_M x WIDTH atomics from
-        # the threads. The box clips at the tensor's edges; in a packed batch it may reach
-        # the next sequence's first rows, which get exact zeros (rows past this sequence have
-        # lse +inf, so P, dS and their dq rows are 0).
-        DQ_ACC.atomic_add([bt, row0, h, D0], tl.reshape(dq, [1, BLOCK_M, 1, WIDTH]))
-    else:
-        offs_d = D0 + tl.arange(0, WIDTH)
-        ptrs = (DQ_ACC + bt.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + (row0 + offs_m[:, None]).to(tl.int64) * stride_os + offs_d[None, :])
-        tl.atomic_add(ptrs, dq, mask=in_seq[:, None] & (offs_d[None, :] < HEADDIM), sem="relaxed")
-
-
-@triton.jit
-def _attn_bwd_dkdv_blocks(dk, dv, k, v, k_lo, k_hi, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, hi,
+def _attn_bwd_dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, hi,
                           stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
                           stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, diag, window_left, window_right,
                           qk_scale, softcap_scale, softmax_scale, alibi_slope, seed, dropout_p,
                           MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                          ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, DQ_HALVES: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr,
-                          UPCAST_DOT: tl.constexpr):
+                          ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HEADDIM: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """Accumulate P^T dO into dv and dS^T Q into dk over query blocks [lo, hi) of head h;
     with ATOMIC_DQ also add dS K (scaled) into the float32 DQ_ACC (dO's layout; with DQ_TMA
     a tensor descriptor over it, [batch, seqlen, nheads, headdim] in blocks of [1, BLOCK_M,
-    1, BLOCK_D], or BLOCK_D // 2 with DQ_HALVES). DQ_HALVES computes and adds dS K one half
-    of the head dim at a time, from k_lo and k_hi (K's two column halves): half the dq tile
-    is live at once."""
+    1, BLOCK_D])."""
     offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
     row_base = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -248,18 +215,17 @@ def _attn_bwd_dkdv_blocks(dk, dv, k, v, k_lo, k_hi, Q, DO, LSE, DELTA, DQ_ACC, b
         ds = ds.to(q.dtype)
         dk = _dot(ds, q, dk, UPCAST_DOT)
         if ATOMIC_DQ:
-            ds_t = tl.trans(ds)
-            if DQ_HALVES:
-                dq = _dot(ds_t, k_lo, None, UPCAST_DOT) * softmax_scale
-                _add_dq(DQ_ACC, dq, bt, q_start + start_m, h, offs_m0, in_seq, stride_ob, stride_os, stride_oh, 0,
-                        BLOCK_M, BLOCK_D // 2, HEADDIM, DQ_TMA)
-                dq = _dot(ds_t, k_hi, None, UPCAST_DOT) * softmax_scale
-                _add_dq(DQ_ACC, dq, bt, q_start + start_m, h, offs_m0, in_seq, stride_ob, stride_os, stride_oh,
-                        BLOCK_D // 2, BLOCK_M, BLOCK_D // 2, HEADDIM, DQ_TMA)
+            dq = _dot(tl.trans(ds), k, None, UPCAST_DOT) * softmax_scale
+            if DQ_TMA:
+                # One bulk reduce-add through the TMA unit instead of BLOCK_M x BLOCK_D atomics
+                # from the threads. The box clips at the tensor's edges; in a packed batch it
+                # may reach the next sequence's first rows, which get exact zeros (rows past
+                # this sequence have lse +inf, so P, dS and their dq rows are 0).
+                DQ_ACC.atomic_add([bt, q_start + start_m, h, 0], tl.reshape(dq, [1, BLOCK_M, 1, BLOCK_D]))
             else:
-                dq = _dot(ds_t, k, None, UPCAST_DOT) * softmax_scale
-                _add_dq(DQ_ACC, dq, bt, q_start + start_m, h, offs_m0, in_seq, stride_ob, stride_os, stride_oh, 0,
-                        BLOCK_M, BLOCK_D, HEADDIM, DQ_TMA)
+                ptrs = (DQ_ACC + bt.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                        + (q_start + offs_m[:, None]).to(tl.int64) * stride_os + offs_d[None, :])
+                tl.atomic_add(ptrs, dq, mask=in_seq[:, None] & (offs_d[None, :] < HEADDIM), sem="relaxed")
     return dk, dv
 
 
@@ -277,7 +243,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
                           HEADDIM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                           IS_VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
-                          DQ_HALVES: tl.constexpr, UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
+                          UPCAST_DOT: tl.constexpr, LAUNCH_GROUP: tl.constexpr):
     """dK, dV for one key block of one kv head, summed over the query heads of its group;
     dK and dV share one layout (strides stride_dk*). With ATOMIC_DQ, also this key
     block's share of dQ, added into DQ_ACC. LAUNCH_GROUP orders the programs
@@ -298,13 +264,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
                    BLOCK_N, BLOCK_D, HEADDIM, False)
     v = _load_tile(V, bt, k_start + start_n, hk, stride_vb, stride_vs, stride_vh, k_start + seqlen_k,
                    BLOCK_N, BLOCK_D, HEADDIM, False)
-    k_lo = k
-    k_hi = k
-    if ATOMIC_DQ and DQ_HALVES:
-        k_lo = _load_cols(K, bt, k_start + start_n, hk, stride_kb, stride_ks, stride_kh, k_start + seqlen_k, 0,
-                          BLOCK_N, BLOCK_D // 2, HEADDIM)
-        k_hi = _load_cols(K, bt, k_start + start_n, hk, stride_kb, stride_ks, stride_kh, k_start + seqlen_k,
-                          BLOCK_D // 2, BLOCK_N, BLOCK_D // 2, HEADDIM)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUP):
@@ -314,23 +273,23 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, ALIBI, CU_Q, 
             alibi_slope = tl.load(ALIBI + b * stride_alibi_b + h) * 1.4426950408889634
         seed_bh = seed + b * NHEADS + h
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, k_lo, k_hi, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, full_lo,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, lo, full_lo,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, DQ_HALVES, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, k_lo, k_hi, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_lo, full_hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_lo, full_hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, False, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, DQ_HALVES, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
         dk, dv = _attn_bwd_dkdv_blocks(
-            dk, dv, k, v, k_lo, k_hi, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_hi, hi,
+            dk, dv, k, v, Q, DO, LSE, DELTA, DQ_ACC, bt, b, h, q_start, offs_n, full_hi, hi,
             stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
             seqlen_q, seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, softmax_scale,
             alibi_slope, seed_bh, dropout_p, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-            ATOMIC_DQ, DQ_TMA, DQ_HALVES, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
+            ATOMIC_DQ, DQ_TMA, BLOCK_M, BLOCK_D, HEADDIM, UPCAST_DOT)
     dk = dk * softmax_scale
     _store_tile(DK, dk.to(k.dtype), bt, k_start + start_n, hk, stride_dkb, stride_dks, stride_dkh,
                 k_start + seqlen_k, BLOCK_N, BLOCK_D, HEADDIM, False)
@@ -379,7 +338,7 @@ _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, window_size=(-1, -1),
                         softcap=0.0, alibi_slopes=None, dropout_p=0.0, seed=0, cu_seqlens_q=None,
                         cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, atomic_dq=None,
-                        dq_tma=None, dq_halves=None, blocks=None, grads=None):
+                        dq_tma=None, blocks=None, grads=None):
     """Gradients of the forward pass with the same arguments.
 
     Args:
@@ -392,9 +351,6 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         dq_tma: with atomic dQ, add each tile through the TMA unit (a bulk reduce-add of a
             tensor descriptor) instead of per-element atomics. None: tuned where TMA works
             (Hopper, 16-byte aligned); under the interpreter or with `blocks`, False.
-        dq_halves: with atomic dQ, compute and add each dS K tile one half of the head dim
-            at a time (fewer registers live). None: tuned from head dim 128 (padded) up;
-            under the interpreter or with `blocks`, False.
         blocks: ((BLOCK_M, BLOCK_N[, num_warps, num_stages]) for dQ, the same for dK/dV)
             to skip tuning (tests, experiments); the interpreter uses 16x16 blocks.
         grads: optional preallocated contiguous (dq, dk, dv) (tests poison them).
@@ -455,7 +411,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         """The rest of the backward after the tuned dQ launch; config's last field picks
         the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel."""
         nonlocal dq_acc
-        bm, bn, warps, stages, use_tma, atomic, halves = config
+        bm, bn, warps, stages, use_tma, atomic = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
         dq_target = lse
         if atomic:
@@ -463,8 +419,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device)
             dq_target = dq_acc
             if use_tma:
-                dq_target = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()),
-                                             [1, bm, 1, block_d // 2 if halves else block_d])
+                dq_target = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, bm, 1, block_d])
             launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
                 o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q),
                 dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen))
@@ -476,7 +431,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             v4.stride(0), v4.stride(1), v4.stride(2), o4.stride(0), o4.stride(1), o4.stride(2),
             dk4.stride(0), dk4.stride(1), dk4.stride(2),
             *lse_strides, alibi_stride_b, nheads, nheads_k, nheads // nheads_k, seqlen_q, seqlen_k,
-            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma, DQ_HALVES=halves,
+            *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma,
                                 LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
             dq.copy_(dq_acc.view(dq.shape))
@@ -484,7 +439,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     if interp or blocks is not None:
         dq_config, dkdv_config = ((*b, 4, 2)[:4] for b in (blocks or ((16, 16), (16, 16))))
         dq_config += (False,)
-        dkdv_config += (bool(atomic_dq and dq_tma), bool(atomic_dq), bool(atomic_dq and dq_halves))
+        dkdv_config += (bool(atomic_dq and dq_tma), bool(atomic_dq))
     else:
         key = (q.dtype, headdim, left >= 0, right >= 0, softcap > 0, alibi_slopes is not None, dropout_p > 0,
                varlen, size_bucket(seqlen_q), size_bucket(seqlen_k), size_bucket(batch * nheads),
@@ -494,14 +449,9 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         tma_choices = (False, True) if dq_tma is None else (bool(dq_tma),)
         if not tma_usable(do4):  # the accumulator is laid out as dO, contiguous
             tma_choices = (False,)
-        # dS K by halves of the head dim: from head dim 128 up, where the whole dq tile is
-        # 32-64 registers a thread on top of dK and dV.
-        halves_choices = (False, True) if dq_halves is None and block_d >= 128 else (bool(dq_halves),)
-        candidates = [c[:4] + (t, a, hv) for a in strategies for t in (tma_choices if a else (False,))
-                      for hv in (halves_choices if a else (False,))
+        candidates = [c[:4] + (t, a) for a in strategies for t in (tma_choices if a else (False,))
                       for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
         # Timed as the whole backward, so the two strategies compare like for like.
-        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma, halves_choices), candidates,
-                                         lambda c: launch_dkdv(c, dq_config))
+        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma), candidates, lambda c: launch_dkdv(c, dq_config))
     launch_dkdv(dkdv_config, dq_config)
     return dq, dk, dv
