@@ -495,10 +495,7 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         launch_kernel(_attn_fwd_kernel, (cdiv(seqlen_q, bm), batch * nheads), (
             Q, K, V, O, lse, alibi_slopes if alibi_slopes is not None else lse,
             cu_seqlens_q if varlen else lse, cu_seqlens_k if varlen else lse,
-            q4.stride(0), q4.stride(1), q4.stride(2),
-            k4.stride(0), k4.stride(1), k4.stride(2),
-            v4.stride(0), v4.stride(1), v4.stride(2),
-            o4.stride(0), o4.stride(1), o4.stride(2),
+            *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], *o4.stride()[:3],
             *lse_strides, alibi_stride_b,
             nheads, nheads // nheads_k, seqlen_q, seqlen_k,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,

@@ -277,6 +277,17 @@ except ImportError:
     GluonTensorDescriptor = None
 
 
+_SCALAR_TYPES = frozenset((int, float, bool, type(None)))
+
+
+def _args_key(args):
+    """What of each positional argument can change the compiled kernel. Scalars, most of a
+    launch's arguments, are keyed by exact type and value without a call per argument
+    (1 and True hash alike; Triton types them apart)."""
+    scalar = _SCALAR_TYPES
+    return tuple([(type(a), a) if type(a) in scalar else _arg_key(a) for a in args])
+
+
 def _arg_key(arg):
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
@@ -312,7 +323,7 @@ def launch_kernel(kernel, grid, args, kwargs):
         return
     driver = triton.runtime.driver.active
     device = driver.get_current_device()
-    key = (device, tuple(kwargs.items()), tuple(map(_arg_key, args)))
+    key = (device, tuple(kwargs.items()), _args_key(args))
     cache = kernel.__dict__.setdefault("_modelaccel_launches", {})
     entry = cache.get(key)
     if entry is None:

@@ -1,0 +1,99 @@
+"""Host time of a repeated inference call through launch_kernel's direct path, on a CPU.
+
+host_overhead_cpu.py stubs Triton's `run` under the interpreter, so it never reaches the
+path the GPU takes once a signature has launched: launch_kernel's key, its cache lookup and
+the compiled kernel's launcher. Here the interpreter is off, the fast path is forced on, the
+driver is a stand-in (device 0, stream 0) and every lookup finds a compiled kernel whose
+launcher does nothing: what is timed is all of our Python on the way to Triton's C launcher
+(plus the two output allocations), which the GPU machine's host runs several times slower.
+Usage: python benchmarks/host_fast_launch_cpu.py [--profile]   (us per call, best of 3)
+"""
+
+import cProfile
+import os
+import pstats
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from modelaccel.attention import decode, flash_fwd, launch  # noqa: E402
+
+
+class _Compiled:
+    packed_metadata = None
+    function = 0
+
+    @staticmethod
+    def run(*args):
+        return None
+
+
+class _AlwaysLaunched(dict):
+    """A launch cache that has seen every signature."""
+
+    def get(self, key, default=None):
+        return _Compiled, ()
+
+
+class _Driver:
+    @staticmethod
+    def get_current_device():
+        return 0
+
+    @staticmethod
+    def get_current_stream(device):
+        return 0
+
+
+def per_call_us(fn, n=3000):
+    for _ in range(100):
+        fn()
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / n * 1e6)
+    return best
+
+
+def main():
+    choose = launch.LaunchTuner.choose
+
+    def settled_on_first(self, key, candidates, fn):
+        # As after tuning: each class settled, one dict lookup a call.
+        self._settled.setdefault(key, candidates[0])
+        return choose(self, key, candidates, fn)
+
+    launch.LaunchTuner.choose = settled_on_first
+    launch._fast_launch = True
+    triton.runtime.driver.set_active(_Driver())
+    for module in (flash_fwd, decode):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.endswith("_kernel") and hasattr(kernel, "run"):
+                kernel.__dict__["_modelaccel_launches"] = _AlwaysLaunched()
+    # A Llama-3-8B prefill layer at 512 tokens, q/k/v as Transformers hands them over
+    # ([b, h, s, d] seen through a transpose).
+    q, k, v = (torch.randn(1, h, 512, 128, dtype=torch.bfloat16).transpose(1, 2) for h in (32, 8, 8))
+    lens = torch.tensor([300], dtype=torch.int32)
+    cache = torch.randn(1, 1024, 8, 128, dtype=torch.bfloat16)
+    q1 = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
+    calls = {
+        "prefill flash_attn_forward": lambda: flash_fwd.flash_attn_forward(q, k, v, 128 ** -0.5, True),
+        "decode_attention": lambda: decode.decode_attention(q1, cache, cache, lens, 128 ** -0.5, True),
+    }
+    for name, fn in calls.items():
+        print(f"{name:28s} {per_call_us(fn):7.1f} us", flush=True)
+    if "--profile" in sys.argv[1:]:
+        prof = cProfile.Profile()
+        prof.runcall(lambda: [calls["prefill flash_attn_forward"]() for _ in range(2000)])
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
