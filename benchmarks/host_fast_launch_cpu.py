@@ -20,7 +20,8 @@ os.environ.pop("TRITON_INTERPRET", None)
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from modelaccel.attention import decode, flash_fwd, launch  # noqa: E402
+import modelaccel  # noqa: E402
+from modelaccel.attention import decode, flash_fwd, interface, launch  # noqa: E402
 
 
 class _Compiled:
@@ -49,7 +50,7 @@ class _Driver:
         return 0
 
 
-def per_call_us(fn, n=3000):
+def per_call_us(fn, n=2000):
     for _ in range(100):
         fn()
     best = float("inf")
@@ -70,6 +71,7 @@ def main():
         return choose(self, key, candidates, fn)
 
     launch.LaunchTuner.choose = settled_on_first
+    interface._use_triton = lambda q: True  # the kernels' path, not the CPU reference
     launch._fast_launch = True
     triton.runtime.driver.set_active(_Driver())
     for module in (flash_fwd, decode):
@@ -83,15 +85,24 @@ def main():
     lens = torch.tensor([300], dtype=torch.int32)
     cache = torch.randn(1, 1024, 8, 128, dtype=torch.bfloat16)
     q1 = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
+    from modelaccel.integrations.transformers import attention_forward
+
+    class Layer:  # what attention_forward reads of a Transformers attention module
+        is_causal = True
+        training = False
+
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # as Transformers passes them: [b, h, s, d]
     calls = {
         "prefill flash_attn_forward": lambda: flash_fwd.flash_attn_forward(q, k, v, 128 ** -0.5, True),
+        "prefill flash_attn_func": lambda: modelaccel.flash_attn_func(q, k, v, causal=True),
+        "prefill Transformers layer": lambda: attention_forward(Layer(), qt, kt, vt, None, scaling=128 ** -0.5),
         "decode_attention": lambda: decode.decode_attention(q1, cache, cache, lens, 128 ** -0.5, True),
     }
     for name, fn in calls.items():
         print(f"{name:28s} {per_call_us(fn):7.1f} us", flush=True)
     if "--profile" in sys.argv[1:]:
         prof = cProfile.Profile()
-        prof.runcall(lambda: [calls["prefill flash_attn_forward"]() for _ in range(2000)])
+        prof.runcall(lambda: [calls["prefill Transformers layer"]() for _ in range(2000)])
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 

@@ -50,15 +50,21 @@ def _check_qkv(q, k, v, layout, same_batch=True):
         raise ValueError(f"nheads of q ({nheads}) must be a multiple of nheads of k/v ({nheads_k})")
 
 
+def _is_real(x):
+    # float/int first: isinstance against the numbers ABCs costs ~1 us a check, paid per
+    # attention call.
+    return type(x) in (float, int) or isinstance(x, numbers.Real)
+
+
 def _check_options(q, batch, dropout_p, softmax_scale, window_size, softcap, alibi_slopes):
-    if not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p < 1.0:
+    if not _is_real(dropout_p) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or not math.isfinite(softmax_scale)):
+    if softmax_scale is not None and (not _is_real(softmax_scale) or not math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number or None, got {softmax_scale}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, numbers.Integral) and w >= -1 for w in window_size)):
+            or not all((type(w) is int or isinstance(w, numbers.Integral)) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair of ints >= -1 (left, right), got {window_size}")
-    if not isinstance(softcap, numbers.Real) or softcap < 0 or not math.isfinite(softcap):
+    if not _is_real(softcap) or softcap < 0 or not math.isfinite(softcap):
         raise ValueError(f"softcap must be a finite number >= 0, got {softcap}")
     if alibi_slopes is not None:
         nheads = q.shape[-2]

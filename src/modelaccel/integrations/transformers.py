@@ -108,7 +108,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         v_packed = unpad_input(v, mask)[0]
         out_packed = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **options)
         out = pad_input(out_packed, q_index, batch, seqlen_q)
-    return out.to(in_dtype), None
+    return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
 def register():
