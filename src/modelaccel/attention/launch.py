@@ -275,6 +275,8 @@ try:  # Gluon's host-side descriptor (attention/gluon_fwd.py), where triton has 
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
 except ImportError:
     GluonTensorDescriptor = None
+# Triton's and Gluon's host-side tensor descriptors, where this triton has them.
+_DESCRIPTOR_TYPES = tuple(t for t in (TensorDescriptor, GluonTensorDescriptor) if t is not None)
 
 
 _SCALAR_TYPES = frozenset((int, float, bool, type(None)))
@@ -291,14 +293,11 @@ def _args_key(args):
 def _arg_key(arg):
     if isinstance(arg, torch.Tensor):
         return arg.dtype, arg.data_ptr() % 16 == 0
-    if GluonTensorDescriptor is not None and isinstance(arg, GluonTensorDescriptor):
+    if isinstance(arg, _DESCRIPTOR_TYPES):
+        # Gluon's descriptors also carry their shared-memory layout.
         base = arg.base
         return (base.dtype, base.data_ptr() % 16 == 0, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape),
-                arg.layout, arg.padding)
-    if TensorDescriptor is not None and isinstance(arg, TensorDescriptor):
-        base = arg.base
-        return (base.dtype, base.data_ptr() % 16 == 0, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape),
-                getattr(arg, "padding", None))
+                getattr(arg, "layout", None), getattr(arg, "padding", None))
     return type(arg), arg  # 1 and True hash alike; Triton types them apart
 
 
