@@ -8,6 +8,7 @@ DIR triton==3.6.0` and put DIR first on PYTHONPATH.
 Usage: python scripts/compile_check.py   (exit status 1 if a kernel fails to compile)
        python scripts/compile_check.py --candidates
        python scripts/compile_check.py --gluon   (the warp-specialized Gluon forward's configurations)
+       python scripts/compile_check.py --gluon-bwd   (the Gluon backward prototype)
 The second compiles every GPU launch candidate of the forward, backward and decode kernels
 (bf16, head dim 128, causal; decoding with a contiguous cache, one query, GQA 4) and prints each one's registers, stack (spilled registers
 live there) and static shared memory from the cubin: a candidate that spills kilobytes
@@ -186,6 +187,48 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
+def compile_gluon_bwd(stages, headdim=128, causal=True):
+    """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from modelaccel.attention import gluon_bwd
+
+    kernel = gluon_bwd._attn_bwd_ws_kernel
+    block_q = gluon_bwd.Q_ROWS[headdim]
+    constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
+                      DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16))
+
+    def tile(rows):
+        return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
+    descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64)}
+    pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
+                "qk_scale": "fp32", "softmax_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
+                 pointers.get(name, "i32") for name in kernel.arg_names}
+    source = GluonASTSource(fn=kernel, signature=signature,
+                            constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_bwd._MAXNREG})
+
+
+def print_gluon_bwd_usage():
+    from modelaccel.attention.gluon_bwd import GLUON_BWD_STAGES
+
+    print("gluon backward prototype (head dim, STAGES), bf16 causal: registers, stack, shared, setmaxnreg, barriers")
+    for headdim, stages in ((h, s) for h in (64, 128) for s in GLUON_BWD_STAGES):
+        try:
+            compiled = compile_gluon_bwd(stages, headdim)
+        except Exception:  # noqa: BLE001 - report each configuration
+            print(f"{headdim, stages}: FAIL\n{traceback.format_exc()}", flush=True)
+            continue
+        regs, stack, shared = resource_usage(compiled)
+        ptx = compiled.asm["ptx"]
+        setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
+        bars = re.findall(r"bar\.sync\s+[^;]*;|barrier\.sync[^;]*;", ptx)
+        print(f"{headdim, stages}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg {' '.join(setmax)}, "
+              f"barriers {sorted(set(bars))}", flush=True)
+
+
 def print_gluon_usage():
     from modelaccel.attention.gluon_fwd import GLUON_WS_CONFIGS
 
@@ -206,6 +249,9 @@ def print_gluon_usage():
 def main():
     if "--candidates" in sys.argv[1:]:
         print_candidate_usage()
+        return 0
+    if "--gluon-bwd" in sys.argv[1:]:
+        print_gluon_bwd_usage()
         return 0
     if "--gluon" in sys.argv[1:]:
         print_gluon_usage()

@@ -1,0 +1,81 @@
+"""The Gluon backward prototype against modelaccel's Triton backward and SDPA's, same inputs.
+
+bf16, head dim 128, causal: the backward benchmark's rows. For each ring depth of
+attention/gluon_bwd.GLUON_BWD_STAGES: dq, dk, dv checked against the Triton backward's
+first (relative error below 2e-2 each; a mismatch is reported and not timed), then timed
+with do_bench (median) from the same forward outputs; `modelaccel` is flash_attn_backward
+(tuned Triton), `flash` and `cudnn` SDPA's backward through torch.autograd.grad. TFLOPS
+count 2.5x the forward's FLOPs.
+Usage: python benchmarks/gluon_bwd.py OUT.json
+"""
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import triton
+
+from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_fwd import flash_attn_forward
+from modelaccel.attention.gluon_bwd import GLUON_BWD_STAGES, flash_attn_backward_gluon_ws
+from modelaccel.bench.attention import _sdpa_call, attention_flops, tflops
+
+ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (2, 16, 16, 8192), (1, 16, 16, 16384),
+        (2, 48, 48, 1024), (2, 32, 8, 8192)]
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def rel_err(got, ref):
+    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def main():
+    from torch.nn.attention import SDPBackend
+
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    for batch, hq, hk, n in ROWS:
+        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        dout = torch.randn_like(q)
+        scale = 128 ** -0.5
+        flops = 2.5 * attention_flops(batch, hq, n, n, 128, True)
+        row = {"shape": [batch, hq, hk, n], "tflops": {}, "errors": {}}
+        out, lse = flash_attn_forward(q, k, v, scale, True)
+        ref = flash_attn_backward(dout, q, k, v, out, lse, scale, True)
+        row["tflops"]["modelaccel"] = tflops(flops, bench(lambda: flash_attn_backward(dout, q, k, v, out, lse,
+                                                                                      scale, True)))
+        for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+            fn, ctx = _sdpa_call(backend, qg, kg, vg, True)
+            with ctx:
+                sdpa_out = fn()
+                row["tflops"][name] = tflops(flops, bench(lambda: torch.autograd.grad(
+                    sdpa_out, (qg, kg, vg), dout.transpose(1, 2), retain_graph=True)))
+        for stages in GLUON_BWD_STAGES:
+            name = f"gluon_s{stages}"
+            try:
+                grads = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages)
+            except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on
+                row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                continue
+            errs = [rel_err(g, r) for g, r in zip(grads, ref)]
+            if max(errs) > 2e-2:
+                row["errors"][name] = f"mismatch against the Triton backward: rel errors {errs}"
+                continue
+            row["tflops"][name] = tflops(flops, bench(
+                lambda: flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages)))
+        result["rows"].append(row)
+        print(batch, hq, hk, n, {p: round(t, 1) for p, t in row["tflops"].items()}, row["errors"] or "", flush=True)
+    with open(sys.argv[1], "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

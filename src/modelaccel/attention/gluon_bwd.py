@@ -1,0 +1,269 @@
+"""Prototype (branch gluon-bwd-prototype, NOT RUN ON A GPU): the attention backward in
+Gluon for Hopper, warp-specialized as the forward in gluon_fwd.py is.
+
+Why: the Triton backward is 0.73-0.76x cuDNN on the H200 and 1.09-1.28x FlashAttention-2
+(issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited on right after
+it is issued, the same limit the forward had until its Gluon version matched cuDNN.
+
+One program owns 128 key rows of one (batch, kv head): K and V stay in shared memory, dK
+and dV in the registers of two consumer warpgroups (64 key rows each, 240 registers by
+setmaxnreg). A producer warp streams the query blocks that see those keys (64 rows of Q
+and dO per step, every query head of the GQA group) through a ring of STAGES slots. Per
+step a consumer computes, with S^T = K Q^T kept transposed so that P^T and dS^T sit in
+registers as the A operand of the next products:
+    S^T, dP^T = V dO^T            (issued together)
+    P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta)
+    dV += P^T dO, dK += dS^T Q    (A from registers)
+    dQ_part = dS K                (dS^T through shared memory, transposed view)
+and adds dQ_part (scaled) into a float32 accumulator with atomics; Gluon in triton 3.6 has
+no TMA reduce. delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel.
+
+Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; no window,
+softcap, ALiBi, dropout or varlen. Layouts as gluon_fwd._row_view takes them.
+"""
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                             warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .flash_bwd import _DELTA_BLOCK_M, _attn_bwd_delta_kernel
+from .flash_fwd import LOG2E
+from .gluon_fwd import _row_view, _shared_layout, _tma_load
+from .launch import cdiv, launch_kernel, next_power_of_2
+
+KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
+_KV_ROWS: gl.constexpr = gl.constexpr(KV_ROWS)
+# Query rows per step by head dim: 32 at 128, where 64 would not fit dK, dV, S^T and dP^T in
+# 240 registers (scripts/compile_check.py --gluon-bwd: 232-280 bytes of spills per thread).
+Q_ROWS = {64: 64, 128: 32}
+_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
+_PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
+_MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
+
+
+@gluon.jit
+def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
+                  kv_bar, ready, empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                  stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B,
+                  Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale,
+                  softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+    """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring;
+    a slot is refilled once both warpgroups have released it. (wg is unused: the workers'
+    signatures must match.)"""
+    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for i in gl.static_range(2):
+        _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], kv_bar, k_smem.index(i))
+        _tma_load(v_desc, [v_row0 + i * _KV_ROWS, v_col], kv_bar, v_smem.index(i))
+    for t in range(n_steps):
+        slot = t % STAGES
+        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        h = hk * GROUP + t // n_m
+        m = lo + (t % n_m) * BLOCK_Q
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
+        _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
+
+
+@gluon.jit
+def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
+                 kv_bar, ready, empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                 stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B,
+                 Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale,
+                 softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+                 CAUSAL: gl.constexpr):
+    """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
+    registers, dQ added to DQ_ACC. Key rows past seqlen_k are masked and not stored; query
+    rows past seqlen_q (another sequence's, or TMA's zeros) have lse +inf, so their P, dS
+    and dQ are 0 and their atomics are masked off."""
+    dtype: gl.constexpr = q_desc.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_Q, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    n0 = start_n + wg * _KV_ROWS
+    kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
+    q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
+    dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_Q, 16])
+    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+                                                   warps_per_cta=[1, 4], order=[0, 1])
+    dq_rows0 = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, atomic_layout))
+    dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
+    st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
+    dqt_zero = gl.zeros([HEAD_D, BLOCK_Q], gl.float32, layout=dqt_layout)
+    dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    k_wg = k_smem.index(wg)
+    v_wg = v_smem.index(wg)
+    ds_wg = ds_smem.index(wg)
+    mbarrier.wait(kv_bar, 0)
+
+    for t in range(n_steps):
+        slot = t % STAGES
+        h = hk * GROUP + t // n_m
+        m = lo + (t % n_m) * BLOCK_Q
+        qs = q_smem.index(slot)
+        dos = do_smem.index(slot)
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
+        st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        offs_q = m + q_cols0
+        row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
+        in_q = offs_q < SEQLEN_Q
+        lse2 = gl.load(LSE + row_base + offs_q, mask=in_q, other=float("inf")) * 1.4426950408889634
+        delta = gl.load(DELTA + row_base + offs_q, mask=in_q, other=0.0)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
+        s = st * qk_scale
+        needs_mask = n0 + _KV_ROWS > SEQLEN_K
+        if CAUSAL:
+            needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
+        if needs_mask:
+            keep = kv_rows[:, None] < SEQLEN_K
+            if CAUSAL:
+                keep = keep & (kv_rows[:, None] <= offs_q[None, :] + diag)
+            s = gl.where(keep, s, float("-inf"))
+        pt = gl.exp2(s - lse2[None, :])
+        # dV's product goes out before dS^T is formed: fewer tiles live at once.
+        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
+        dv_token = warpgroup_mma(pt_a, dos, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
+        dst = (pt * (dpt - delta[None, :])).to(dtype)
+        dst_a = gl.convert_layout(dst, a_layout)
+        dk_token = warpgroup_mma(dst_a, qs, dk, is_async=True)
+        # dS^T to shared memory: the B operand of the dQ product below.
+        ds_wg.store(dst)
+        fence_async_shared()
+        dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, pt_a, dst_a])
+        mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
+        # dQ^T = K^T dS^T: head dim as M, so BLOCK_Q may be 32; dS^T from shared memory.
+        dqt = warpgroup_mma(k_wg.permute((1, 0)), ds_wg, dqt_zero, use_acc=False)
+        # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
+        dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
+        cols_q = m + dq_cols0
+        dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                   + dq_rows0[:, None])
+        gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+
+    rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
+    offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
+            + offs_d[None, :])
+    in_kv = rows_kv[:, None] < SEQLEN_K
+    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=in_kv)
+    gl.store(DV + offs, dv.to(dtype), mask=in_kv)
+
+
+@gluon.jit
+def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                        stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
+                        Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
+                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr):
+    """128 key rows of one (batch, kv head) against every query block that sees them.
+    Descriptors over 2D row views (gluon_fwd._row_view): q_desc, do_desc in blocks [64,
+    HEAD_D], k_desc, v_desc in blocks [64, HEAD_D]. DK, DV [batch, seqlen_k, nheads_k,
+    headdim] (strides given); DQ_ACC float32 [batch, seqlen_q, nheads, headdim] contiguous,
+    zeroed; LSE, DELTA float32 [batch, nheads, seqlen_q]. qk_scale = softmax_scale * log2(e).
+    Grid (batch * nheads_k, key blocks)."""
+    pid_bh = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    b = pid_bh // NHEADS_K
+    hk = pid_bh % NHEADS_K
+    GROUP = NHEADS // NHEADS_K
+    start_n = pid_n * (2 * _KV_ROWS)
+    diag = SEQLEN_K - SEQLEN_Q
+    lo = 0
+    if CAUSAL:
+        # The first query that sees key start_n is start_n - diag.
+        lo = (gl.maximum(start_n - diag, 0) // BLOCK_Q) * BLOCK_Q
+    n_m = gl.maximum(SEQLEN_Q - lo + BLOCK_Q - 1, 0) // BLOCK_Q
+    n_steps = GROUP * n_m
+
+    dtype: gl.constexpr = q_desc.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], do_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], v_desc.layout)
+    ds_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
+    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+    fence_async_shared()
+
+    k_row0 = b * K_ROWS_B + hk * K_ROWS_H + start_n
+    k_col = hk * K_COLS_H
+    v_row0 = b * V_ROWS_B + hk * V_ROWS_H + start_n
+    v_col = hk * V_COLS_H
+    # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
+    gl.warp_specialize([
+        (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
+                        empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                        stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
+                        Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
+                        qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+        (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
+                        empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                        stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
+                        Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
+                        qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
+                         empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                         stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
+                         Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
+                         qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+    ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
+
+
+# STAGES of the Q/dO ring to sweep on the GPU. Shared memory at head dim 128 (32-row query
+# steps): K and V 64 KB, dS 8 KB, 16 KB per stage (120-152 KB, compile_check --gluon-bwd).
+GLUON_BWD_STAGES = [2, 3, 4]
+
+
+def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2):
+    """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
+    like q, dk and dv like k and summed over each GQA group, in q's dtype).
+
+    dout, out [batch, seqlen_q, nheads, headdim] (made contiguous), q, k, v as
+    gluon_fwd.flash_attn_forward_gluon_ws takes them, lse float32 [batch, nheads, seqlen_q]
+    from the forward. fp16/bf16 on Hopper, head dim 64 or 128."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    if headdim not in (64, 128):
+        raise ValueError(f"the Gluon backward takes head dim 64 or 128, got {headdim}")
+    dout, out = dout.contiguous(), out.contiguous()
+    views = [_row_view(t) for t in (q, k, v, dout)]
+    if any(view is None for view in views):
+        raise ValueError("the Gluon backward takes q, k, v contiguous as [batch, seqlen, heads, headdim] or "
+                         "[batch, heads, seqlen, headdim]")
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(k.shape, dtype=v.dtype, device=v.device)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
+        out, dout, delta, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), nheads,
+        seqlen_q), dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=max(next_power_of_2(headdim), 16), HEADDIM=headdim,
+                        IS_VARLEN=False))
+    block_q = Q_ROWS[headdim]
+    tile = _shared_layout((block_q, headdim), q.dtype)
+    q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
+    kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
+    k_desc, v_desc = (TensorDescriptor.from_tensor(views[i][0], [KV_ROWS, headdim], kv_tile) for i in (1, 2))
+    grid = (batch * nheads_k, cdiv(seqlen_k, 2 * KV_ROWS))
+    _attn_bwd_ws_kernel[grid](
+        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
+        lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
+        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale,
+        HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
+        DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
+        num_warps=4, maxnreg=_MAXNREG)
+    return dq_acc.to(q.dtype), dk, dv
