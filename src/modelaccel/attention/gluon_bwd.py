@@ -259,11 +259,10 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(views[i][0], [KV_ROWS, headdim], kv_tile) for i in (1, 2))
     grid = (batch * nheads_k, cdiv(seqlen_k, 2 * KV_ROWS))
-    _attn_bwd_ws_kernel[grid](
+    launch_kernel(_attn_bwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
-        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale,
+        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
-        DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
-        num_warps=4, maxnreg=_MAXNREG)
+        DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype), num_warps=4, maxnreg=_MAXNREG))
     return dq_acc.to(q.dtype), dk, dv
