@@ -1,7 +1,7 @@
 """The Gluon backward prototype against modelaccel's Triton backward and SDPA's, same inputs.
 
-bf16, head dim 128, causal: the backward benchmark's rows. For each ring depth of
-attention/gluon_bwd.GLUON_BWD_STAGES: dq, dk, dv checked against the Triton backward's
+bf16, head dim 128, causal: the backward benchmark's rows. For each (ring depth, query rows
+per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128]: dq, dk, dv checked against the Triton backward's
 first (relative error below 2e-2 each; a mismatch is reported and not timed), then timed
 with do_bench (median) from the same forward outputs; `modelaccel` is flash_attn_backward
 (tuned Triton), `flash` and `cudnn` SDPA's backward through torch.autograd.grad. TFLOPS
@@ -19,7 +19,7 @@ import triton
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
-from modelaccel.attention.gluon_bwd import GLUON_BWD_STAGES, flash_attn_backward_gluon_ws
+from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
 from modelaccel.bench.attention import _sdpa_call, attention_flops, tflops
 
 ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (2, 16, 16, 8192), (1, 16, 16, 16384),
@@ -58,10 +58,10 @@ def main():
                 sdpa_out = fn()
                 row["tflops"][name] = tflops(flops, bench(lambda: torch.autograd.grad(
                     sdpa_out, (qg, kg, vg), dout.transpose(1, 2), retain_graph=True)))
-        for stages in GLUON_BWD_STAGES:
-            name = f"gluon_s{stages}"
+        for stages, block_q in GLUON_BWD_CONFIGS[128]:
+            name = f"gluon_s{stages}q{block_q}"
             try:
-                grads = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages)
+                grads = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages, block_q)
             except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on
                 row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 continue
@@ -70,7 +70,7 @@ def main():
                 row["errors"][name] = f"mismatch against the Triton backward: rel errors {errs}"
                 continue
             row["tflops"][name] = tflops(flops, bench(
-                lambda: flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages)))
+                lambda: flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages, block_q)))
         result["rows"].append(row)
         print(batch, hq, hk, n, {p: round(t, 1) for p, t in row["tflops"].items()}, row["errors"] or "", flush=True)
     with open(sys.argv[1], "w") as f:

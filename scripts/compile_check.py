@@ -187,15 +187,17 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
-def compile_gluon_bwd(stages, headdim=128, causal=True):
-    """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16."""
+def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None):
+    """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
+    launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
+    the dQ atomics compile to scalar ones)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from modelaccel.attention import gluon_bwd
 
     kernel = gluon_bwd._attn_bwd_ws_kernel
-    block_q = gluon_bwd.Q_ROWS[headdim]
+    block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16))
 
@@ -206,18 +208,22 @@ def compile_gluon_bwd(stages, headdim=128, causal=True):
                 "qk_scale": "fp32", "softmax_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
                  pointers.get(name, "i32") for name in kernel.arg_names}
+    aligned = ("DK", "DV", "DQ_ACC", "LSE", "DELTA", "NHEADS", "SEQLEN_Q", "SEQLEN_K", "stride_dkb", "stride_dks",
+               "stride_lse_b", "stride_lse_h")
     source = GluonASTSource(fn=kernel, signature=signature,
+                            attrs={(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
                             constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_bwd._MAXNREG})
 
 
 def print_gluon_bwd_usage():
-    from modelaccel.attention.gluon_bwd import GLUON_BWD_STAGES
+    from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS
 
-    print("gluon backward prototype (head dim, STAGES), bf16 causal: registers, stack, shared, setmaxnreg, barriers")
-    for headdim, stages in ((h, s) for h in (64, 128) for s in GLUON_BWD_STAGES):
+    print("gluon backward prototype (head dim, STAGES, BLOCK_Q), bf16 causal: registers, stack, shared, setmaxnreg, "
+          "barriers, dQ atomics")
+    for headdim, stages, block_q in ((h, s, q) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]):
         try:
-            compiled = compile_gluon_bwd(stages, headdim)
+            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q)
         except Exception:  # noqa: BLE001 - report each configuration
             print(f"{headdim, stages}: FAIL\n{traceback.format_exc()}", flush=True)
             continue
@@ -225,8 +231,9 @@ def print_gluon_bwd_usage():
         ptx = compiled.asm["ptx"]
         setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
         bars = re.findall(r"bar\.sync\s+[^;]*;|barrier\.sync[^;]*;", ptx)
-        print(f"{headdim, stages}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg {' '.join(setmax)}, "
-              f"barriers {sorted(set(bars))}", flush=True)
+        atomics = sorted(set(re.findall(r"(?:red|atom)\.global[\w.]+", ptx)))
+        print(f"{headdim, stages, block_q}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
+              f"{' '.join(setmax)}, barriers {sorted(set(bars))}, {atomics}", flush=True)
 
 
 def print_gluon_usage():

@@ -91,7 +91,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
     dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_Q, 16])
-    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 1], threads_per_warp=[32, 1],
+    # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
+    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[32, 1],
                                                    warps_per_cta=[1, 4], order=[0, 1])
     dq_rows0 = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, atomic_layout))
     dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
@@ -224,18 +225,21 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
-# STAGES of the Q/dO ring to sweep on the GPU. Shared memory at head dim 128 (32-row query
-# steps): K and V 64 KB, dS 8 KB, 16 KB per stage (120-152 KB, compile_check --gluon-bwd).
-GLUON_BWD_STAGES = [2, 3, 4]
+# (STAGES of the Q/dO ring, query rows per step) to sweep on the GPU, by head dim. Shared
+# memory at head dim 128: K and V 64 KB, dS 2 x 64 x BLOCK_Q x 2 bytes, Q and dO 4 x BLOCK_Q
+# x 128 bytes a stage (compile_check --gluon-bwd). 64-row steps at head dim 128 spill; they
+# are timed to see whether the wider wgmma (N = 64 instead of 32) pays for that.
+GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 
 
-def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2):
+def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
     dout, out [batch, seqlen_q, nheads, headdim] (made contiguous), q, k, v as
     gluon_fwd.flash_attn_forward_gluon_ws takes them, lse float32 [batch, nheads, seqlen_q]
-    from the forward. fp16/bf16 on Hopper, head dim 64 or 128."""
+    from the forward. fp16/bf16 on Hopper, head dim 64 or 128. block_q: query rows per step
+    (32 or 64; default Q_ROWS[headdim])."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -253,7 +257,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         out, dout, delta, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), nheads,
         seqlen_q), dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=max(next_power_of_2(headdim), 16), HEADDIM=headdim,
                         IS_VARLEN=False))
-    block_q = Q_ROWS[headdim]
+    block_q = block_q or Q_ROWS[headdim]
     tile = _shared_layout((block_q, headdim), q.dtype)
     q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
