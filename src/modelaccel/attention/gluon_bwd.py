@@ -1,5 +1,7 @@
-"""Prototype (branch gluon-bwd-prototype, NOT RUN ON A GPU): the attention backward in
-Gluon for Hopper, warp-specialized as the forward in gluon_fwd.py is.
+"""Prototype (branch gluon-bwd-prototype): the attention backward in Gluon for Hopper,
+warp-specialized as the forward in gluon_fwd.py is. Correct on the H200 (72 GPU tests against
+the float32 reference) but slower than the Triton backward: 0.69-0.85x of it on the d128
+causal rows (benchmarks/results/gluon_bwd_nvidia-h200_2026-12-01.md), so nothing calls it.
 
 Why: the Triton backward is 0.73-0.76x cuDNN on the H200 and 1.09-1.28x FlashAttention-2
 (issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited on right after
