@@ -9,16 +9,17 @@ it is issued, the same limit the forward had until its Gluon version matched cuD
 
 One program owns 128 key rows of one (batch, kv head): K and V stay in shared memory, dK
 and dV in the registers of two consumer warpgroups (64 key rows each, 240 registers by
-setmaxnreg). A producer warp streams the query blocks that see those keys (64 rows of Q
-and dO per step, every query head of the GQA group) through a ring of STAGES slots. Per
-step a consumer computes, with S^T = K Q^T kept transposed so that P^T and dS^T sit in
-registers as the A operand of the next products:
+setmaxnreg). A producer warp streams the query blocks that see those keys (BLOCK_Q rows of
+Q and dO per step, every query head of the GQA group) through a ring of STAGES slots. Per
+step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
     S^T, dP^T = V dO^T            (issued together)
-    P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta)
-    dV += P^T dO, dK += dS^T Q    (A from registers)
-    dQ_part = dS K                (dS^T through shared memory, transposed view)
-and adds dQ_part (scaled) into a float32 accumulator with atomics; Gluon in triton 3.6 has
-no TMA reduce. delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel.
+    P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta), both to shared memory
+    dV += P^T dO, dK += dS^T Q
+    dQ^T[64 head-dim rows] = K^T dS^T over all 128 keys (both warpgroups' dS^T)
+and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics; Gluon in
+triton 3.6 has no TMA reduce. Each dQ element is added once per step (the first version
+added one partial per warpgroup: twice the atomics, 0.69-0.85x the Triton backward).
+delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel.
 
 Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; no window,
 softcap, ALiBi, dropout or varlen. Layouts as gluon_fwd._row_view takes them.
@@ -38,9 +39,8 @@ from .launch import cdiv, launch_kernel, next_power_of_2
 
 KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
 _KV_ROWS: gl.constexpr = gl.constexpr(KV_ROWS)
-# Query rows per step by head dim: 32 at 128, where 64 would not fit dK, dV, S^T and dP^T in
-# 240 registers (scripts/compile_check.py --gluon-bwd: 232-280 bytes of spills per thread).
-Q_ROWS = {64: 64, 128: 32}
+# Query rows per step by head dim (the default; GLUON_BWD_CONFIGS sweeps others).
+Q_ROWS = {64: 64, 128: 64}
 _CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
@@ -48,7 +48,7 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                  kv_bar, ready, empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+                  p_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
                   stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B,
                   Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale,
                   softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
@@ -73,43 +73,51 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                 kv_bar, ready, empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
-                 stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B,
-                 Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale,
-                 softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+                 p_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                 stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q,
+                 SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0,
+                 v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                  CAUSAL: gl.constexpr):
     """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
-    registers, dQ added to DQ_ACC. Key rows past seqlen_k are masked and not stored; query
-    rows past seqlen_q (another sequence's, or TMA's zeros) have lse +inf, so their P, dS
-    and dQ are 0 and their atomics are masked off."""
+    registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
+    (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
+    DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows past seqlen_q
+    (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ are 0 and
+    their atomics are masked off.
+
+    Per step t (dS^T double-buffered by t's parity): S^T, dP^T issued together; P^T to
+    shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q; both warpgroups'
+    dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have read it (ds_free)."""
     dtype: gl.constexpr = q_desc.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_Q, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_D, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    # dQ^T rows (head dim) per warpgroup: wgmma's M is 64, so at head dim 64 the first
+    # warpgroup takes them all.
+    D_ROWS: gl.constexpr = 64
+    HAS_DQ: gl.constexpr = wg * D_ROWS < HEAD_D
     n0 = start_n + wg * _KV_ROWS
     kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
     q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
-    dqt_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BLOCK_Q, 16])
     # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
-    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[32, 1],
+    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
                                                    warps_per_cta=[1, 4], order=[0, 1])
-    dq_rows0 = gl.arange(0, HEAD_D, layout=gl.SliceLayout(1, atomic_layout))
+    dq_rows0 = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
     dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
     st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    dqt_zero = gl.zeros([HEAD_D, BLOCK_Q], gl.float32, layout=dqt_layout)
+    dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
     dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
     dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
     k_wg = k_smem.index(wg)
     v_wg = v_smem.index(wg)
-    ds_wg = ds_smem.index(wg)
+    p_wg = p_smem.index(wg)
     mbarrier.wait(kv_bar, 0)
 
     for t in range(n_steps):
         slot = t % STAGES
+        par = t % 2
         h = hk * GROUP + t // n_m
         m = lo + (t % n_m) * BLOCK_Q
         qs = q_smem.index(slot)
@@ -121,8 +129,9 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
         in_q = offs_q < SEQLEN_Q
         lse2 = gl.load(LSE + row_base + offs_q, mask=in_q, other=float("inf")) * 1.4426950408889634
-        delta = gl.load(DELTA + row_base + offs_q, mask=in_q, other=0.0)
         st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
+        # Loaded once the scores are in: 16 registers a thread less while they are waited on.
+        delta = gl.load(DELTA + row_base + offs_q, mask=in_q, other=0.0)
         s = st * qk_scale
         needs_mask = n0 + _KV_ROWS > SEQLEN_K
         if CAUSAL:
@@ -133,26 +142,38 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                 keep = keep & (kv_rows[:, None] <= offs_q[None, :] + diag)
             s = gl.where(keep, s, float("-inf"))
         pt = gl.exp2(s - lse2[None, :])
-        # dV's product goes out before dS^T is formed: fewer tiles live at once.
-        pt_a = gl.convert_layout(pt.to(dtype), a_layout)
-        dv_token = warpgroup_mma(pt_a, dos, dv, is_async=True)
+        # P^T and dS^T go through shared memory (A operands there): as register operands
+        # they held 32 more registers a thread and spilled at 64-row steps.
+        p_wg.store(pt.to(dtype))
+        fence_async_shared()
+        dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
         dst = (pt * (dpt - delta[None, :])).to(dtype)
-        dst_a = gl.convert_layout(dst, a_layout)
-        dk_token = warpgroup_mma(dst_a, qs, dk, is_async=True)
-        # dS^T to shared memory: the B operand of the dQ product below.
+        mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        ds_wg = ds_smem.index(par * 2 + wg)
         ds_wg.store(dst)
         fence_async_shared()
-        dv, dk, _, _ = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, pt_a, dst_a])
+        dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
+        mbarrier.arrive(ds_full.index(par), count=1)
+        mbarrier.wait(ds_full.index(par), (t // 2) & 1)
+        if HAS_DQ:
+            # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
+            dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
+            dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
+            dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
         mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
-        # dQ^T = K^T dS^T: head dim as M, so BLOCK_Q may be 32; dS^T from shared memory.
-        dqt = warpgroup_mma(k_wg.permute((1, 0)), ds_wg, dqt_zero, use_acc=False)
-        # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
-        dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
-        cols_q = m + dq_cols0
-        dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
-                   + dq_rows0[:, None])
-        gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+        mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
+        if HAS_DQ:
+            # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
+            dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
+            cols_q = m + dq_cols0
+            dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                       + dq_rows0[:, None])
+            gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
 
     rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
     offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
@@ -193,14 +214,21 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], do_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], v_desc.layout)
-    ds_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
+    # dS^T of both warpgroups, by step parity (index 2 parity + warpgroup); P^T per warpgroup.
+    ds_smem = gl.allocate_shared_memory(dtype, [4, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
+    p_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(2):
+        mbarrier.init(ds_full.index(i), count=2)
+        mbarrier.init(ds_free.index(i), count=2)
     fence_async_shared()
 
     k_row0 = b * K_ROWS_B + hk * K_ROWS_H + start_n
@@ -209,18 +237,18 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     v_col = hk * V_COLS_H
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
-        (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
-                        empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+        (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
+                        ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
                         stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
                         Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
                         qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
-        (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
-                        empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+        (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
+                        ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
                         stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
                         Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
                         qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
-        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, kv_bar, ready,
-                         empty, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
+        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
+                         ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
                          stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
                          Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
                          qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
@@ -228,9 +256,10 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 
 
 # (STAGES of the Q/dO ring, query rows per step) to sweep on the GPU, by head dim. Shared
-# memory at head dim 128: K and V 64 KB, dS 2 x 64 x BLOCK_Q x 2 bytes, Q and dO 4 x BLOCK_Q
-# x 128 bytes a stage (compile_check --gluon-bwd). 64-row steps at head dim 128 spill; they
-# are timed to see whether the wider wgmma (N = 64 instead of 32) pays for that.
+# memory at head dim 128: K and V 64 KB, dS^T 4 and P^T 2 tiles of 64 x BLOCK_Q, Q and dO
+# 2 x BLOCK_Q x 256 bytes a stage: 139-229 KB (compile_check --gluon-bwd, triton 3.6).
+# 64-row steps at head dim 128 spill 104-208 bytes a thread, 32-row steps 0-16; both are
+# timed, to see whether the wider wgmma (N = 64 instead of 32) pays for the spills.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 
 
