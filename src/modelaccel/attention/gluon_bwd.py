@@ -1,7 +1,9 @@
 """Prototype (branch gluon-bwd-prototype): the attention backward in Gluon for Hopper,
-warp-specialized as the forward in gluon_fwd.py is. Correct on the H200 (72 GPU tests against
-the float32 reference) but slower than the Triton backward: 0.69-0.85x of it on the d128
-causal rows (benchmarks/results/gluon_bwd_nvidia-h200_2026-12-01.md), so nothing calls it.
+warp-specialized as the forward in gluon_fwd.py is. Correct on the H200 (GPU tests against
+the float32 reference). Speed on the d128 causal rows (results/gluon_bwd_nvidia-h200_
+2026-12-01.md): 0.84-0.91x the Triton backward up to 4096 tokens, 0.97-1.05x at 8192-16384
+(387 TFLOPS at 16384, where the Triton backward measured 373 in the same run and 388-391 in
+others); the Triton backward still runs every call.
 
 Why: the Triton backward is 0.73-0.76x cuDNN on the H200 and 1.09-1.28x FlashAttention-2
 (issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited on right after
