@@ -6,8 +6,10 @@ takes."""
 import pytest
 import torch
 
+from modelaccel import flash_attn_func
+from modelaccel.attention import flash_bwd, gluon_bwd
 from modelaccel.attention.flash_fwd import flash_attn_forward
-from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
+from modelaccel.attention.gluon_bwd import GLUON_BWD_CANDIDATES, GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
 from modelaccel.attention.reference import attention_ref
 from modelaccel.testing import assert_grads_close, random_qkv
 
@@ -38,3 +40,35 @@ def test_gluon_backward_matches_reference(config, shape, causal, layout):
     ref_out.backward(dout.float())
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     assert_grads_close((dq, dk, dv), (q32.grad, k32.grad, v32.grad), dtype)
+
+
+@pytest.mark.parametrize("candidate", GLUON_BWD_CANDIDATES[128], ids=lambda c: f"s{c[1]}q{c[2]}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candidate, causal, monkeypatch):
+    # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
+    batch, seqlen, nheads, nheads_k, headdim = 1, 2048, 16, 4, 128
+    assert 4 * batch * nheads * seqlen * seqlen * headdim >= flash_bwd._GLUON_BWD_MIN_FLOPS
+    offered, ran = [], []
+    choose = flash_bwd._dkdv_tuner.choose
+
+    def choose_gluon(key, candidates, launch):
+        if candidate in candidates:
+            offered.append(key)
+            return candidate
+        return choose(key, candidates, launch)
+
+    real = gluon_bwd.flash_attn_backward_gluon_ws
+    monkeypatch.setattr(flash_bwd._dkdv_tuner, "choose", choose_gluon)
+    monkeypatch.setattr(gluon_bwd, "flash_attn_backward_gluon_ws", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+            for _ in range(2))
+    out = flash_attn_func(q, k, v, causal=causal)
+    grad = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
+    assert offered and ran, "the Gluon candidate was not offered or did not run"
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref_grads = torch.autograd.grad(attention_ref(qf, kf, vf, headdim ** -0.5, causal,
+                                                  compute_dtype=torch.float32)[0], (qf, kf, vf), grad.float())
+    assert_grads_close((dq, dk, dv), ref_grads, q.dtype)

@@ -17,6 +17,9 @@ and dS^T, the left operands of its matmuls, come straight from the accumulator r
 instead of a transpose through shared memory.
 """
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,7 +27,7 @@ import triton.language as tl
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
                         _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
 from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
-                     tma_usable)
+                     tma_usable, triton_version_between)
 
 
 @triton.jit
@@ -331,6 +334,40 @@ _DKDV_CONFIGS = {
     256: [(32, 64, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1)],
 }
 _DELTA_BLOCK_M = 64
+# The warp-specialized Gluon backward (gluon_bwd.py, Hopper only; atomic dQ) competes in
+# the dK/dV tuning for the calls the Gluon forward covers, from the forward's size on.
+# MODELACCEL_GLUON_BWD=0 leaves it out.
+_GLUON_BWD = os.environ.get("MODELACCEL_GLUON_BWD", "1") != "0"
+_GLUON_BWD_MIN_FLOPS = 3e10
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_bwd_module():
+    """gluon_bwd, or None where the Gluon backward is not offered (decided once, on the
+    triton releases it was compiled with, as flash_fwd._gluon_module)."""
+    if not _GLUON_BWD or not triton_version_between((3, 6), (3, 9)):
+        return None
+    try:
+        from . import gluon_bwd
+    except ImportError:  # a triton without triton.experimental.gluon
+        return None
+    return gluon_bwd
+
+
+def _gluon_bwd_candidates(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):
+    """The Gluon backward's dK/dV tuning candidates for this call, or ()."""
+    flops = 4 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] * q.shape[3] if not varlen else 0
+    if not q.is_cuda or flops < _GLUON_BWD_MIN_FLOPS or interpreting():
+        return ()
+    gluon_bwd = _gluon_bwd_module()
+    if gluon_bwd is None:
+        return ()
+    from .gluon_fwd import gluon_forward_applies
+    if not gluon_forward_applies(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):
+        return ()
+    return gluon_bwd.GLUON_BWD_CANDIDATES[q.shape[-1]]
+
+
 _dq_tuner = LaunchTuner("attention_bwd_dq")
 _dkdv_tuner = LaunchTuner("attention_bwd_dkdv")
 
@@ -409,7 +446,12 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
 
     def launch_dkdv(config, dq_config):
         """The rest of the backward after the tuned dQ launch; config's last field picks
-        the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel."""
+        the atomic-dQ strategy, which replaces the dQ kernel by the delta kernel. A
+        ("gluon_ws", stages, block_q) config runs the whole backward in Gluon instead."""
+        if config[0] == "gluon_ws":
+            _gluon_bwd_module().flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, right == 0,
+                                                             *config[1:], grads=(dq, dk, dv))
+            return
         nonlocal dq_acc
         bm, bn, warps, stages, use_tma, atomic = config
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
@@ -451,7 +493,11 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             tma_choices = (False,)
         candidates = [c[:4] + (t, a) for a in strategies for t in (tma_choices if a else (False,))
                       for c in config_candidates(_DKDV_CONFIGS, block_d, False)]
-        # Timed as the whole backward, so the two strategies compare like for like.
-        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma), candidates, lambda c: launch_dkdv(c, dq_config))
+        gluon = _gluon_bwd_candidates(q, k, v, (left, right), softcap, alibi_slopes, dropout_p, varlen) \
+            if atomic_dq is not False and dq_tma is None else ()
+        # Timed as the whole backward, so the two strategies (and the Gluon kernel) compare
+        # like for like. The key marks classes with Gluon candidates, as the forward's does.
+        dkdv_config = _dkdv_tuner.choose(key + (atomic_dq, dq_tma) + (("gluon",) if gluon else ()),
+                                         candidates + list(gluon), lambda c: launch_dkdv(c, dq_config))
     launch_dkdv(dkdv_config, dq_config)
     return dq, dk, dv

@@ -49,11 +49,11 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 
 
 @gluon.jit
-def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                  p_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
-                  stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B,
-                  Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale,
-                  softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
+def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                  kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                  stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q,
+                  SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0,
+                  v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr):
     """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring;
     a slot is refilled once both warpgroups have released it. (wg is unused: the workers'
@@ -240,20 +240,20 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
         (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                        ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
-                        stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
-                        Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
-                        qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+                           ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                           stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                           SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
+                           k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                        ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
-                        stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
-                        Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
-                        qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+                           ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                           stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                           SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
+                           k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                         ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b,
-                         stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag,
-                         Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col,
-                         qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+                            ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+                            stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                            SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
+                            k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -263,16 +263,21 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 # 64-row steps at head dim 128 spill 104-208 bytes a thread, 32-row steps 0-16; both are
 # timed, to see whether the wider wgmma (N = 64 instead of 32) pays for the spills.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
+# As flash_bwd's dK/dV tuning candidates, by head dim.
+GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
 
 
-def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None):
+def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
+                                 grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
     dout, out [batch, seqlen_q, nheads, headdim] (made contiguous), q, k, v as
     gluon_fwd.flash_attn_forward_gluon_ws takes them, lse float32 [batch, nheads, seqlen_q]
     from the forward. fp16/bf16 on Hopper, head dim 64 or 128. block_q: query rows per step
-    (32 or 64; default Q_ROWS[headdim])."""
+    (32 or 64; default Q_ROWS[headdim]). grads: optional (dq, dk, dv) to write, dk and dv
+    contiguous (flash_bwd.flash_attn_backward passes its own). It covers the calls
+    gluon_fwd.gluon_forward_applies names, with atomics (not bit-reproducible)."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -282,8 +287,10 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     if any(view is None for view in views):
         raise ValueError("the Gluon backward takes q, k, v contiguous as [batch, seqlen, heads, headdim] or "
                          "[batch, heads, seqlen, headdim]")
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(k.shape, dtype=v.dtype, device=v.device)
+    if grads is None:
+        grads = (None, torch.empty(k.shape, dtype=k.dtype, device=k.device),
+                 torch.empty(k.shape, dtype=v.dtype, device=v.device))
+    dq, dk, dv = grads
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     delta = torch.empty_like(lse)
     launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
@@ -302,4 +309,6 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype), num_warps=4, maxnreg=_MAXNREG))
-    return dq_acc.to(q.dtype), dk, dv
+    if dq is None:
+        return dq_acc.to(q.dtype), dk, dv
+    return dq.copy_(dq_acc), dk, dv
