@@ -50,14 +50,19 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
-                  stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q,
-                  SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0,
-                  v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-                  CAUSAL: gl.constexpr):
-    """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring;
-    a slot is refilled once both warpgroups have released it. (wg is unused: the workers'
-    signatures must match.)"""
+                  lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
+                  stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                  SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
+                  k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring by
+    TMA, and the step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads
+    into their own slots; a slot's mbarrier completes with the TMA bytes and a second
+    arrival after those stores, and the slot is refilled once both warpgroups have released
+    it. (wg is unused: the workers' signatures must match.)"""
+    row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK_Q // 32], threads_per_warp=[32],
+                                                warps_per_cta=[1], order=[0])
+    rows0 = gl.arange(0, BLOCK_Q, layout=row_layout)
     mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for i in gl.static_range(2):
         _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], kv_bar, k_smem.index(i))
@@ -71,15 +76,23 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
         mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
         _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
         _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
+        # The consumers read lse and delta from shared memory when they need them: loaded
+        # from global memory there, each took 16 registers a thread through the step.
+        rows = m + rows0
+        in_q = rows < SEQLEN_Q
+        row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
+        lse_smem.index(slot).store(gl.load(LSE + row_base + rows, mask=in_q, other=float("inf")) * 1.4426950408889634)
+        delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
+        mbarrier.arrive(bar, count=1)
 
 
 @gluon.jit
-def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem,
-                 p_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
-                 stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS, SEQLEN_Q,
-                 SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0,
-                 v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr,
-                 CAUSAL: gl.constexpr):
+def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                 lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
+                 stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                 SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
+                 k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
     registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
     (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
@@ -127,13 +140,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        offs_q = m + q_cols0
-        row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
-        in_q = offs_q < SEQLEN_Q
-        lse2 = gl.load(LSE + row_base + offs_q, mask=in_q, other=float("inf")) * 1.4426950408889634
         st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
-        # Loaded once the scores are in: 16 registers a thread less while they are waited on.
-        delta = gl.load(DELTA + row_base + offs_q, mask=in_q, other=0.0)
+        lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
         s = st * qk_scale
         needs_mask = n0 + _KV_ROWS > SEQLEN_K
         if CAUSAL:
@@ -141,7 +149,7 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         if needs_mask:
             keep = kv_rows[:, None] < SEQLEN_K
             if CAUSAL:
-                keep = keep & (kv_rows[:, None] <= offs_q[None, :] + diag)
+                keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
             s = gl.where(keep, s, float("-inf"))
         pt = gl.exp2(s - lse2[None, :])
         # P^T and dS^T go through shared memory (A operands there): as register operands
@@ -150,6 +158,7 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         fence_async_shared()
         dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
         dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
+        delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
         dst = (pt * (dpt - delta[None, :])).to(dtype)
         mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
         ds_wg = ds_smem.index(par * 2 + wg)
@@ -219,6 +228,9 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     # dS^T of both warpgroups, by step parity (index 2 parity + warpgroup); P^T per warpgroup.
     ds_smem = gl.allocate_shared_memory(dtype, [4, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     p_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
+    rows_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
+    lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
     kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -226,7 +238,7 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(kv_bar, count=1)
     for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(ready.index(i), count=2)  # the TMA bytes' expect, and the lse/delta stores
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
     for i in gl.static_range(2):
         mbarrier.init(ds_full.index(i), count=2)
@@ -239,29 +251,32 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     v_col = hk * V_COLS_H
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
-        (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                           ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
-                           stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                           SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
-                           k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
-        (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                           ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
-                           stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                           SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
-                           k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
-        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, kv_bar,
-                            ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
-                            stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                            SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H,
-                            k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)),
+        (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
+                        delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
+                        stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
+                        NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
+                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
+                        CAUSAL)),
+        (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
+                        delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
+                        stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
+                        NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
+                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
+                        CAUSAL)),
+        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                         lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m,
+                         n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B,
+                         DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
+                         STAGES, CAUSAL)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
 # (STAGES of the Q/dO ring, query rows per step) to sweep on the GPU, by head dim. Shared
 # memory at head dim 128: K and V 64 KB, dS^T 4 and P^T 2 tiles of 64 x BLOCK_Q, Q and dO
-# 2 x BLOCK_Q x 256 bytes a stage: 139-229 KB (compile_check --gluon-bwd, triton 3.6).
-# 64-row steps at head dim 128 spill 104-208 bytes a thread, 32-row steps 0-16; both are
-# timed, to see whether the wider wgmma (N = 64 instead of 32) pays for the spills.
+# 2 x BLOCK_Q x 256 bytes a stage, lse and delta 2 x BLOCK_Q x 4: 140-231 KB
+# (compile_check --gluon-bwd, triton 3.6). 64-row steps at head dim 128 spill 32 bytes a
+# thread (104-208 while the consumers loaded lse and delta themselves), 32-row steps none.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 # As flash_bwd's dK/dV tuning candidates, by head dim.
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
