@@ -52,6 +52,7 @@ for part in $parts; do
     transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ;;
     gluon) run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json" ;;
     profile_bwd) run profile_bwd python3 benchmarks/profile_bwd.py "$out/profile_bwd.json" ;;
+    bwd_host) run bwd_host python3 benchmarks/profile_bwd_host.py ;;
     gluon_bwd) run gluon_bwd_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
                  tests/attention/test_gluon_bwd_gpu.py
                run bench_gluon_bwd python3 benchmarks/gluon_bwd.py "$out/gluon_bwd.json" ;;

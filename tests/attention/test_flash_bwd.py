@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import modelaccel
-from modelaccel.attention.flash_bwd import flash_attn_backward
+from modelaccel.attention.flash_bwd import _launch_delta, flash_attn_backward
 from modelaccel.attention.flash_fwd import dropout_keep_mask, flash_attn_forward
 from modelaccel.attention.reference import attention_ref, varlen_attention_ref
 from modelaccel.testing import assert_attention_close, assert_grads_close, random_qkv as make_qkv
@@ -169,6 +169,21 @@ def test_atomic_dq_with_dropout_and_varlen(dq_tma, device):
     ref_out, _ = varlen_attention_ref(q64, k64, v64, cu_q.cpu(), cu_k.cpu(), softmax_scale=0.125, causal=True)
     ref_out.backward(dout.cpu().double())
     assert_grads_close(grads, (q64.grad, k64.grad, v64.grad), q.dtype)
+
+
+@pytest.mark.parametrize("headdim", [40, 128])
+def test_delta_kernel_zeroes_the_dq_accumulator(headdim, device):
+    """The atomic strategy's dQ accumulator comes from torch.empty; the delta kernel writes
+    its zeros (every element, head dims narrower than the tile included) next to delta."""
+    gen = torch.Generator().manual_seed(2)
+    out, dout = (randn((2, 70, 3, headdim), torch.bfloat16, device, gen) for _ in range(2))
+    lse_like = torch.empty(2, 3, 70, device=device)
+    delta = torch.full_like(lse_like, float("nan"))
+    dq_acc = torch.full((2, 70, 3, headdim), float("nan"), device=device)
+    _launch_delta(out, dout, delta, (lse_like.stride(0), lse_like.stride(1)), 3, 70, dq_acc=dq_acc)
+    assert torch.equal(dq_acc, torch.zeros_like(dq_acc))
+    ref = (out.float() * dout.float()).sum(-1).transpose(1, 2)
+    torch.testing.assert_close(delta, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_public_api_autograd_and_determinism(device):

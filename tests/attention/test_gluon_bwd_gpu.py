@@ -46,7 +46,7 @@ def test_gluon_backward_matches_reference(config, shape, causal, layout):
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candidate, causal, monkeypatch):
     # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
-    batch, seqlen, nheads, nheads_k, headdim = 1, 2048, 16, 4, 128
+    batch, seqlen, nheads, nheads_k, headdim = 1, 4096, 16, 4, 128
     assert 4 * batch * nheads * seqlen * seqlen * headdim >= flash_bwd._GLUON_BWD_MIN_FLOPS
     offered, ran = [], []
     choose = flash_bwd._dkdv_tuner.choose

@@ -106,10 +106,12 @@ def _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, in
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+def _attn_bwd_delta_kernel(O, DO, DELTA, DQ_ACC, CU_Q, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                            NHEADS, SEQLEN_Q, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                           HEADDIM: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """delta for one block of query rows, for the atomic-dQ strategy (no dQ kernel runs)."""
+                           HEADDIM: tl.constexpr, IS_VARLEN: tl.constexpr, ZERO_DQ: tl.constexpr):
+    """delta for one block of query rows, for the atomic-dQ strategy (no dQ kernel runs).
+    With ZERO_DQ, also zeroes those rows of the float32 dQ accumulator DQ_ACC (O's layout):
+    one kernel and one host op fewer than a separate fill of the same bytes."""
     b, h, bt, q_start, seqlen_q, _, _ = _batch_head(tl.program_id(1), NHEADS, CU_Q, CU_Q, SEQLEN_Q, SEQLEN_Q,
                                                     IS_VARLEN)
     start_m = tl.program_id(0) * BLOCK_M
@@ -117,6 +119,27 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, CU_Q, stride_ob, stride_os, stride_oh, 
     row_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start + offs_m
     _store_delta(O, DO, DELTA, bt, h, q_start, start_m, seqlen_q, row_offset, offs_m < seqlen_q,
                  stride_ob, stride_os, stride_oh, BLOCK_M, BLOCK_D, HEADDIM)
+    if ZERO_DQ:
+        _store_tile(DQ_ACC, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), bt, q_start + start_m, h,
+                    stride_ob, stride_os, stride_oh, q_start + seqlen_q, BLOCK_M, BLOCK_D, HEADDIM, False)
+
+
+def _launch_delta(out, dout, delta, lse_strides, nheads, seqlen_q, cu_seqlens_q=None, dq_acc=None):
+    """delta = rowsum(dO * O) into delta (lse's layout) and, given dq_acc, zeros into it.
+
+    out, dout [batch, seqlen_q, nheads, headdim] with one layout (packed varlen: batch 1 and
+    cu_seqlens_q int32 [batch + 1]); dq_acc float32 in that layout too. In a packed batch
+    dq_acc must be zeroed by the caller: rows past cu_seqlens_q[-1] belong to no sequence.
+    """
+    headdim = out.shape[-1]
+    varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.numel() - 1 if varlen else out.shape[0]
+    zero_dq = dq_acc is not None and not varlen
+    launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
+        out, dout, delta, dq_acc if zero_dq else delta, cu_seqlens_q if varlen else delta,
+        out.stride(0), out.stride(1), out.stride(2), *lse_strides, nheads, seqlen_q),
+        dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=max(next_power_of_2(headdim), 16), HEADDIM=headdim,
+             IS_VARLEN=varlen, ZERO_DQ=zero_dq))
 
 
 @triton.jit
@@ -338,7 +361,11 @@ _DELTA_BLOCK_M = 64
 # the dK/dV tuning for the calls the Gluon forward covers, from the forward's size on.
 # MODELACCEL_GLUON_BWD=0 leaves it out.
 _GLUON_BWD = os.environ.get("MODELACCEL_GLUON_BWD", "1") != "0"
-_GLUON_BWD_MIN_FLOPS = 3e10
+# Below ~1e11 FLOPs (4 b h sq sk d) the backward's GPU time (~300 us on an H200) is near
+# the host's time per call, and the Gluon launch costs more host time (four descriptors):
+# on (2, 48, 48, 1024) it tuned level with Triton on the GPU but measured 343 against 292
+# us per call once the host fell behind (benchmarks/profile_bwd_host.py).
+_GLUON_BWD_MIN_FLOPS = 1e11
 
 
 @functools.lru_cache(maxsize=None)
@@ -457,14 +484,13 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         extra = {} if interp else {"num_warps": warps, "num_stages": stages}
         dq_target = lse
         if atomic:
-            # dO's layout (contiguous, shaped like q), so the kernel reuses its strides.
-            dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device)
+            # dO's layout (contiguous, shaped like q), so the kernels reuse its strides; the
+            # delta kernel zeroes it (a packed batch's rows past its last sequence: here).
+            dq_acc = (torch.zeros if varlen else torch.empty)(do4.shape, dtype=torch.float32, device=q.device)
             dq_target = dq_acc
             if use_tma:
                 dq_target = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, bm, 1, block_d])
-            launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
-                o4, do4, delta, cu_q, o4.stride(0), o4.stride(1), o4.stride(2), *lse_strides, nheads, seqlen_q),
-                dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d, HEADDIM=headdim, IS_VARLEN=varlen))
+            _launch_delta(o4, do4, delta, lse_strides, nheads, seqlen_q, cu_seqlens_q, dq_acc)
         else:
             launch_dq(dq_config)
         launch_kernel(_attn_bwd_dkdv_kernel, (cdiv(seqlen_k, bn), batch * nheads_k), (

@@ -34,10 +34,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .flash_bwd import _DELTA_BLOCK_M, _attn_bwd_delta_kernel
+from .flash_bwd import _launch_delta
 from .flash_fwd import LOG2E
 from .gluon_fwd import _row_view, _shared_layout, _tma_load
-from .launch import cdiv, launch_kernel, next_power_of_2
+from .launch import cdiv, launch_kernel
 
 KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
 _KV_ROWS: gl.constexpr = gl.constexpr(KV_ROWS)
@@ -306,12 +306,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         grads = (None, torch.empty(k.shape, dtype=k.dtype, device=k.device),
                  torch.empty(k.shape, dtype=v.dtype, device=v.device))
     dq, dk, dv = grads
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed with delta
     delta = torch.empty_like(lse)
-    launch_kernel(_attn_bwd_delta_kernel, (cdiv(seqlen_q, _DELTA_BLOCK_M), batch * nheads), (
-        out, dout, delta, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), nheads,
-        seqlen_q), dict(BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=max(next_power_of_2(headdim), 16), HEADDIM=headdim,
-                        IS_VARLEN=False))
+    _launch_delta(out, dout, delta, (lse.stride(0), lse.stride(1)), nheads, seqlen_q, dq_acc=dq_acc)
     block_q = block_q or Q_ROWS[headdim]
     tile = _shared_layout((block_q, headdim), q.dtype)
     q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
