@@ -6,8 +6,8 @@
   sees.
 - `bwd`: the (2,48,48,1024) causal bf16 d128 backward row measured 89 TFLOPS through
   autograd in the benchmark but 196 TFLOPS through flash_attn_backward alone. do_bench and
-  host time per call of the launcher and of torch.autograd.grad, then the host profile of
-  the autograd path.
+  host time per call of the launcher and of torch.autograd.grad, for the Triton and the
+  Gluon dK/dV launch, then the host profile of the autograd path.
 - `layer`: per attention call as the models use it: a Llama-3-8B prefill layer (batch 1,
   512 tokens, 32/8 heads, d128, q/k/v as Transformers' transposed views) and the training
   check's layer (batch 8, 1024 tokens, 8 heads, d64, forward + backward through autograd),
@@ -85,6 +85,11 @@ def profile_varlen():
 
 
 def profile_bwd():
+    """Both dK/dV launches the tuner may pick for this row (the tuned Triton one and the
+    Gluon one), each through the launcher and through autograd; then the autograd path's
+    host profile with the Gluon launch."""
+    from modelaccel.attention import flash_bwd
+
     batch, heads, seqlen = 2, 48, 1024
     q, k, v = (torch.randn(batch, seqlen, heads, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
@@ -99,10 +104,16 @@ def profile_bwd():
     def autograd():
         return torch.autograd.grad(out_graph, (q, k, v), dout, retain_graph=True)
 
-    for name, fn in (("launcher", launcher), ("autograd", autograd)):
-        ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-        print(f"{name}: do_bench {ms * 1e3:.1f} us, host {host_us(fn, 100):.1f} us/call", flush=True)
-    print_host_profile(autograd, 100, 30)
+    choose = flash_bwd._dkdv_tuner.choose
+    try:
+        for label, choice in (("triton", (64, 128, 8, 3, True, True)), ("gluon", ("gluon_ws", 2, 64))):
+            flash_bwd._dkdv_tuner.choose = lambda key, candidates, launch, choice=choice: choice
+            for name, fn in (("launcher", launcher), ("autograd", autograd)):
+                ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                print(f"{label} {name}: do_bench {ms * 1e3:.1f} us, host {host_us(fn, 100):.1f} us/call", flush=True)
+        print_host_profile(autograd, 100, 30)
+    finally:
+        flash_bwd._dkdv_tuner.choose = choose
 
 
 def profile_layer():

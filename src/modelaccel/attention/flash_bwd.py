@@ -364,7 +364,7 @@ _GLUON_BWD = os.environ.get("MODELACCEL_GLUON_BWD", "1") != "0"
 # Below ~1e11 FLOPs (4 b h sq sk d) the backward's GPU time (~300 us on an H200) is near
 # the host's time per call, and the Gluon launch costs more host time (four descriptors):
 # on (2, 48, 48, 1024) it tuned level with Triton on the GPU but measured 343 against 292
-# us per call once the host fell behind (benchmarks/profile_bwd_host.py).
+# us per call once the host fell behind (benchmarks/profile_host.py bwd).
 _GLUON_BWD_MIN_FLOPS = 1e11
 
 
