@@ -61,8 +61,9 @@ CASES = [
                                              CU_K="i32"),
        dict(ATTENTION, BLOCK_M=64, BLOCK_N=128, ATOMIC_DQ=atomic, DQ_TMA=False, LAUNCH_GROUP=8 * atomic), 8, 3)
       for atomic in (False, True)],
-    (flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", CU_Q="i32"),
-     dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=True), 4, 2),
+    # Packed batches zero their dQ accumulator with torch.zeros, dense ones in this kernel.
+    *[(flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", DQ_ACC="fp32", CU_Q="i32"),
+       dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=not zero, ZERO_DQ=zero), 4, 2) for zero in (False, True)],
     *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
                                          BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
                                          CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
