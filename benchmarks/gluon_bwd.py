@@ -9,9 +9,7 @@ count 2.5x the forward's FLOPs.
 Usage: python benchmarks/gluon_bwd.py OUT.json
 """
 
-import datetime
 import json
-import os
 import sys
 
 import torch
@@ -20,10 +18,9 @@ import triton
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
-from modelaccel.bench.attention import _sdpa_call, attention_flops, tflops
+from modelaccel.bench.attention import BWD_SHAPES, attention_flops, collect_metadata, _sdpa_call, tflops
 
-ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (2, 16, 16, 8192), (1, 16, 16, 16384),
-        (2, 48, 48, 1024), (2, 32, 8, 8192)]
+ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all square)
 
 
 def bench(fn):
@@ -37,9 +34,7 @@ def rel_err(got, ref):
 def main():
     from torch.nn.attention import SDPBackend
 
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
         q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))

@@ -13,16 +13,14 @@ and v as [batch, seqlen, heads, headdim]: the layout of the TTFT benchmark's cal
 Usage: python benchmarks/gluon_fwd.py OUT.json [--hf-layout | --hf-rows]
 """
 
-import datetime
 import json
-import os
 import sys
 
 import torch
 import triton
 
 from modelaccel.attention.gluon_fwd import GLUON_WS_CONFIGS, flash_attn_forward_gluon_ws
-from modelaccel.bench.attention import _provider_call, attention_flops, compare_outputs, tflops
+from modelaccel.bench.attention import attention_flops, collect_metadata, compare_outputs, _provider_call, tflops
 
 # (batch, query heads, kv heads, tokens, causal, dtype)
 ROWS = [(16, 16, 16, 1024, True), (8, 16, 16, 2048, True), (4, 16, 16, 4096, True), (2, 16, 16, 8192, True),
@@ -36,9 +34,7 @@ def bench(fn):
 
 
 def main():
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    result = {**collect_metadata(), "rows": []}
     hf_layout = "--hf-layout" in sys.argv[2:]
     result["layout"] = "q, k: [b, h, s, d] seen as [b, s, h, d]; v: [b, s, h, d]" if hf_layout else "[b, s, h, d]"
     rows = HF_ROWS if hf_layout or "--hf-rows" in sys.argv[2:] else ROWS

@@ -8,19 +8,16 @@ float32 dQ accumulator's zeroing and conversion) take at each size.
 Usage: python benchmarks/profile_bwd.py OUT.json
 """
 
-import datetime
 import json
-import os
 import sys
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.launch import launch_choices
-from modelaccel.bench.attention import _sdpa_call
+from modelaccel.bench.attention import collect_metadata, _sdpa_call
 
 ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (1, 16, 16, 16384), (2, 48, 48, 1024),
         (2, 32, 8, 8192)]
@@ -41,9 +38,7 @@ def kernel_times(fn):
 
 
 def main():
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "modelaccel_commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": []}
+    result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
         q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))

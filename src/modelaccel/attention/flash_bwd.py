@@ -17,8 +17,6 @@ and dS^T, the left operands of its matmuls, come straight from the accumulator r
 instead of a transpose through shared memory.
 """
 
-import functools
-import os
 
 import torch
 import triton
@@ -26,8 +24,8 @@ import triton.language as tl
 
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
                         _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
-from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
-                     tma_usable, triton_version_between)
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, gluon_kernels, interpreting, launch_kernel, next_power_of_2,
+                     size_bucket, tma_usable)
 
 
 @triton.jit
@@ -360,7 +358,6 @@ _DELTA_BLOCK_M = 64
 # The warp-specialized Gluon backward (gluon_bwd.py, Hopper only; atomic dQ) competes in
 # the dK/dV tuning for the calls the Gluon forward covers, from the forward's size on.
 # MODELACCEL_GLUON_BWD=0 leaves it out.
-_GLUON_BWD = os.environ.get("MODELACCEL_GLUON_BWD", "1") != "0"
 # Below ~1e11 FLOPs (4 b h sq sk d) the backward's GPU time (~300 us on an H200) is near
 # the host's time per call, and the Gluon launch costs more host time (four descriptors):
 # on (2, 48, 48, 1024) it tuned level with Triton on the GPU but measured 343 against 292
@@ -368,17 +365,9 @@ _GLUON_BWD = os.environ.get("MODELACCEL_GLUON_BWD", "1") != "0"
 _GLUON_BWD_MIN_FLOPS = 1e11
 
 
-@functools.lru_cache(maxsize=None)
 def _gluon_bwd_module():
-    """gluon_bwd, or None where the Gluon backward is not offered (decided once, on the
-    triton releases it was compiled with, as flash_fwd._gluon_module)."""
-    if not _GLUON_BWD or not triton_version_between((3, 6), (3, 9)):
-        return None
-    try:
-        from . import gluon_bwd
-    except ImportError:  # a triton without triton.experimental.gluon
-        return None
-    return gluon_bwd
+    """gluon_bwd, or None where the Gluon backward is not offered (launch.gluon_kernels)."""
+    return gluon_kernels("gluon_bwd")
 
 
 def _gluon_bwd_candidates(q, k, v, window, softcap, alibi_slopes, dropout_p, varlen):

@@ -22,15 +22,13 @@ sequence. Dropout draws Philox numbers from (seed + batch * nheads + head, row *
 + col), so the backward pass regenerates the same mask.
 """
 
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .launch import (LaunchTuner, TensorDescriptor, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket,
-                     tma_usable, triton_version_between)
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, gluon_kernels, interpreting, launch_kernel, next_power_of_2,
+                     size_bucket, tma_usable)
 
 LOG2E = 1.4426950408889634
 
@@ -363,21 +361,11 @@ _tuner = LaunchTuner("attention_fwd", graph_timing=True)
 # less than the four of the Triton TMA path, and on the H200 it beat the Triton kernel by
 # 36% at (1, 32, 8, 2048) causal (6.9e10). MODELACCEL_GLUON_FWD=0 leaves it out.
 _GLUON_MIN_FLOPS = 3e10
-_GLUON_FWD = os.environ.get("MODELACCEL_GLUON_FWD", "1") != "0"
 
 
-@functools.lru_cache(maxsize=None)
 def _gluon_module():
-    """gluon_fwd, or None where the Gluon forward is not offered. Decided once: Gluon is
-    experimental and its API moves between triton releases, so the kernel is offered only
-    on the releases it was compiled with (3.6 on the GPU, 3.9 on the CPU box)."""
-    if not _GLUON_FWD or not triton_version_between((3, 6), (3, 9)):
-        return None
-    try:
-        from . import gluon_fwd
-    except ImportError:  # a triton without triton.experimental.gluon
-        return None
-    return gluon_fwd
+    """gluon_fwd, or None where the Gluon forward is not offered (launch.gluon_kernels)."""
+    return gluon_kernels("gluon_fwd")
 
 
 def _gluon_candidates(q, k, v, flops, window, softcap, alibi_slopes, dropout_p, varlen):

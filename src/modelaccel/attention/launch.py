@@ -2,6 +2,7 @@
 and a kernel launch that skips Triton's per-call argument binding when it can."""
 
 import functools
+import importlib
 import json
 import os
 import statistics
@@ -258,6 +259,21 @@ def triton_version_between(low, high):
     except ValueError:
         return False
     return low <= version <= high
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_kernels(name):
+    """modelaccel.attention.<name> ("gluon_fwd" or "gluon_bwd"), or None where its Gluon
+    kernel is not offered: MODELACCEL_<NAME>=0 (MODELACCEL_GLUON_FWD, MODELACCEL_GLUON_BWD),
+    or a triton outside 3.6-3.9 (Gluon is experimental and its API moves between releases:
+    the kernels were compiled on 3.6 on the GPU and 3.9 on the CPU box), or one without
+    Gluon. Decided once per name."""
+    if os.environ.get(f"MODELACCEL_{name.upper()}", "1") == "0" or not triton_version_between((3, 6), (3, 9)):
+        return None
+    try:
+        return importlib.import_module(f".{name}", __package__)
+    except ImportError:  # a triton without triton.experimental.gluon
+        return None
 
 
 def _fast_launch_supported():
