@@ -169,7 +169,7 @@ def print_candidate_usage():
               flush=True)
 
 
-def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
+def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16):
     """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -177,7 +177,8 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
     from modelaccel.attention import gluon_fwd
 
     kernel = gluon_fwd._attn_fwd_ws_kernel
-    constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong)
+    constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
+                      LAUNCH_GROUP=launch_group)
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
                    for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}
@@ -188,7 +189,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True):
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
-def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None):
+def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -200,7 +201,8 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None):
     kernel = gluon_bwd._attn_bwd_ws_kernel
     block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
-                      DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16))
+                      DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
+                      LAUNCH_GROUP=launch_group)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"

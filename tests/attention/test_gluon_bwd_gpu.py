@@ -72,3 +72,22 @@ def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candi
     ref_grads = torch.autograd.grad(attention_ref(qf, kf, vf, headdim ** -0.5, causal,
                                                   compute_dtype=torch.float32)[0], (qf, kf, vf), grad.float())
     assert_grads_close((dq, dk, dv), ref_grads, q.dtype)
+
+
+@pytest.mark.parametrize("launch_group", [0, 1, 3, 16, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_launch_groups_write_every_block(launch_group, causal):
+    # 5 batches x 2 kv heads = 10 kv batch-heads: groups of 3 and 16 leave a partial last
+    # group, 64 is more than the grid holds. The gradients start as NaN.
+    batch, seqlen, nheads, nheads_k, headdim = 5, 700, 4, 2, 128
+    q, k, v = random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim, torch.bfloat16, "cuda", seed=launch_group)
+    scale = headdim ** -0.5
+    out, lse = flash_attn_forward(q, k, v, scale, causal)
+    dout = torch.randn_like(out)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    dq, dk, dv = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, causal, grads=grads,
+                                              launch_group=launch_group)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_ref(q32, k32, v32, scale, causal, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_grads_close((dq, dk, dv), (q32.grad, k32.grad, v32.grad), torch.bfloat16)

@@ -76,3 +76,21 @@ def test_flash_attn_func_runs_the_gluon_forward_when_tuned_to_it(candidate, caus
     ref_grads = torch.autograd.grad(attention_ref(qf, kf, vf, headdim ** -0.5, causal,
                                                   compute_dtype=torch.float32)[0], (qf, kf, vf), grad.float())
     assert_grads_close((dq, dk, dv), ref_grads, q.dtype)
+
+
+@pytest.mark.parametrize("launch_group", [0, 1, 3, 16, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_launch_groups_write_every_block(launch_group, causal):
+    # 5 batches x 4 heads = 20 batch-heads: groups of 3 and 16 leave a partial last group,
+    # 64 is more than the grid holds. Outputs start as NaN.
+    batch, seqlen, nheads, nheads_k, headdim = 5, 700, 4, 2, 128
+    gen = torch.Generator().manual_seed(launch_group)
+    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, nheads, seqlen), float("nan"), device="cuda")
+    flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, causal, out=out, lse=lse, launch_group=launch_group)
+    ref_out, ref_lse = attention_ref(q.float(), k.float(), v.float(), headdim ** -0.5, causal,
+                                     compute_dtype=torch.float32)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)

@@ -36,7 +36,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_bwd import _launch_delta
 from .flash_fwd import LOG2E
-from .gluon_fwd import _row_view, _shared_layout, _tma_load
+from .gluon_fwd import _launch_position, _row_view, _shared_layout, _tma_load
 from .launch import cdiv, launch_kernel
 
 KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
@@ -199,15 +199,16 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr):
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
+                        LAUNCH_GROUP: gl.constexpr):
     """128 key rows of one (batch, kv head) against every query block that sees them.
     Descriptors over 2D row views (gluon_fwd._row_view): q_desc, do_desc in blocks [64,
     HEAD_D], k_desc, v_desc in blocks [64, HEAD_D]. DK, DV [batch, seqlen_k, nheads_k,
     headdim] (strides given); DQ_ACC float32 [batch, seqlen_q, nheads, headdim] contiguous,
     zeroed; LSE, DELTA float32 [batch, nheads, seqlen_q]. qk_scale = softmax_scale * log2(e).
-    Grid (batch * nheads_k, key blocks)."""
-    pid_bh = gl.program_id(0)
-    pid_n = gl.program_id(1)
+    Grid (batch * nheads_k, key blocks), numbered by gluon_fwd._launch_position (under a
+    causal mask the first key blocks are the longest)."""
+    pid_bh, pid_n = _launch_position(LAUNCH_GROUP)
     b = pid_bh // NHEADS_K
     hk = pid_bh % NHEADS_K
     GROUP = NHEADS // NHEADS_K
@@ -278,12 +279,14 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 # (compile_check --gluon-bwd, triton 3.6). 64-row steps at head dim 128 spill 32 bytes a
 # thread (104-208 while the consumers loaded lse and delta themselves), 32-row steps none.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
+# kv batch-heads per launch group (gluon_fwd._launch_position); 0: grid order.
+LAUNCH_GROUP = 0
 # As flash_bwd's dK/dV tuning candidates, by head dim.
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
 
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 grads=None):
+                                 grads=None, launch_group=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -292,7 +295,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     from the forward. fp16/bf16 on Hopper, head dim 64 or 128. block_q: query rows per step
     (32 or 64; default Q_ROWS[headdim]). grads: optional (dq, dk, dv) to write, dk and dv
     contiguous (flash_bwd.flash_attn_backward passes its own). It covers the calls
-    gluon_fwd.gluon_forward_applies names, with atomics (not bit-reproducible)."""
+    gluon_fwd.gluon_forward_applies names, with atomics (not bit-reproducible).
+    launch_group: kv batch-heads whose programs run together (gluon_fwd._launch_position);
+    default LAUNCH_GROUP."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -320,7 +325,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
         *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
-        DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype), num_warps=4, maxnreg=_MAXNREG))
+        DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
+        LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group, num_warps=4, maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
     return dq.copy_(dq_acc), dk, dv

@@ -39,6 +39,25 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 
 @gluon.jit
+def _launch_position(LAUNCH_GROUP: gl.constexpr):
+    """(batch-head, block) of this program in a grid (batch * heads, blocks), as
+    flash_fwd._grid_position numbers the Triton kernels' programs: LAUNCH_GROUP 0 keeps grid
+    order (every batch-head's block 0, then every block 1, ...); G > 0 runs the blocks of G
+    batch-heads at a time, so the programs resident together read the K/V (forward) or
+    Q/dO and dQ (backward) of a few heads, which stay in L2, instead of every head's.
+    Block 0 starts first either way (the kernels map it to their longest program)."""
+    if LAUNCH_GROUP == 0:
+        return gl.program_id(0), gl.program_id(1)
+    nbh = gl.num_programs(0)
+    nblocks = gl.num_programs(1)
+    pid = gl.program_id(1) * nbh + gl.program_id(0)
+    first = pid // (LAUNCH_GROUP * nblocks) * LAUNCH_GROUP
+    size = gl.minimum(nbh - first, LAUNCH_GROUP)
+    rest = pid - first * nblocks
+    return first + rest % size, rest // size
+
+
+@gluon.jit
 def _online_softmax(s, m_i, l_i, offs_m, start_m, start_n, offs_n0, qk_scale, SEQLEN_K, diag,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
     """P = exp2(scores * qk_scale - running max) for the key block at start_n (the max kept
@@ -191,16 +210,17 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
 def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, BLOCK_N: gl.constexpr,
-                        HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+                        HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                        LAUNCH_GROUP: gl.constexpr):
     """128 query rows of one (batch, head). q_desc is over a 2D view of q in blocks
     [64, HEAD_D] where sequence position s of (batch b, head h) is row b Q_ROWS_B +
     h Q_ROWS_H + s from column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v
     in blocks [BLOCK_N, HEAD_D]. O [batch, seqlen_q, nheads, headdim],
-    LSE float32. Grid (batch * nheads, query blocks): heads vary fastest, so the programs
-    sharing a kv head run together; causal runs the longest query blocks first. Both
-    consumers run the same number of key blocks (the lower half masks one more)."""
-    pid_bh = gl.program_id(0)
-    pid_m = gl.program_id(1)
+    LSE float32. Grid (batch * nheads, query blocks), numbered by _launch_position: heads
+    vary fastest, so the programs sharing a kv head run together; causal runs the longest
+    query blocks first. Both consumers run the same number of key blocks (the lower half
+    masks one more)."""
+    pid_bh, pid_m = _launch_position(LAUNCH_GROUP)
     if CAUSAL:
         pid_m = gl.num_programs(1) - 1 - pid_m
     b = pid_bh // NHEADS
@@ -269,6 +289,8 @@ _WS_MAXNREG = 168
 # (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
 # 128 x 2 and is kept beside the free-running launch, 3 stages where the ring runs dry.
 GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
+# Batch-heads per launch group (_launch_position); 0: grid order over every batch-head.
+LAUNCH_GROUP = 0
 # As flash_fwd.flash_attn_forward's tuner sees them.
 GLUON_WS_CANDIDATES = [("gluon_ws", *c) for c in GLUON_WS_CONFIGS]
 
@@ -293,7 +315,7 @@ def _row_view(t):
 
 
 def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
-                                out=None, lse=None):
+                                out=None, lse=None, launch_group=None):
     """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
     lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
     flash_fwd.flash_attn_forward returns them.
@@ -301,7 +323,9 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     q [batch, seqlen_q, nheads, headdim], k/v [batch, seqlen_k, nheads_k, headdim]:
     fp16/bf16 CUDA tensors on Hopper, each contiguous either as is or as the transpose of a
     contiguous [batch, heads, seqlen, headdim] (_row_view); headdim 64 or 128, nheads a
-    multiple of nheads_k. causal is bottom-right aligned. out/lse: optional outputs."""
+    multiple of nheads_k. causal is bottom-right aligned. out/lse: optional outputs.
+    launch_group: batch-heads whose programs run together (_launch_position); default
+    LAUNCH_GROUP."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -322,7 +346,9 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
         softmax_scale * LOG2E), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
-                                     PINGPONG=pingpong, num_warps=4, maxnreg=_WS_MAXNREG))
+                                     PINGPONG=pingpong,
+                                     LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group,
+                                     num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
 
