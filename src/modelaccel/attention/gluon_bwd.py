@@ -152,15 +152,16 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                 idle = idle | (n0 > m + BLOCK_Q - 1 + diag)
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         if idle:
-            mbarrier.arrive(empty.index(slot), count=1)  # reads nothing of this step's Q and dO
             mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)
             ds_wg.store(st_zero.to(dtype))  # the first half's dQ^T product reads it
             fence_async_shared()
             mbarrier.arrive(ds_full.index(par), count=1)
             mbarrier.wait(ds_full.index(par), (t // 2) & 1)
             if HAS_DQ:
-                dqt = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                    ds_smem.index(par * 2), dqt_zero, use_acc=False)
+                dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                          ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
+                dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dqt_token])
+            mbarrier.arrive(empty.index(slot), count=1)
             mbarrier.arrive(ds_free.index(par), count=1)
         else:
             st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
