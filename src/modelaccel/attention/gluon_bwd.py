@@ -137,72 +137,47 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         m = lo + (t % n_m) * BLOCK_Q
         qs = q_smem.index(slot)
         dos = do_smem.index(slot)
-        ds_wg = ds_smem.index(par * 2 + wg)
-        # The second half's keys may all lie past this step's queries (causal: its first
-        # steps; 64 of 128 key rows idle in 1 of the ~9 steps of a program at 1024 tokens)
-        # or past seqlen_k: then its P^T and dS^T are zero, and it skips its S^T, dP^T, dV
-        # and dK products, leaving the tensor cores to the first half. It still takes part in
-        # the step's barriers and its dQ^T rows (from the first half's dS^T). The first half
-        # always sees a key: `lo` is the first query block that sees key start_n, so its
-        # warpgroup compiles without the idle branch.
-        idle = False
-        if wg == 1:
-            idle = n0 >= SEQLEN_K
-            if CAUSAL:
-                idle = idle | (n0 > m + BLOCK_Q - 1 + diag)
         mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        if idle:
-            mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)
-            ds_wg.store(st_zero.to(dtype))  # the first half's dQ^T product reads it
-            fence_async_shared()
-            mbarrier.arrive(ds_full.index(par), count=1)
-            mbarrier.wait(ds_full.index(par), (t // 2) & 1)
-            if HAS_DQ:
-                dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                          ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-                dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dqt_token])
-            mbarrier.arrive(empty.index(slot), count=1)
-            mbarrier.arrive(ds_free.index(par), count=1)
-        else:
-            st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
-            lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-            s = st * qk_scale
-            needs_mask = n0 + _KV_ROWS > SEQLEN_K
+        st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
+        lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+        s = st * qk_scale
+        needs_mask = n0 + _KV_ROWS > SEQLEN_K
+        if CAUSAL:
+            needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
+        if needs_mask:
+            keep = kv_rows[:, None] < SEQLEN_K
             if CAUSAL:
-                needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
-            if needs_mask:
-                keep = kv_rows[:, None] < SEQLEN_K
-                if CAUSAL:
-                    keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
-                s = gl.where(keep, s, float("-inf"))
-            pt = gl.exp2(s - lse2[None, :])
-            # P^T and dS^T go through shared memory (A operands there): as register operands
-            # they held 32 more registers a thread and spilled at 64-row steps.
-            p_wg.store(pt.to(dtype))
-            fence_async_shared()
-            dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
-            dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
-            delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-            dst = (pt * (dpt - delta[None, :])).to(dtype)
-            mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-            ds_wg.store(dst)
-            fence_async_shared()
-            dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
-            mbarrier.arrive(ds_full.index(par), count=1)
-            mbarrier.wait(ds_full.index(par), (t // 2) & 1)
-            if HAS_DQ:
-                # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
-                dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                          ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-                dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                          ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
-                dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
-            else:
-                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
-            mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
-            mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
+                keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
+            s = gl.where(keep, s, float("-inf"))
+        pt = gl.exp2(s - lse2[None, :])
+        # P^T and dS^T go through shared memory (A operands there): as register operands
+        # they held 32 more registers a thread and spilled at 64-row steps.
+        p_wg.store(pt.to(dtype))
+        fence_async_shared()
+        dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
+        delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+        dst = (pt * (dpt - delta[None, :])).to(dtype)
+        mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        ds_wg = ds_smem.index(par * 2 + wg)
+        ds_wg.store(dst)
+        fence_async_shared()
+        dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
+        mbarrier.arrive(ds_full.index(par), count=1)
+        mbarrier.wait(ds_full.index(par), (t // 2) & 1)
+        if HAS_DQ:
+            # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
+            dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
+            dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
+            dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
+        mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
+        mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
         if HAS_DQ:
             # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
             dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
