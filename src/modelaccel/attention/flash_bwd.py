@@ -348,7 +348,10 @@ _DQ_CONFIGS = {
 # SM (130-214 KB of shared memory); (64, 64, 4, 2) fits two 4-warp programs per SM (97 KB,
 # 255 registers), so one program's softmax can overlap the other's matmuls. On the H200
 # the tuner chose the atomic strategy's (64, 128, 8, 3) with TMA reduces for every row of
-# the d128 causal benchmark (results/attention_bwd_nvidia-h200_2026-12-01.json).
+# the d128 causal benchmark before the Gluon backward joined the tuning; since its launch
+# groups (0ca08a7) the Gluon launch wins every row it is offered, and (64, 128, 8, 3)
+# with TMA reduces keeps (2, 48, 48, 1024), below _GLUON_BWD_MIN_FLOPS
+# (results/attention_bwd_nvidia-h200_2026-12-01.json).
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
     128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],

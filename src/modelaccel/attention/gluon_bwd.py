@@ -1,13 +1,14 @@
-"""Prototype (branch gluon-bwd-prototype): the attention backward in Gluon for Hopper,
-warp-specialized as the forward in gluon_fwd.py is. Correct on the H200 (GPU tests against
-the float32 reference). Speed on the d128 causal rows (results/gluon_bwd_nvidia-h200_
-2026-12-01.md): 0.84-0.91x the Triton backward up to 4096 tokens, 0.97-1.05x at 8192-16384
-(387 TFLOPS at 16384, where the Triton backward measured 373 in the same run and 388-391 in
-others); the Triton backward still runs every call.
+"""The attention backward in Gluon for Hopper, warp-specialized as the forward in
+gluon_fwd.py is; flash_bwd.flash_attn_backward offers it to its dK/dV tuner as candidates.
+Correct on the H200 (GPU tests against the float32 reference). With its programs launched
+in groups of 8 kv batch-heads (LAUNCH_GROUP) it wins the tuning on every d128 causal row
+of the backward benchmark it is offered (results/attention_bwd_nvidia-h200_2026-12-01.md:
+261-441 TFLOPS, 1.26-1.45x SDPA FlashAttention-2 from 1024 to 16384 tokens).
 
-Why: the Triton backward is 0.73-0.76x cuDNN on the H200 and 1.09-1.28x FlashAttention-2
-(issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited on right after
-it is issued, the same limit the forward had until its Gluon version matched cuDNN.
+Why: the Triton backward measured 0.73-0.76x cuDNN on the H200 and 1.09-1.28x
+FlashAttention-2 (issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited
+on right after it is issued, the same limit the forward had until its Gluon version
+matched cuDNN.
 
 One program owns 128 key rows of one (batch, kv head): K and V stay in shared memory, dK
 and dV in the registers of two consumer warpgroups (64 key rows each, 240 registers by
