@@ -88,54 +88,57 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 
 @gluon.jit
-def _bwd_step(t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m, GROUP, NHEADS, SEQLEN_Q,
-              SEQLEN_K, diag, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Step t of a consumer warpgroup (_bwd_consume); returns (dk, dv).
+def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                 lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
+                 stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
+                 SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
+                 k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
+    registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
+    (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
+    DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows past seqlen_q
+    (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ are 0 and
+    their atomics are masked off.
 
-    IDLE (a compile-time choice, so no runtime branch holds a wgmma): none of this half's
-    keys is visible to the step's queries, so its P^T and dS^T are zero. It skips the S^T,
-    dP^T, dV and dK products and stores a zero dS^T for the dQ^T products, keeping the
-    step's barriers and its own dQ^T rows."""
-    dtype: gl.constexpr = q_smem.dtype
+    Per step t (dS^T double-buffered by t's parity): S^T, dP^T issued together; P^T to
+    shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q; both warpgroups'
+    dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have read it (ds_free)."""
+    dtype: gl.constexpr = q_desc.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_Q, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
     # dQ^T rows (head dim) per warpgroup: wgmma's M is 64, so at head dim 64 the first
     # warpgroup takes them all.
     D_ROWS: gl.constexpr = 64
     HAS_DQ: gl.constexpr = wg * D_ROWS < HEAD_D
+    n0 = start_n + wg * _KV_ROWS
+    kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
+    q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
     # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
     atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
                                                    warps_per_cta=[1, 4], order=[0, 1])
+    dq_rows0 = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
+    dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
     st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
     dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    slot = t % STAGES
-    par = t % 2
-    h = hk * GROUP + t // n_m
-    m = lo + (t % n_m) * BLOCK_Q
-    qs = q_smem.index(slot)
-    dos = do_smem.index(slot)
-    ds_wg = ds_smem.index(par * 2 + wg)
-    mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-    if IDLE:
-        mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)
-        ds_wg.store(st_zero.to(dtype))
-        fence_async_shared()
-        mbarrier.arrive(ds_full.index(par), count=1)
-        mbarrier.wait(ds_full.index(par), (t // 2) & 1)
-        if HAS_DQ:
-            dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                      ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-            dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                      ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
-            dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dqt_token])
-    else:
-        kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
-        q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
-        k_wg = k_smem.index(wg)
-        v_wg = v_smem.index(wg)
-        p_wg = p_smem.index(wg)
+    dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    k_wg = k_smem.index(wg)
+    v_wg = v_smem.index(wg)
+    p_wg = p_smem.index(wg)
+    mbarrier.wait(kv_bar, 0)
+
+    for t in range(n_steps):
+        slot = t % STAGES
+        par = t % 2
+        h = hk * GROUP + t // n_m
+        m = lo + (t % n_m) * BLOCK_Q
+        qs = q_smem.index(slot)
+        dos = do_smem.index(slot)
+        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
         st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
         st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
@@ -159,6 +162,7 @@ def _bwd_step(t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, 
         delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
         dst = (pt * (dpt - delta[None, :])).to(dtype)
         mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        ds_wg = ds_smem.index(par * 2 + wg)
         ds_wg.store(dst)
         fence_async_shared()
         dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
@@ -173,70 +177,15 @@ def _bwd_step(t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, 
             dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
         else:
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
-    mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
-    mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
-    if HAS_DQ:
-        # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
-        dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
-        cols_q = m + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
-        dq_rows = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
-        dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
-                   + dq_rows[:, None])
-        gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
-    return dk, dv
-
-
-@gluon.jit
-def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
-                 stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                 SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
-                 k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
-    registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
-    (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
-    DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows past seqlen_q
-    (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ are 0 and
-    their atomics are masked off.
-
-    Per step t (dS^T double-buffered by t's parity): S^T, dP^T issued together; P^T to
-    shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q; both warpgroups'
-    dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have read it (ds_free).
-
-    Under a causal mask the second half's keys lie past every query of each head's first
-    n_idle steps (one of the ~9 steps of a program at 1024 tokens with 64-row steps, two
-    with 32): that warpgroup runs those steps idle (_bwd_step's IDLE), in a loop of their
-    own so no runtime branch holds a wgmma. The first half always sees a key: `lo` is the
-    first query block that sees key start_n."""
-    dtype: gl.constexpr = q_desc.dtype
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_D, 16])
-    n0 = start_n + wg * _KV_ROWS
-    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
-    dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-    dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-    mbarrier.wait(kv_bar, 0)
-
-    if wg == 1 and CAUSAL:
-        # Steps i of a head with n0 > lo + i BLOCK_Q + BLOCK_Q - 1 + diag.
-        n_idle = gl.minimum(gl.maximum((n0 - diag - lo) // BLOCK_Q, 0), n_m)
-        for g in range(GROUP):
-            for i in range(n_idle):
-                dk, dv = _bwd_step(g * n_m + i, dk, dv, wg, True, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                                   lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
-                                   GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
-                                   STAGES, CAUSAL)
-            for i in range(n_idle, n_m):
-                dk, dv = _bwd_step(g * n_m + i, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                                   lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
-                                   GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
-                                   STAGES, CAUSAL)
-    else:
-        for t in range(n_steps):
-            dk, dv = _bwd_step(t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                               delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m, GROUP, NHEADS,
-                               SEQLEN_Q, SEQLEN_K, diag, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL)
+        mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
+        mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
+        if HAS_DQ:
+            # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
+            dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
+            cols_q = m + dq_cols0
+            dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                       + dq_rows0[:, None])
+            gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
 
     rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
     offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
