@@ -18,7 +18,7 @@ import triton
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
-from modelaccel.bench.attention import BWD_SHAPES, attention_flops, collect_metadata, _sdpa_call, tflops
+from modelaccel.bench.attention import BWD_SHAPES, attention_flops, collect_metadata, sdpa_backward_call, tflops
 
 ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all square)
 
@@ -47,12 +47,7 @@ def main():
         row["tflops"]["modelaccel"] = tflops(flops, bench(lambda: flash_attn_backward(dout, q, k, v, out, lse,
                                                                                       scale, True)))
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-            fn, ctx = _sdpa_call(backend, qg, kg, vg, True)
-            with ctx:
-                sdpa_out = fn()
-                row["tflops"][name] = tflops(flops, bench(lambda: torch.autograd.grad(
-                    sdpa_out, (qg, kg, vg), dout.transpose(1, 2), retain_graph=True)))
+            row["tflops"][name] = tflops(flops, bench(sdpa_backward_call(backend, q, k, v, dout, True)))
         for stages, block_q in GLUON_BWD_CONFIGS[128]:
             name = f"gluon_s{stages}q{block_q}"
             try:

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.launch import launch_choices
-from modelaccel.bench.attention import collect_metadata, _sdpa_call
+from modelaccel.bench.attention import collect_metadata, sdpa_backward_call
 
 ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (1, 16, 16, 16384), (2, 48, 48, 1024),
         (2, 32, 8, 8192)]
@@ -47,12 +47,7 @@ def main():
         out, lse = flash_attn_forward(q, k, v, scale, True)
         providers = {"modelaccel": lambda: flash_attn_backward(dout, q, k, v, out, lse, scale, True)}
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
-            fn, ctx = _sdpa_call(backend, qg, kg, vg, True)
-            with ctx:
-                sdpa_out = fn()
-            providers[name] = (lambda o=sdpa_out, g=(qg, kg, vg):
-                               torch.autograd.grad(o, g, dout.transpose(1, 2), retain_graph=True))
+            providers[name] = sdpa_backward_call(backend, q, k, v, dout, True)
         row = {"shape": [batch, hq, hk, n], "kernels": {}}
         for name, fn in providers.items():
             times = kernel_times(fn)

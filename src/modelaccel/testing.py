@@ -23,6 +23,26 @@ def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, devi
     return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
 
 
+def route_tuner_to(monkeypatch, tuner, candidate, module, launcher):
+    """Make `tuner` (a LaunchTuner) choose `candidate` for every class that offers it, and
+    count the calls of module.<launcher> (the candidate's kernel launcher). Returns (offered,
+    ran): lists that fill with the routed problem classes and one entry per launcher call,
+    for tests of a tuned dispatch."""
+    offered, ran = [], []
+    choose = tuner.choose
+
+    def choose_candidate(key, candidates, launch):
+        if candidate in candidates:
+            offered.append(key)
+            return candidate
+        return choose(key, candidates, launch)
+
+    real = getattr(module, launcher)
+    monkeypatch.setattr(tuner, "choose", choose_candidate)
+    monkeypatch.setattr(module, launcher, lambda *a, **kw: ran.append(1) or real(*a, **kw))
+    return offered, ran
+
+
 def attention_errors(out, lse, ref_out, ref_lse):
     """Errors of (out, lse) against a reference; compares in float64 on out's device.
 

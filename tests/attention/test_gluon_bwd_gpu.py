@@ -11,7 +11,7 @@ from modelaccel.attention import flash_bwd, gluon_bwd
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import GLUON_BWD_CANDIDATES, GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_grads_close, random_qkv
+from modelaccel.testing import assert_grads_close, random_qkv, route_tuner_to
 
 pytestmark = pytest.mark.gpu
 
@@ -48,24 +48,12 @@ def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candi
     # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
     batch, seqlen, nheads, nheads_k, headdim = 1, 4096, 16, 4, 128
     assert 4 * batch * nheads * seqlen * seqlen * headdim >= flash_bwd._GLUON_BWD_MIN_FLOPS
-    offered, ran = [], []
-    choose = flash_bwd._dkdv_tuner.choose
-
-    def choose_gluon(key, candidates, launch):
-        if candidate in candidates:
-            offered.append(key)
-            return candidate
-        return choose(key, candidates, launch)
-
-    real = gluon_bwd.flash_attn_backward_gluon_ws
-    monkeypatch.setattr(flash_bwd._dkdv_tuner, "choose", choose_gluon)
-    monkeypatch.setattr(gluon_bwd, "flash_attn_backward_gluon_ws", lambda *a, **kw: ran.append(1) or real(*a, **kw))
-    gen = torch.Generator().manual_seed(11)
-    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
-    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
-            for _ in range(2))
+    offered, ran = route_tuner_to(monkeypatch, flash_bwd._dkdv_tuner, candidate, gluon_bwd,
+                                  "flash_attn_backward_gluon_ws")
+    q, k, v = (t.requires_grad_() for t in random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim,
+                                                       torch.bfloat16, "cuda", seed=11))
     out = flash_attn_func(q, k, v, causal=causal)
-    grad = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     assert offered and ran, "the Gluon candidate was not offered or did not run"
     qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))

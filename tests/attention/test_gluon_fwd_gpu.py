@@ -9,7 +9,7 @@ from modelaccel import flash_attn_func
 from modelaccel.attention import flash_fwd, gluon_fwd
 from modelaccel.attention.gluon_fwd import GLUON_WS_CANDIDATES, GLUON_WS_CONFIGS, flash_attn_forward_gluon_ws
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close, assert_grads_close
+from modelaccel.testing import assert_attention_close, assert_grads_close, random_qkv, route_tuner_to
 
 pytestmark = pytest.mark.gpu
 
@@ -49,25 +49,12 @@ def test_flash_attn_func_runs_the_gluon_forward_when_tuned_to_it(candidate, caus
     # Large enough for the tuner to offer the Gluon candidates (flash_fwd._TMA_MIN_FLOPS).
     batch, seqlen, nheads, nheads_k, headdim = 1, 4096, 16, 4, 128
     assert 4 * batch * nheads * seqlen * seqlen * headdim >= flash_fwd._TMA_MIN_FLOPS
-    offered, ran = [], []
-    choose = flash_fwd._tuner.choose
-
-    def choose_gluon(key, candidates, launch):
-        if candidate in candidates:
-            offered.append(key)
-            return candidate
-        return choose(key, candidates, launch)
-
-    real = gluon_fwd.flash_attn_forward_gluon_ws
-    monkeypatch.setattr(flash_fwd._tuner, "choose", choose_gluon)
-    monkeypatch.setattr(gluon_fwd, "flash_attn_forward_gluon_ws", lambda *a, **kw: ran.append(1) or real(*a, **kw))
-    gen = torch.Generator().manual_seed(7)
-    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
-    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
-            for _ in range(2))
+    offered, ran = route_tuner_to(monkeypatch, flash_fwd._tuner, candidate, gluon_fwd, "flash_attn_forward_gluon_ws")
+    q, k, v = (t.requires_grad_() for t in random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim,
+                                                       torch.bfloat16, "cuda", seed=7))
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     assert offered and ran, "the Gluon candidate was not offered or did not run"
-    grad = torch.randn(out.shape, generator=gen).to("cuda", torch.bfloat16)
+    grad = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
     ref_out, ref_lse = attention_ref(q.float(), k.float(), v.float(), headdim ** -0.5, causal,
                                      compute_dtype=torch.float32)
@@ -84,9 +71,7 @@ def test_gluon_forward_launch_groups_write_every_block(launch_group, causal):
     # 5 batches x 4 heads = 20 batch-heads: groups of 3 and 16 leave a partial last group,
     # 64 is more than the grid holds. Outputs start as NaN.
     batch, seqlen, nheads, nheads_k, headdim = 5, 700, 4, 2, 128
-    gen = torch.Generator().manual_seed(launch_group)
-    q = torch.randn(batch, seqlen, nheads, headdim, generator=gen).to("cuda", torch.bfloat16)
-    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    q, k, v = random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim, torch.bfloat16, "cuda", seed=launch_group)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((batch, nheads, seqlen), float("nan"), device="cuda")
     flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, causal, out=out, lse=lse, launch_group=launch_group)

@@ -223,6 +223,20 @@ def _sdpa_call(backend, q, k, v, causal):
     return (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)), sdpa_kernel(backend)
 
 
+def sdpa_backward_call(backend, q, k, v, dout, causal):
+    """A zero-argument call of SDPA's backward under `backend` (an SDPBackend), for timing.
+
+    SDPA's forward runs once, here, on detached copies of q [b, s, h, d] and k, v
+    [b, s, hk, d]; the call returns torch.autograd.grad of that output for dout (shaped like
+    q) with respect to the copies, keeping the graph so it can run again and again."""
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    fn, ctx = _sdpa_call(backend, qg, kg, vg, causal)
+    with ctx:
+        out = fn()
+    dout_sdpa = dout.transpose(1, 2)
+    return lambda: torch.autograd.grad(out, (qg, kg, vg), dout_sdpa, retain_graph=True)
+
+
 def _provider_call(provider, q, k, v, causal):
     from torch.nn.attention import SDPBackend
 
