@@ -19,8 +19,11 @@
 - `breakdown`: the training layer's step timed piece by piece from inside (wall-clock
   counters wrapped around our launchers, each kernel launch (launch_kernel) and the autograd
   Function's methods; no profiler), with the thread each piece ran on.
+- `alloc`: torch.empty's host time on this host, by size, with the GPU idle and with it busy
+  (a queue of matmuls ahead), and the allocator's settings and retry counts: the `bwd`
+  profile had torch.empty at ~110 us a call on the GPU machine (d32a1d8 log).
 Host time is the wall clock of a loop of calls without syncing, divided by the count.
-Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces|breakdown
+Usage: python benchmarks/profile_host.py varlen|bwd|layer|pieces|breakdown|alloc
 """
 
 import cProfile
@@ -265,5 +268,30 @@ def profile_breakdown():
         print(f"{name:45s} {totals[name] / n * 1e6:8.1f} us/step ({counts[name] / n:.0f} calls, {where} thread)")
 
 
+def profile_alloc():
+    import os
+    print("env:", {k: v for k, v in os.environ.items() if k.startswith(("PYTORCH", "CUDA", "TORCH"))})
+    print("allocator backend:", torch.cuda.get_allocator_backend())
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for mib in (1, 4, 24, 48, 192):
+        numel = mib * 2**20 // 4
+        for busy in (False, True):
+            torch.cuda.synchronize()
+            if busy:
+                for _ in range(40):  # ~40 ms of GPU work queued ahead of the allocations
+                    a @ a
+            t0 = time.perf_counter()
+            for _ in range(200):
+                x = torch.empty(numel, device="cuda")
+                del x
+            us = (time.perf_counter() - t0) / 200 * 1e6
+            torch.cuda.synchronize()
+            print(f"torch.empty {mib:4d} MiB, GPU {'busy' if busy else 'idle'}: {us:.1f} us a call", flush=True)
+    stats = torch.cuda.memory_stats()
+    print({k: stats[k] for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+           if k in stats})
+
+
 if __name__ == "__main__":
-    {"breakdown": profile_breakdown, "varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer, "pieces": profile_pieces}[sys.argv[1]]()
+    {"breakdown": profile_breakdown, "varlen": profile_varlen, "bwd": profile_bwd, "layer": profile_layer, "pieces": profile_pieces,
+     "alloc": profile_alloc}[sys.argv[1]]()

@@ -7,8 +7,10 @@
 # flash_attn_func and SDPA), profile_bwd (benchmarks/profile_bwd.py: the backward's kernels
 # by time, next to SDPA's), gluon_bwd (the Gluon backward's GPU tests, then
 # benchmarks/gluon_bwd.py) and bwd_host (benchmarks/profile_host.py bwd: host time of a short
-# backward, Triton and Gluon launches) and gluon_order (benchmarks/gluon_launch_order.py: the
-# Gluon kernels' launch groups) only when named. A device call
+# backward, Triton and Gluon launches), alloc (profile_host.py alloc: torch.empty's host
+# time) and gluon_order (benchmarks/gluon_launch_order.py: the
+# Gluon kernels' launch groups) only when named; GLUON_BWD_ARGS narrows the gluon_bwd sweep
+# (benchmarks/gluon_bwd.py's arguments after OUT.json). A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
@@ -55,10 +57,11 @@ for part in $parts; do
     gluon) run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json" ;;
     profile_bwd) run profile_bwd python3 benchmarks/profile_bwd.py "$out/profile_bwd.json" ;;
     bwd_host) run bwd_host python3 benchmarks/profile_host.py bwd ;;
+    alloc) run alloc python3 benchmarks/profile_host.py alloc ;;
     gluon_order) run gluon_order python3 benchmarks/gluon_launch_order.py "$out/gluon_launch_order.json" ;;
     gluon_bwd) run gluon_bwd_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
                  tests/attention/test_gluon_bwd_gpu.py
-               run bench_gluon_bwd python3 benchmarks/gluon_bwd.py "$out/gluon_bwd.json" ;;
+               run bench_gluon_bwd python3 benchmarks/gluon_bwd.py "$out/gluon_bwd.json" ${GLUON_BWD_ARGS:-} ;;
     *) echo "unknown part: $part"; failed="$failed $part" ;;
   esac
 done
