@@ -1,15 +1,13 @@
 """The Gluon backward against modelaccel's tuned backward and SDPA's, same inputs.
 
 bf16, head dim 128, causal: the backward benchmark's rows. For each (ring depth, query rows
-per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128] and each way dq leaves the kernel
-(gluon_bwd's FUSED_DQ: 0 a copy after it, 1 converted by the last adder right after its
-atomics, 2 the same one step later): dq, dk, dv checked against the deterministic Triton
+per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128]: dq, dk, dv checked against the deterministic Triton
 backward's first (relative error below 2e-2 each; a mismatch is reported and not timed),
 then timed with do_bench (median) from the same forward outputs; `modelaccel` is flash_attn_backward
 (tuned), `flash` and `cudnn` SDPA's backward through torch.autograd.grad. TFLOPS count 2.5x
 the forward's FLOPs.
-Usage: python benchmarks/gluon_bwd.py OUT.json [STAGESxROWS,... [FUSED,...]]
-  e.g. `2x32,2x64 0,2` (default: every configuration, modes 0 1 2)
+Usage: python benchmarks/gluon_bwd.py OUT.json [STAGESxROWS,...]  (e.g. `2x32,2x64`; default: every
+configuration)
 """
 
 import json
@@ -40,7 +38,6 @@ def main():
     configs = GLUON_BWD_CONFIGS[128]
     if len(sys.argv) > 2:
         configs = [tuple(int(x) for x in c.split("x")) for c in sys.argv[2].split(",")]
-    modes = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else [0, 1, 2]
     result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
         q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
@@ -56,12 +53,11 @@ def main():
                                                                                       scale, True)))
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             row["tflops"][name] = tflops(flops, bench(sdpa_backward_call(backend, q, k, v, dout, True)))
-        for (stages, block_q), fused in ((c, f) for c in configs for f in modes):
-            name = f"gluon_s{stages}q{block_q}f{fused}"
+        for stages, block_q in configs:
+            name = f"gluon_s{stages}q{block_q}"
 
             def call():
-                return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages, block_q,
-                                                    fused_dq=fused)
+                return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages, block_q)
             try:
                 grads = call()
             except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on

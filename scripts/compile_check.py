@@ -189,7 +189,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
-def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16, fused_dq=None):
+def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -202,16 +202,16 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
-                      LAUNCH_GROUP=launch_group, FUSED_DQ=gluon_bwd.FUSED_DQ if fused_dq is None else fused_dq)
+                      LAUNCH_GROUP=launch_group)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
     descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64)}
     pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
-                "qk_scale": "fp32", "softmax_scale": "fp32", "DQ": "*bf16", "CNT": "*i32"}
+                "qk_scale": "fp32", "softmax_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
                  pointers.get(name, "i32") for name in kernel.arg_names}
-    aligned = ("DK", "DV", "DQ_ACC", "DQ", "CNT", "LSE", "DELTA", "NHEADS", "SEQLEN_Q", "SEQLEN_K", "stride_dkb", "stride_dks",
+    aligned = ("DK", "DV", "DQ_ACC", "LSE", "DELTA", "NHEADS", "SEQLEN_Q", "SEQLEN_K", "stride_dkb", "stride_dks",
                "stride_lse_b", "stride_lse_h")
     source = GluonASTSource(fn=kernel, signature=signature,
                             attrs={(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned},
@@ -222,21 +222,20 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
 def print_gluon_bwd_usage():
     from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS
 
-    print("gluon backward (head dim, STAGES, BLOCK_Q) fused (FUSED_DQ), bf16 causal: registers, stack, shared, setmaxnreg, "
+    print("gluon backward (head dim, STAGES, BLOCK_Q), bf16 causal: registers, stack, shared, setmaxnreg, "
           "barriers, dQ atomics")
-    for headdim, stages, block_q, fused in ((h, s, q, f) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]
-                                            for f in (0, 1, 2)):
+    for headdim, stages, block_q in ((h, s, q) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]):
         try:
-            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q, fused_dq=fused)
+            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q)
         except Exception:  # noqa: BLE001 - report each configuration
-            print(f"{headdim, stages, block_q} fused {fused}: FAIL\n{traceback.format_exc()}", flush=True)
+            print(f"{headdim, stages, block_q}: FAIL\n{traceback.format_exc()}", flush=True)
             continue
         regs, stack, shared = resource_usage(compiled)
         ptx = compiled.asm["ptx"]
         setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
         bars = re.findall(r"bar\.sync\s+[^;]*;|barrier\.sync[^;]*;", ptx)
         atomics = sorted(set(re.findall(r"(?:red|atom)\.global[\w.]+", ptx)))
-        print(f"{headdim, stages, block_q} fused {fused}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
+        print(f"{headdim, stages, block_q}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
               f"{' '.join(setmax)}, barriers {sorted(set(bars))}, {atomics}", flush=True)
 
 
@@ -297,12 +296,8 @@ def gluon_cases():
 
     if gluon_kernels("gluon_fwd") is None or gluon_kernels("gluon_bwd") is None:
         return []
-    from modelaccel.attention import gluon_bwd
-
-    cases = [("gluon forward (128, 2, pingpong)", lambda: compile_gluon_ws_fwd(128, 2, True))]
-    cases += [(f"gluon backward (2, 64) FUSED_DQ={mode}", lambda mode=mode: compile_gluon_bwd(2, fused_dq=mode))
-              for mode in sorted({0, gluon_bwd.FUSED_DQ})]
-    return cases
+    return [("gluon forward (128, 2, pingpong)", lambda: compile_gluon_ws_fwd(128, 2, True)),
+            ("gluon backward (2, 64)", lambda: compile_gluon_bwd(2))]
 
 
 if __name__ == "__main__":

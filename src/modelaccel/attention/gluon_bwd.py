@@ -22,9 +22,6 @@ step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
 and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics; Gluon in
 triton 3.6 has no TMA reduce. Each dQ element is added once per step (the first version
 added one partial per warpgroup: twice the atomics, 0.69-0.85x the Triton backward).
-Each thread also counts its adds into each query block (one counter a thread, a release
-atomic), and the thread whose count completes the block converts its float32 sums to dq
-(_dq_finish), so no conversion pass reads the accumulator back after the kernel.
 delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel.
 
 Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; no window,
@@ -57,8 +54,8 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
                   lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
                   stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
                   SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
-                  k_col, v_row0, v_col, qk_scale, softmax_scale, DQ, CNT, HEAD_D: gl.constexpr,
-                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
+                  k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring by
     TMA, and the step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads
     into their own slots; a slot's mbarrier completes with the TMA bytes and a second
@@ -95,8 +92,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                  lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
                  stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
                  SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
-                 k_col, v_row0, v_col, qk_scale, softmax_scale, DQ, CNT, HEAD_D: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, FUSED_DQ: gl.constexpr):
+                 k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
     """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
     registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
     (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
@@ -122,18 +119,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
     atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
                                                    warps_per_cta=[1, 4], order=[0, 1])
-    # The same tile as [16, 4, BLOCK_Q // 8, 8] (head dim = 4 x dim 0 + dim 1, query = 8 x
-    # dim 2 + dim 3): dims 1 and 2 lie in one thread's registers, so a [16, 8] tensor over
-    # dims 0 and 3 holds one element per thread, the thread's own counter (_dq_finish), and
-    # the tile's elements of that thread are the same in every step and program.
-    dq_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 4, BLOCK_Q // 8, 1], threads_per_warp=[16, 1, 1, 2],
-                                               warps_per_cta=[1, 1, 1, 4], order=[1, 2, 0, 3])
-    cnt_layout: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, dq_layout))
-    cnt_slot = (gl.arange(0, 16, layout=gl.SliceLayout(1, cnt_layout))[:, None]
-                + 16 * gl.arange(0, 8, layout=gl.SliceLayout(0, cnt_layout))[None, :])
-    n_kprog = (SEQLEN_K + 2 * _KV_ROWS - 1) // (2 * _KV_ROWS)
-    pending_m = 0
-    pending_h = 0
+    dq_rows0 = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
+    dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
     st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
     dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
@@ -187,13 +174,6 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                                       ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
             dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
                                       ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
-            if FUSED_DQ == 2:
-                # The previous step's counters while the tensor cores run this step's last
-                # products: the release waits for that step's atomics, and P^T, dS^T are
-                # in shared memory by now, so fewer registers are live than at any other
-                # point of the step.
-                _dq_finish(DQ_ACC, DQ, CNT, b, pending_h, pending_m, wg, t > 0, cnt_slot, n_kprog, diag, NHEADS,
-                           SEQLEN_Q, HEAD_D, BLOCK_Q, CAUSAL, dq_layout)
             dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
         else:
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
@@ -202,18 +182,11 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         if HAS_DQ:
             # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
             dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
-            dqt = gl.convert_layout(gl.reshape(dqt, [16, 4, BLOCK_Q // 8, 8]), dq_layout, assert_trivial=True)
-            offs, q = _dq_tile_offsets(b, h, m, wg * D_ROWS, NHEADS, SEQLEN_Q, HEAD_D, BLOCK_Q, dq_layout)
-            gl.atomic_add(DQ_ACC + offs, dqt, mask=q < SEQLEN_Q, sem="relaxed")
-            if FUSED_DQ == 1:
-                _dq_finish(DQ_ACC, DQ, CNT, b, h, m, wg, True, cnt_slot, n_kprog, diag, NHEADS, SEQLEN_Q, HEAD_D,
-                           BLOCK_Q, CAUSAL, dq_layout)
-            pending_m = m
-            pending_h = h
+            cols_q = m + dq_cols0
+            dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                       + dq_rows0[:, None])
+            gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
 
-    if HAS_DQ and FUSED_DQ == 2:
-        _dq_finish(DQ_ACC, DQ, CNT, b, pending_h, pending_m, wg, n_steps > 0, cnt_slot, n_kprog, diag, NHEADS,
-                   SEQLEN_Q, HEAD_D, BLOCK_Q, CAUSAL, dq_layout)
     rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
     offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
             + offs_d[None, :])
@@ -223,72 +196,17 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
 
 
 @gluon.jit
-def _dq_tile_offsets(b, h, m, d0, NHEADS, SEQLEN_Q, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                     layout: gl.constexpr):
-    """Offsets in a [batch, seqlen_q, nheads, headdim] contiguous tensor of the dQ tile
-    [head dim d0..d0+63] x [queries m..m+BLOCK_Q-1] of (b, h), seen as [16, 4,
-    BLOCK_Q // 8, 8] (layout: _bwd_consume's dq_layout), and each element's query. Made
-    from m in each step: a loop-invariant offset tile would hold 32 registers a thread."""
-    d_hi = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
-    d_lo = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, layout))))
-    q_hi = gl.arange(0, BLOCK_Q // 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, layout))))
-    q_lo = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, layout))))
-    d = d0 + 4 * d_hi[:, None, None, None] + d_lo[None, :, None, None]
-    q = m + 8 * q_hi[None, None, :, None] + q_lo[None, None, None, :]
-    return ((b.to(gl.int64) * SEQLEN_Q + q) * NHEADS + h) * HEAD_D + d, q
-
-
-@gluon.jit
-def _dq_finish(DQ_ACC, DQ, CNT, b, h, m, wg: gl.constexpr, valid, cnt_slot, n_kprog, diag, NHEADS, SEQLEN_Q,
-               HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, CAUSAL: gl.constexpr, layout: gl.constexpr):
-    """After a step's dQ atomics into query block m of head h: each thread counts its own
-    adds (one counter a thread and block, so the release of its own atomics orders them;
-    no barrier), and the thread that brings its counter to the block's number of
-    contributing programs converts the float32 sums it added to into DQ. So no kernel
-    after this one reads DQ_ACC back: at 1024 tokens that conversion pass was ~7% of the
-    backward. valid False: nothing (the deferred call's first step).
-
-    The conversion goes 8 queries at a time (one of dim 2 of the tile's layout, which a
-    thread holds whole): the full tile's sums took 32 registers a thread at once."""
-    n_contrib = n_kprog
-    if CAUSAL:
-        # Key programs from the first one up to the last whose first query block is m.
-        n_contrib = gl.minimum((m + BLOCK_Q + diag + 2 * _KV_ROWS - 1) // (2 * _KV_ROWS), n_kprog)
-    cnt = CNT + ((((b.to(gl.int64) * NHEADS + h) * ((SEQLEN_Q + BLOCK_Q - 1) // BLOCK_Q) + m // BLOCK_Q) * 2 + wg)
-                 * 128)
-    chunk: gl.constexpr = gl.SliceLayout(2, layout)  # [16, 4, 8]: head dim 4 x d0 + d1, query d2
-    valid = (cnt_slot >= 0) & valid  # as a tensor: atomic_add takes no scalar mask here
-    ones = gl.full([16, 8], 1, gl.int32, layout=gl.SliceLayout(1, chunk))
-    old = gl.atomic_add(cnt + cnt_slot, ones, mask=valid, sem="acq_rel", scope="gpu")
-    last = gl.expand_dims((old == n_contrib - 1) & valid, 1)
-    d_hi = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, chunk)))
-    d_lo = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, chunk)))
-    q_lo = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, chunk)))
-    d = wg * 64 + 4 * d_hi[:, None, None] + d_lo[None, :, None]
-    for r in range(BLOCK_Q // 8):
-        q = m + 8 * r + q_lo[None, None, :]
-        offs = ((b.to(gl.int64) * SEQLEN_Q + q) * NHEADS + h) * HEAD_D + d
-        keep = last & (q < SEQLEN_Q)
-        total = gl.load(DQ_ACC + offs, mask=keep, other=0.0, cache_modifier=".cg")
-        gl.store(DQ + offs, total.to(DQ.dtype.element_ty), mask=keep)
-
-@gluon.jit
 def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
                         stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
-                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, DQ, CNT, HEAD_D: gl.constexpr,
-                        BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, FUSED_DQ: gl.constexpr):
+                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
+                        LAUNCH_GROUP: gl.constexpr):
     """128 key rows of one (batch, kv head) against every query block that sees them.
     Descriptors over 2D row views (gluon_fwd._row_view): q_desc, do_desc in blocks [64,
     HEAD_D], k_desc, v_desc in blocks [64, HEAD_D]. DK, DV [batch, seqlen_k, nheads_k,
     headdim] (strides given); DQ_ACC float32 [batch, seqlen_q, nheads, headdim] contiguous,
     zeroed; LSE, DELTA float32 [batch, nheads, seqlen_q]. qk_scale = softmax_scale * log2(e).
-    FUSED_DQ 1 or 2 (_dq_finish right after a step's atomics, or one step later): DQ [batch,
-    seqlen_q, nheads, headdim] contiguous gets dq in q's dtype, CNT int32 [batch, nheads,
-    query blocks, 2, 128] zeroed counts the adds (needs every query block seen by some key
-    program: not under a causal mask with seqlen_q > seqlen_k). FUSED_DQ 0: DQ and CNT
-    unused, DQ_ACC holds dq.
     Grid (batch * nheads_k, key blocks), numbered by gluon_fwd._launch_position (under a
     causal mask the first key blocks are the longest)."""
     pid_bh, pid_n = _launch_position(LAUNCH_GROUP)
@@ -339,20 +257,20 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
                         stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
                         NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
-                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, DQ, CNT, HEAD_D, BLOCK_Q,
-                        STAGES, CAUSAL, FUSED_DQ)),
+                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
+                        CAUSAL)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
                         delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
                         stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
                         NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
-                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, DQ, CNT, HEAD_D, BLOCK_Q,
-                        STAGES, CAUSAL, FUSED_DQ)),
+                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
+                        CAUSAL)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                          lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
                          stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m,
                          n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B,
-                         DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, DQ, CNT, HEAD_D,
-                         BLOCK_Q, STAGES, CAUSAL, FUSED_DQ)),
+                         DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
+                         STAGES, CAUSAL)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -367,14 +285,12 @@ GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
 # where the Triton backward had been the faster one.
 LAUNCH_GROUP = 8
-# How dq leaves the kernel by default (_attn_bwd_ws_kernel's FUSED_DQ).
-FUSED_DQ = 2
 # As flash_bwd's dK/dV tuning candidates, by head dim.
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
 
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 grads=None, launch_group=None, fused_dq=None):
+                                 grads=None, launch_group=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -385,9 +301,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     contiguous (flash_bwd.flash_attn_backward passes its own). It covers the calls
     gluon_fwd.gluon_forward_applies names, with atomics (not bit-reproducible).
     launch_group: kv batch-heads whose programs run together (gluon_fwd._launch_position);
-    default LAUNCH_GROUP. fused_dq: how the float32 dQ sums become dq (the kernel's
-    FUSED_DQ): 0 a copy after the kernel, 1 or 2 the kernel's last adder of each block
-    converts it; default FUSED_DQ, where the kernel can (else 0)."""
+    default LAUNCH_GROUP."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -398,23 +312,13 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         raise ValueError("the Gluon backward takes q, k, v contiguous as [batch, seqlen, heads, headdim] or "
                          "[batch, heads, seqlen, headdim]")
     if grads is None:
-        grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                 torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        grads = (None, torch.empty(k.shape, dtype=k.dtype, device=k.device),
                  torch.empty(k.shape, dtype=v.dtype, device=v.device))
     dq, dk, dv = grads
-    block_q = block_q or Q_ROWS[headdim]
-    fused_dq = FUSED_DQ if fused_dq is None else fused_dq
-    if (causal and seqlen_q > seqlen_k) or not dq.is_contiguous():
-        # Under a causal mask the first seqlen_q - seqlen_k queries see no key, so no program
-        # would write their (zero) dq.
-        fused_dq = 0
     dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed with delta
-    counters = dq_acc
-    if fused_dq:
-        counters = torch.zeros(batch * nheads * cdiv(seqlen_q, block_q) * 2 * 128, dtype=torch.int32,
-                               device=q.device)
     delta = torch.empty_like(lse)
     _launch_delta(out, dout, delta, (lse.stride(0), lse.stride(1)), nheads, seqlen_q, dq_acc=dq_acc)
+    block_q = block_q or Q_ROWS[headdim]
     tile = _shared_layout((block_q, headdim), q.dtype)
     q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
@@ -423,11 +327,10 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     launch_kernel(_attn_bwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
-        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale, dq, counters), dict(
+        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
-        LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group, FUSED_DQ=fused_dq, num_warps=4,
-        maxnreg=_MAXNREG))
-    if not fused_dq:
-        dq.copy_(dq_acc)
-    return dq, dk, dv
+        LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group, num_warps=4, maxnreg=_MAXNREG))
+    if dq is None:
+        return dq_acc.to(q.dtype), dk, dv
+    return dq.copy_(dq_acc), dk, dv
