@@ -62,10 +62,11 @@ def main():
                 with ctx:
                     row["tflops"][name] = tflops(flops, bench(fn))
             candidates = {}
-            for bn, stages, pingpong in GLUON_WS_CONFIGS:
-                candidates[f"ws{bn}x{stages}{'pp' if pingpong else ''}"] = (
-                    lambda bn=bn, stages=stages, pingpong=pingpong:
-                    flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, causal, bn, stages, pingpong)[0])
+            for config in GLUON_WS_CONFIGS:
+                bn, stages, pingpong, *persistent = config
+                name = f"ws{bn}x{stages}{'pp' if pingpong else ''}{'per' if persistent and persistent[0] else ''}"
+                candidates[name] = (lambda config=config:
+                                    flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, causal, *config)[0])
             for name, call in candidates.items():
                 try:
                     check = compare_outputs(call(), ref, "bf16" if dtype == torch.bfloat16 else "fp16")

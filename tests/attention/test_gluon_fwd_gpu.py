@@ -23,7 +23,9 @@ SHAPES = [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layouts", [("bshd",) * 3, ("bhsd", "bhsd", "bshd")], ids="-".join)
 def test_gluon_forward_matches_reference(config, shape, causal, layouts, monkeypatch):
-    # The launcher's outputs start as NaN: every element must be written.
+    # The launcher's outputs start as NaN: every element must be written. Persistent
+    # launches get 5 programs, so each runs many tiles (48-256 here).
+    monkeypatch.setattr(gluon_fwd, "_sm_count", lambda device_index: 5)
     empty_like = torch.empty_like
     monkeypatch.setattr(torch, "empty_like", lambda t, **kw: empty_like(t, **kw).fill_(float("nan")))
     real_empty = torch.empty
@@ -65,16 +67,20 @@ def test_flash_attn_func_runs_the_gluon_forward_when_tuned_to_it(candidate, caus
     assert_grads_close((dq, dk, dv), ref_grads, q.dtype)
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("launch_group", [0, 1, 3, 16, 64])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gluon_forward_launch_groups_write_every_block(launch_group, causal):
+def test_gluon_forward_launch_groups_write_every_block(launch_group, causal, persistent, monkeypatch):
     # 5 batches x 4 heads = 20 batch-heads: groups of 3 and 16 leave a partial last group,
-    # 64 is more than the grid holds. Outputs start as NaN.
+    # 64 is more than the grid holds. Persistent: the 120 tiles over 7 programs (17-18
+    # each; the SM count would give every tile a program of its own). Outputs start as NaN.
+    monkeypatch.setattr(gluon_fwd, "_sm_count", lambda device_index: 7)
     batch, seqlen, nheads, nheads_k, headdim = 5, 700, 4, 2, 128
     q, k, v = random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim, torch.bfloat16, "cuda", seed=launch_group)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((batch, nheads, seqlen), float("nan"), device="cuda")
-    flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, causal, out=out, lse=lse, launch_group=launch_group)
+    flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, causal, persistent=persistent, out=out, lse=lse,
+                                launch_group=launch_group)
     ref_out, ref_lse = attention_ref(q.float(), k.float(), v.float(), headdim ** -0.5, causal,
                                      compute_dtype=torch.float32)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()

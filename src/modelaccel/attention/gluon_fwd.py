@@ -46,15 +46,43 @@ def _launch_position(LAUNCH_GROUP: gl.constexpr):
     batch-heads at a time, so the programs resident together read the K/V (forward) or
     Q/dO and dQ (backward) of a few heads, which stay in L2, instead of every head's.
     Block 0 starts first either way (the kernels map it to their longest program)."""
-    if LAUNCH_GROUP == 0:
-        return gl.program_id(0), gl.program_id(1)
     nbh = gl.num_programs(0)
-    nblocks = gl.num_programs(1)
-    pid = gl.program_id(1) * nbh + gl.program_id(0)
-    first = pid // (LAUNCH_GROUP * nblocks) * LAUNCH_GROUP
+    return _tile_position(gl.program_id(1) * nbh + gl.program_id(0), nbh, gl.num_programs(1), LAUNCH_GROUP)
+
+
+@gluon.jit
+def _tile_position(t, nbh, nblocks, LAUNCH_GROUP: gl.constexpr):
+    """(batch-head, block) of the t-th tile in launch order (_launch_position's) over nbh
+    batch-heads of nblocks blocks each."""
+    if LAUNCH_GROUP == 0:
+        return t % nbh, t // nbh
+    first = t // (LAUNCH_GROUP * nblocks) * LAUNCH_GROUP
     size = gl.minimum(nbh - first, LAUNCH_GROUP)
-    rest = pid - first * nblocks
+    rest = t - first * nblocks
     return first + rest % size, rest // size
+
+
+@gluon.jit
+def _fwd_tile(t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
+              K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
+              LAUNCH_GROUP: gl.constexpr):
+    """Tile t of the forward (128 query rows of one (batch, head)): b, h, its first query
+    row, its key blocks, and where its Q, K and V start in their 2D views (_row_view).
+    Causal runs the longest query blocks first. Both consumers run the same number of key
+    blocks (the lower half masks one more)."""
+    pid_bh, pid_m = _tile_position(t, nbh, n_mblocks, LAUNCH_GROUP)
+    if CAUSAL:
+        pid_m = n_mblocks - 1 - pid_m
+    b = pid_bh // NHEADS
+    h = pid_bh % NHEADS
+    start_m = pid_m * (2 * _WS_ROWS)
+    hi = SEQLEN_K
+    if CAUSAL:
+        hi = gl.minimum(SEQLEN_K, gl.maximum(start_m + 2 * _WS_ROWS + SEQLEN_K - SEQLEN_Q, 0))
+    n_blocks = gl.maximum((hi + BLOCK_N - 1) // BLOCK_N, 1)
+    hk = h // GROUP
+    return (b, h, start_m, n_blocks, b * Q_ROWS_B + h * Q_ROWS_H + start_m, h * Q_COLS_H,
+            b * K_ROWS_B + hk * K_ROWS_H, hk * K_COLS_H, b * V_ROWS_B + hk * V_ROWS_H, hk * V_COLS_H)
 
 
 @gluon.jit
@@ -105,40 +133,56 @@ def _ws_pass_turn(turn_bars, wg: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
-                 k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h,
-                 q_row0, q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
-                 BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 PINGPONG: gl.constexpr):
-    """Q for both warpgroups, then K and V block by block into the ring. A slot's K is
-    refilled once both warpgroups have their scores from it, its V once both have the
-    P V product: K runs up to a block ahead of V. Tiles start at (row0 + offset, col) of
-    each tensor's 2D view. (wg is unused: the workers' signatures must match.)"""
-    for i in gl.static_range(2):
-        mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [q_row0 + i * _WS_ROWS, q_col], q_bars.index(i), q_smem.index(i))
-    for j in range(n_blocks):
-        slot = j % STAGES
-        phase = ((j // STAGES) & 1) ^ 1  # a fresh mbarrier reads as having completed phase 1
-        mbarrier.wait(k_empty.index(slot), phase)
-        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        _tma_load(k_desc, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
-        mbarrier.wait(v_empty.index(slot), phase)
-        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        _tma_load(v_desc, [v_row0 + j * BLOCK_N, v_col], v_ready.index(slot), v_smem.index(slot))
+def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready,
+                 k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                 NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                 V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
+                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                 LAUNCH_GROUP: gl.constexpr):
+    """Per tile of this program: Q for both warpgroups (each half once its warpgroup is done
+    with the last tile's), then K and V block by block into the ring, which runs on across
+    tiles (ring position `it`). A slot's K is refilled once both warpgroups have their
+    scores from it, its V once both have the P V product: K runs up to a block ahead of V.
+    (wg is unused: the workers' signatures must match.)"""
+    it = 0
+    local = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
+            t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
+        for i in gl.static_range(2):
+            mbarrier.wait(q_free.index(i), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+            mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row0 + i * _WS_ROWS, q_col], q_bars.index(i), q_smem.index(i))
+        for j in range(n_blocks):
+            g = it + j
+            slot = g % STAGES
+            phase = ((g // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(slot), phase)
+            mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+            _tma_load(k_desc, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
+            mbarrier.wait(v_empty.index(slot), phase)
+            mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+            _tma_load(v_desc, [v_row0 + j * BLOCK_N, v_col], v_ready.index(slot), v_smem.index(slot))
+        it += n_blocks
+        local += 1
 
 
 @gluon.jit
-def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready,
-                k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h,
-                q_row0, q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
-                BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                PINGPONG: gl.constexpr):
-    """Query rows start_m + 64 wg ... + 63 against every key block: S_j and P_{j-1} V_{j-1}
-    in flight together, the softmax of S_j under the second, the ring's slots released as
-    their K or V is consumed. A query block past a sequence's end reads the next
-    sequence's rows (or TMA's zeros past the tensor): never stored. A key block past
-    seqlen_k is masked. Rows that see no key (causal, seqlen_q > seqlen_k) give 0, lse +inf."""
+def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready,
+                k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
+                HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
+                LAUNCH_GROUP: gl.constexpr):
+    """Per tile of this program, query rows start_m + 64 wg ... + 63 against every key
+    block: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j under the second,
+    the ring's slots released as their K or V is consumed, and this warpgroup's Q slot
+    released after its last scores, so the next tile's Q loads under the last P V product
+    and the stores. A query block past a sequence's end reads the next sequence's rows (or
+    TMA's zeros past the tensor): never stored. A key block past seqlen_k is masked. Rows
+    that see no key (causal, seqlen_q > seqlen_k) give 0, lse +inf. The turn-taking
+    sections (PINGPONG) are numbered on across tiles (sec)."""
     dtype: gl.constexpr = q_desc.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -147,96 +191,102 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     rows_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     rows_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    row0 = start_m + wg * _WS_ROWS
-    offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
     offs_n0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     s_zero = gl.zeros([_WS_ROWS, BLOCK_N], gl.float32, layout=s_layout)
     q = q_smem.index(wg)
-    mbarrier.wait(q_bars.index(wg), 0)
+    diag = SEQLEN_K - SEQLEN_Q
+    it = 0
+    sec = 0
+    local = 0
+    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
+            t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
+        row0 = start_m + wg * _WS_ROWS
+        offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
+        mbarrier.wait(q_bars.index(wg), local & 1)
 
-    # Section 0: the scores of block 0 alone.
-    _ws_take_turn(turn_bars, wg, 0, PINGPONG)
-    mbarrier.wait(k_ready.index(0), 0)
-    s_token = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-    _ws_pass_turn(turn_bars, wg, PINGPONG)
-    s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
-    mbarrier.arrive(k_empty.index(0), count=1)
-    m_i = gl.full([_WS_ROWS], float("-inf"), gl.float32, layout=rows_s)
-    l_i = gl.zeros([_WS_ROWS], gl.float32, layout=rows_s)
-    p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, 0, offs_n0, qk_scale, SEQLEN_K, diag,
-                                             _WS_ROWS, BLOCK_N, CAUSAL)
-    p = gl.convert_layout(p_f32.to(dtype), p_layout)
-    acc = gl.zeros([_WS_ROWS, HEAD_D], gl.float32, layout=o_layout)
-
-    for j in range(1, n_blocks):
-        slot = j % STAGES
-        prev = (j - 1) % STAGES
-        _ws_take_turn(turn_bars, wg, j, PINGPONG)
-        mbarrier.wait(k_ready.index(slot), (j // STAGES) & 1)
-        s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-        o_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        # Section 0: the scores of block 0 alone.
+        first = it % STAGES
+        _ws_take_turn(turn_bars, wg, sec, PINGPONG)
+        mbarrier.wait(k_ready.index(first), (it // STAGES) & 1)
+        s_token = warpgroup_mma(q, k_smem.index(first).permute((1, 0)), s_zero, use_acc=False, is_async=True)
         _ws_pass_turn(turn_bars, wg, PINGPONG)
-        s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
-        mbarrier.arrive(k_empty.index(slot), count=1)
-        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, j * BLOCK_N, offs_n0, qk_scale,
-                                                 SEQLEN_K, diag, _WS_ROWS, BLOCK_N, CAUSAL)
-        acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
-        mbarrier.arrive(v_empty.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+        s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
+        mbarrier.arrive(k_empty.index(first), count=1)
+        m_i = gl.full([_WS_ROWS], float("-inf"), gl.float32, layout=rows_s)
+        l_i = gl.zeros([_WS_ROWS], gl.float32, layout=rows_s)
+        p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, 0, offs_n0, qk_scale, SEQLEN_K, diag,
+                                                 _WS_ROWS, BLOCK_N, CAUSAL)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        acc = gl.zeros([_WS_ROWS, HEAD_D], gl.float32, layout=o_layout)
 
-    # Last section: the P V product of the last block.
-    last = (n_blocks - 1) % STAGES
-    _ws_take_turn(turn_bars, wg, n_blocks, PINGPONG)
-    mbarrier.wait(v_ready.index(last), ((n_blocks - 1) // STAGES) & 1)
-    o_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
-    _ws_pass_turn(turn_bars, wg, PINGPONG)
-    acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
+        for j in range(1, n_blocks):
+            g = it + j
+            slot = g % STAGES
+            prev = (g - 1) % STAGES
+            _ws_take_turn(turn_bars, wg, sec + j, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), (g // STAGES) & 1)
+            s_token = warpgroup_mma(q, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((g - 1) // STAGES) & 1)
+            o_token = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+            _ws_pass_turn(turn_bars, wg, PINGPONG)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=[s_token])
+            mbarrier.arrive(k_empty.index(slot), count=1)
+            p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, j * BLOCK_N, offs_n0, qk_scale,
+                                                     SEQLEN_K, diag, _WS_ROWS, BLOCK_N, CAUSAL)
+            acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
+            mbarrier.arrive(v_empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
+            p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        mbarrier.arrive(q_free.index(wg), count=1)  # every product with Q has been waited for
 
-    empty = l_i == 0.0
-    l_safe = gl.where(empty, 1.0, l_i)
-    lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-    out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-    offs_mo = row0 + gl.arange(0, _WS_ROWS, layout=rows_o)
-    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
-    out_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
-    gl.store(out_ptrs, out.to(dtype), mask=offs_mo[:, None] < SEQLEN_Q)
-    gl.store(LSE + b.to(gl.int64) * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=offs_m < SEQLEN_Q)
+        # Last section: the P V product of the last block.
+        g_last = it + n_blocks - 1
+        last = g_last % STAGES
+        _ws_take_turn(turn_bars, wg, sec + n_blocks, PINGPONG)
+        mbarrier.wait(v_ready.index(last), (g_last // STAGES) & 1)
+        o_token = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+        _ws_pass_turn(turn_bars, wg, PINGPONG)
+        acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
+        mbarrier.arrive(v_empty.index(last), count=1)
+
+        empty = l_i == 0.0
+        l_safe = gl.where(empty, 1.0, l_i)
+        lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
+        out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
+        offs_mo = row0 + gl.arange(0, _WS_ROWS, layout=rows_o)
+        offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+        out_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                    + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
+        gl.store(out_ptrs, out.to(dtype), mask=offs_mo[:, None] < SEQLEN_Q)
+        gl.store(LSE + b.to(gl.int64) * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=offs_m < SEQLEN_Q)
+        it += n_blocks
+        sec += n_blocks + 1
+        local += 1
 
 
 @gluon.jit
 def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
-                        K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, BLOCK_N: gl.constexpr,
+                        K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, BLOCK_N: gl.constexpr,
                         HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
                         LAUNCH_GROUP: gl.constexpr):
-    """128 query rows of one (batch, head). q_desc is over a 2D view of q in blocks
-    [64, HEAD_D] where sequence position s of (batch b, head h) is row b Q_ROWS_B +
-    h Q_ROWS_H + s from column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v
-    in blocks [BLOCK_N, HEAD_D]. O [batch, seqlen_q, nheads, headdim],
-    LSE float32. Grid (batch * nheads, query blocks), numbered by _launch_position: heads
-    vary fastest, so the programs sharing a kv head run together; causal runs the longest
-    query blocks first. Both consumers run the same number of key blocks (the lower half
-    masks one more)."""
-    pid_bh, pid_m = _launch_position(LAUNCH_GROUP)
-    if CAUSAL:
-        pid_m = gl.num_programs(1) - 1 - pid_m
-    b = pid_bh // NHEADS
-    h = pid_bh % NHEADS
-    start_m = pid_m * (2 * _WS_ROWS)
-    diag = SEQLEN_K - SEQLEN_Q
-    hi = SEQLEN_K
-    if CAUSAL:
-        hi = gl.minimum(SEQLEN_K, gl.maximum(start_m + 2 * _WS_ROWS + diag, 0))
-    n_blocks = gl.maximum((hi + BLOCK_N - 1) // BLOCK_N, 1)
-
+    """Tiles of 128 query rows of one (batch, head): nbh = batch * nheads batch-heads of
+    n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
+    the tiles sharing a kv head run together; causal runs the longest first). Program p
+    takes tiles p, p + programs, ...: one each when the grid holds every tile, several
+    (persistent) when it holds fewer. q_desc is over a 2D view of q in blocks [64, HEAD_D]
+    where sequence position s of (batch b, head h) is row b Q_ROWS_B + h Q_ROWS_H + s from
+    column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v in blocks [BLOCK_N,
+    HEAD_D]. O [batch, seqlen_q, nheads, headdim], LSE float32."""
+    n_tiles = nbh * n_mblocks
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, _WS_ROWS, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -244,6 +294,7 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(q_free.index(i), count=1)
         mbarrier.init(turn_bars.index(i), count=1)
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
@@ -252,28 +303,24 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
         mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
 
-    hk = h // GROUP
-    q_row0 = b * Q_ROWS_B + h * Q_ROWS_H + start_m
-    q_col = h * Q_COLS_H
-    k_row0 = b * K_ROWS_B + hk * K_ROWS_H
-    k_col = hk * K_COLS_H
-    v_row0 = b * V_ROWS_B + hk * V_ROWS_H
-    v_col = hk * V_COLS_H
     # Each partition gets its own tuple, written out: constexprs reach a partition as
     # constexprs only so (BLOCK_N sizes layouts).
     gl.warp_specialize([
-        (_ws_consume, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
-                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
-                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
-        (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
-                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
-                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
-        (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_ready, v_ready, k_empty, v_empty,
-                         turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, b, h, q_row0,
-                         q_col, k_row0, k_col, v_row0, v_col, start_m, n_blocks, SEQLEN_Q, SEQLEN_K, diag, qk_scale,
-                         BLOCK_N, HEAD_D, STAGES, CAUSAL, PINGPONG)),
+        (_ws_consume, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+                       v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
+                       GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                       V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
+                       CAUSAL, PINGPONG, LAUNCH_GROUP)),
+        (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+                       v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
+                       GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                       V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
+                       CAUSAL, PINGPONG, LAUNCH_GROUP)),
+        (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                        NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+                        K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D,
+                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP)),
     ],
                        [4, 1], [_WS_CONSUMER_REGS, 24])
 
@@ -284,11 +331,13 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
 _WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _WS_MAXNREG = 168
 
-# (BLOCK_N, STAGES, PINGPONG). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
+# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT]). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
 # On the H200 (benchmarks/results/gluon_fwd_*) 128-key blocks won every row; 64-key blocks
 # (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
 # 128 x 2 and is kept beside the free-running launch, 3 stages where the ring runs dry.
 GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
+# A fourth field True: the persistent launch (one program per SM running tile after tile).
+GLUON_WS_CONFIGS += [c + (True,) for c in [(128, 2, True), (128, 3, True)]]
 # Batch-heads per launch group (_launch_position); 0: grid order over every batch-head.
 # On the H200 (benchmarks/gluon_launch_order.py, results/tuning/gluon_launch_order_h200_
 # a24775d.json, 11 causal d128 rows) groups of 8 took the forward 5.6% faster than grid
@@ -319,7 +368,7 @@ def _row_view(t):
 
 
 def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
-                                out=None, lse=None, launch_group=None):
+                                persistent=False, out=None, lse=None, launch_group=None):
     """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
     lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
     flash_fwd.flash_attn_forward returns them.
@@ -328,7 +377,9 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     fp16/bf16 CUDA tensors on Hopper, each contiguous either as is or as the transpose of a
     contiguous [batch, heads, seqlen, headdim] (_row_view); headdim 64 or 128, nheads a
     multiple of nheads_k. causal is bottom-right aligned. out/lse: optional outputs.
-    launch_group: batch-heads whose programs run together (_launch_position); default
+    persistent: one program per SM, each running tiles one after the other (the next tile's
+    Q and K/V load under the last one's products and stores), instead of one program per
+    tile. launch_group: batch-heads whose tiles run together (_fwd_tile); default
     LAUNCH_GROUP."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -344,16 +395,23 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
                                           _shared_layout((WS_ROWS, headdim), q.dtype))
     kv_layout = _shared_layout((block_n, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(view[0], [block_n, headdim], kv_layout) for view in views[1:])
-    grid = (batch * nheads, cdiv(seqlen_q, 2 * WS_ROWS))
+    n_mblocks = cdiv(seqlen_q, 2 * WS_ROWS)
+    n_tiles = batch * nheads * n_mblocks
+    grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
     # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
     launch_kernel(_attn_fwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
-        softmax_scale * LOG2E), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
+        softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
                                      PINGPONG=pingpong,
                                      LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group,
                                      num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 @functools.lru_cache(maxsize=None)
