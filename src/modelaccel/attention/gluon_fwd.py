@@ -63,6 +63,21 @@ def _tile_position(t, nbh, nblocks, LAUNCH_GROUP: gl.constexpr):
 
 
 @gluon.jit
+def _snake_order(i, n_tiles):
+    """The tile a program runs at its i-th grid-stride position (i = program + r programs):
+    i itself in even rounds r, the round reversed in odd ones. Over tiles in decreasing
+    length (causal in grid order) the program that took the longest tile of one round
+    takes the shortest of the next, so persistent programs end their work together; a
+    grid with a program per tile has only round 0."""
+    programs = gl.num_programs(0)
+    first = i // programs * programs
+    t = i
+    if (i // programs) % 2 == 1:
+        t = 2 * first + gl.minimum(programs, n_tiles - first) - 1 - i
+    return t
+
+
+@gluon.jit
 def _fwd_tile(t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
               K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
               LAUNCH_GROUP: gl.constexpr):
@@ -146,9 +161,9 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
     (wg is unused: the workers' signatures must match.)"""
     it = 0
     local = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
-            t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+            _snake_order(i, n_tiles), nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
             K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
         for i in gl.static_range(2):
             mbarrier.wait(q_free.index(i), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
@@ -198,9 +213,9 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
     it = 0
     sec = 0
     local = 0
-    for t in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
-            t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
+            _snake_order(i, n_tiles), nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
             K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
         row0 = start_m + wg * _WS_ROWS
         offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
@@ -275,8 +290,8 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
     """Tiles of 128 query rows of one (batch, head): nbh = batch * nheads batch-heads of
     n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
     the tiles sharing a kv head run together; causal runs the longest first). Program p
-    takes tiles p, p + programs, ...: one each when the grid holds every tile, several
-    (persistent) when it holds fewer. q_desc is over a 2D view of q in blocks [64, HEAD_D]
+    takes tiles p, p + programs, ... (odd rounds reversed, _snake_order): one each when
+    the grid holds every tile, several (persistent) when it holds fewer. q_desc is over a 2D view of q in blocks [64, HEAD_D]
     where sequence position s of (batch b, head h) is row b Q_ROWS_B + h Q_ROWS_H + s from
     column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v in blocks [BLOCK_N,
     HEAD_D]. O [batch, seqlen_q, nheads, headdim], LSE float32."""
@@ -380,7 +395,9 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     persistent: one program per SM, each running tiles one after the other (the next tile's
     Q and K/V load under the last one's products and stores), instead of one program per
     tile. launch_group: batch-heads whose tiles run together (_fwd_tile); default
-    LAUNCH_GROUP."""
+    LAUNCH_GROUP, 0 for persistent launches (grid order: under a causal mask every tile in
+    decreasing length, which the snake order deals out evenly; launch groups cycle through
+    the lengths group by group, and a static deal of them left programs 2x apart)."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -404,7 +421,8 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
         softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
                                      PINGPONG=pingpong,
-                                     LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group,
+                                     LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None
+                                     else launch_group,
                                      num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
