@@ -71,12 +71,10 @@ def main():
             candidates = {}
             for config in GLUON_WS_CONFIGS:
                 bn, stages, pingpong, *persistent = config
-                name = f"ws{bn}x{stages}{'pp' if pingpong else ''}{'per' if persistent and persistent[0] else ''}"
+                name = (f"ws{bn}x{stages}{'pp' if pingpong else ''}{'per' if persistent and persistent[0] else ''}"
+                        f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}")
                 candidates[name] = (lambda config=config:
                                     flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, causal, *config)[0])
-                if persistent and persistent[0]:  # also dealt in launch groups, not snake order over grid order
-                    candidates[name + "G8"] = (lambda config=config: flash_attn_forward_gluon_ws(
-                        q, k, v, 128 ** -0.5, causal, *config, launch_group=8)[0])
             for name, call in candidates.items():
                 try:
                     check = compare_outputs(call(), ref, "bf16" if dtype == torch.bfloat16 else "fp16")

@@ -346,13 +346,19 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
 _WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _WS_MAXNREG = 168
 
-# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT]). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
+# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT[, LAUNCH_GROUP]]). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
 # On the H200 (benchmarks/results/gluon_fwd_*) 128-key blocks won every row; 64-key blocks
 # (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
 # 128 x 2 and is kept beside the free-running launch, 3 stages where the ring runs dry.
 GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
-# A fourth field True: the persistent launch (one program per SM running tile after tile).
+# A fourth field True: the persistent launch (one program per SM running tile after tile),
+# a fifth its launch group (default 0: snake order over grid order). On the H200 (GPU time,
+# benchmarks/gluon_fwd.py, results/tuning/gluon_fwd_persistent_*_e2443d6.json) persistent
+# launches took the 512-2048-token Llama-3-8B prefills 9-23% past the per-tile ones, to
+# 1.12-1.13x cuDNN at batch 1 and 1024-2048 tokens, and lost 5-40% on square rows from
+# 2048 tokens; snake order won at batch 1-2, groups of 8 at batch 8 and (16, 16, 16, 1024).
 GLUON_WS_CONFIGS += [c + (True,) for c in [(128, 2, True), (128, 3, True)]]
+GLUON_WS_CONFIGS += [c + (True, 8) for c in [(128, 2, True), (128, 3, True)]]
 # Batch-heads per launch group (_launch_position); 0: grid order over every batch-head.
 # On the H200 (benchmarks/gluon_launch_order.py, results/tuning/gluon_launch_order_h200_
 # a24775d.json, 11 causal d128 rows) groups of 8 took the forward 5.6% faster than grid
@@ -383,7 +389,7 @@ def _row_view(t):
 
 
 def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
-                                persistent=False, out=None, lse=None, launch_group=None):
+                                persistent=False, launch_group=None, out=None, lse=None):
     """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
     lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
     flash_fwd.flash_attn_forward returns them.
