@@ -354,7 +354,7 @@ GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
 # A fourth field True: the persistent launch (one program per SM running tile after tile),
 # a fifth its launch group (default 0: snake order over grid order). On the H200 (GPU time,
 # benchmarks/gluon_fwd.py, results/tuning/gluon_fwd_persistent_*_e2443d6.json) persistent
-# launches took the 512-2048-token Llama-3-8B prefills 9-23% past the per-tile ones, to
+# launches took the 512-2048-token Llama-3-8B prefills 6-23% past the per-tile ones, to
 # 1.12-1.13x cuDNN at batch 1 and 1024-2048 tokens, and lost 5-40% on square rows from
 # 2048 tokens; snake order won at batch 1-2, groups of 8 at batch 8 and (16, 16, 16, 1024).
 GLUON_WS_CONFIGS += [c + (True,) for c in [(128, 2, True), (128, 3, True)]]
