@@ -1,13 +1,13 @@
 """The Gluon backward against modelaccel's tuned backward and SDPA's, same inputs.
 
 bf16, head dim 128, causal: the backward benchmark's rows. For each (ring depth, query rows
-per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128]: dq, dk, dv checked against the deterministic Triton
-backward's first (relative error below 2e-2 each; a mismatch is reported and not timed),
-then timed with do_bench (median) from the same forward outputs; `modelaccel` is flash_attn_backward
-(tuned), `flash` and `cudnn` SDPA's backward through torch.autograd.grad. TFLOPS count 2.5x
-the forward's FLOPs.
-Usage: python benchmarks/gluon_bwd.py OUT.json [STAGESxROWS,...]  (e.g. `2x32,2x64`; default: every
-configuration)
+per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128]: dq, dk, dv checked against the
+deterministic Triton backward's first (relative error below 2e-2 each; a mismatch is
+reported and not timed), then timed with do_bench (median) from the same forward outputs;
+`modelaccel` is flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
+torch.autograd.grad. TFLOPS count 2.5x the forward's FLOPs.
+Usage: python benchmarks/gluon_bwd.py OUT.json [STAGESxROWS,...]  (e.g. `2x32,2x64`; default:
+every configuration)
 """
 
 import json

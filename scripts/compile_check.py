@@ -266,27 +266,23 @@ def main():
     if "--gluon" in sys.argv[1:]:
         print_gluon_usage()
         return 0
+    builds = [triton_case(*case) for case in CASES] + gluon_cases()
     failed = 0
-    for kernel, pointers, constexprs, warps, stages in CASES:
-        flags = ", ".join(f"{k}={v}" for k, v in constexprs.items()
-                          if k in ("ATOMIC_DQ", "FUSED", "HEADDIM", "USE_TMA"))
-        try:
-            compiled = compile_for_hopper(kernel, pointers, constexprs, warps, stages)
-            print(f"ok    {kernel.__name__} ({flags}): {len(compiled.asm['cubin'])} bytes of sm_90 cubin", flush=True)
-        except Exception:  # noqa: BLE001 - report every kernel, then fail
-            failed += 1
-            print(f"FAIL  {kernel.__name__} ({flags})\n{traceback.format_exc()}", flush=True)
-    gluon = gluon_cases()
-    for label, build in gluon:
+    for label, build in builds:
         try:
             compiled = build()
             print(f"ok    {label}: {len(compiled.asm['cubin'])} bytes of sm_90 cubin", flush=True)
         except Exception:  # noqa: BLE001 - report every kernel, then fail
             failed += 1
             print(f"FAIL  {label}\n{traceback.format_exc()}", flush=True)
-    total = len(CASES) + len(gluon)
-    print(f"triton {triton.__version__}: {total - failed}/{total} kernels compile for sm_90")
+    print(f"triton {triton.__version__}: {len(builds) - failed}/{len(builds)} kernels compile for sm_90")
     return 1 if failed else 0
+
+
+def triton_case(kernel, pointers, constexprs, warps, stages):
+    """(label, compile function) of one of CASES."""
+    flags = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k in ("ATOMIC_DQ", "FUSED", "HEADDIM", "USE_TMA"))
+    return f"{kernel.__name__} ({flags})", lambda: compile_for_hopper(kernel, pointers, constexprs, warps, stages)
 
 
 def gluon_cases():

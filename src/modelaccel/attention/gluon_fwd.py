@@ -78,14 +78,14 @@ def _snake_order(i, n_tiles):
 
 
 @gluon.jit
-def _fwd_tile(t, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
-              K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr,
-              LAUNCH_GROUP: gl.constexpr):
-    """Tile t of the forward (128 query rows of one (batch, head)): b, h, its first query
-    row, its key blocks, and where its Q, K and V start in their 2D views (_row_view).
-    Causal runs the longest query blocks first. Both consumers run the same number of key
-    blocks (the lower half masks one more)."""
-    pid_bh, pid_m = _tile_position(t, nbh, n_mblocks, LAUNCH_GROUP)
+def _fwd_tile(i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H,
+              K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N: gl.constexpr,
+              CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr):
+    """The tile a program runs at its i-th grid-stride position (_snake_order; 128 query
+    rows of one (batch, head)): b, h, its first query row, its key blocks, and where its
+    Q, K and V start in their 2D views (_row_view). Causal runs the longest query blocks
+    first. Both consumers run the same number of key blocks (the lower half masks one more)."""
+    pid_bh, pid_m = _tile_position(_snake_order(i, n_tiles), nbh, n_mblocks, LAUNCH_GROUP)
     if CAUSAL:
         pid_m = n_mblocks - 1 - pid_m
     b = pid_bh // NHEADS
@@ -163,12 +163,12 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
     local = 0
     for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
-            _snake_order(i, n_tiles), nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
-            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
-        for i in gl.static_range(2):
-            mbarrier.wait(q_free.index(i), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-            mbarrier.expect(q_bars.index(i), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [q_row0 + i * _WS_ROWS, q_col], q_bars.index(i), q_smem.index(i))
+            i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
+            K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
+        for half in gl.static_range(2):  # not `i`: that is the tile loop's position
+            mbarrier.wait(q_free.index(half), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+            mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
+            _tma_load(q_desc, [q_row0 + half * _WS_ROWS, q_col], q_bars.index(half), q_smem.index(half))
         for j in range(n_blocks):
             g = it + j
             slot = g % STAGES
@@ -215,8 +215,8 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
     local = 0
     for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
-            _snake_order(i, n_tiles), nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
-            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
+            i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
+            K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
         row0 = start_m + wg * _WS_ROWS
         offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
         mbarrier.wait(q_bars.index(wg), local & 1)
@@ -291,10 +291,11 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
     n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
     the tiles sharing a kv head run together; causal runs the longest first). Program p
     takes tiles p, p + programs, ... (odd rounds reversed, _snake_order): one each when
-    the grid holds every tile, several (persistent) when it holds fewer. q_desc is over a 2D view of q in blocks [64, HEAD_D]
-    where sequence position s of (batch b, head h) is row b Q_ROWS_B + h Q_ROWS_H + s from
-    column h Q_COLS_H (_row_view); k_desc, v_desc likewise over k, v in blocks [BLOCK_N,
-    HEAD_D]. O [batch, seqlen_q, nheads, headdim], LSE float32."""
+    the grid holds every tile, several (persistent) when it holds fewer. q_desc is over a
+    2D view of q in blocks [64, HEAD_D] where sequence position s of (batch b, head h) is
+    row b Q_ROWS_B + h Q_ROWS_H + s from column h Q_COLS_H (_row_view); k_desc, v_desc
+    likewise over k, v in blocks [BLOCK_N, HEAD_D]. O [batch, seqlen_q, nheads, headdim],
+    LSE float32."""
     n_tiles = nbh * n_mblocks
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, _WS_ROWS, HEAD_D], q_desc.layout)
@@ -346,7 +347,8 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
 _WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _WS_MAXNREG = 168
 
-# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT[, LAUNCH_GROUP]]). Shared memory at head dim 128: 32 KB of Q + 64 KB per stage.
+# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT[, LAUNCH_GROUP]]). Shared memory at head dim 128:
+# 32 KB of Q + 64 KB per stage.
 # On the H200 (benchmarks/results/gluon_fwd_*) 128-key blocks won every row; 64-key blocks
 # (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
 # 128 x 2 and is kept beside the free-running launch, 3 stages where the ring runs dry.
@@ -425,11 +427,10 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     launch_kernel(_attn_fwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
-        softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal,
-                                     PINGPONG=pingpong,
-                                     LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None
-                                     else launch_group,
-                                     num_warps=4, maxnreg=_WS_MAXNREG))
+        softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(
+        BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
+        LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group,
+        num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
 
