@@ -112,21 +112,22 @@ def test_rows_on_a_tiny_cpu_model_with_a_stub_timer():
     transformers = pytest.importorskip("transformers")
     model = bench.build_model(transformers.LlamaConfig(**bench.SMOKE_CONFIG), device="cpu", dtype=torch.float32)
     model.eval()
-    timer = lambda fn: (fn(), (1.0, 1))[1]  # noqa: E731
+    clock = lambda fn: (fn(), 1.0)[1]  # noqa: E731
 
-    def failing_timer(fn):
+    def failing_clock(fn):
         if model.config._attn_implementation == "eager":
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 GiB")
-        return timer(fn)
+        return clock(fn)
 
     providers = ["sdpa", "eager"]  # no kernels here: the interpreter is exercised by the smoke test
-    row = bench.annotate(bench.run_ttft_row(model, 2, 8, providers=providers, timer=failing_timer, device="cpu",
-                                            log=lambda _: None))
+    once = dict(warmup=0, min_reps=1, max_reps=1)
+    row = bench.annotate(bench.run_ttft_row(model, 2, 8, providers=providers, clock=failing_clock, device="cpu",
+                                            log=lambda _: None, timing=once))
     assert row["ms"] == {"sdpa": 1.0, "eager": None}
     assert row["errors"]["eager"].startswith("OOM: CUDA out of memory")
     assert row["check"]["eager"]["status"] == "ok"  # eager's untimed call ran before the (stub) OOM
-    train = bench.run_train_row(model, seqlen=8, batch=1, providers=providers, timer=timer, device="cpu",
-                                log=lambda _: None)
+    train = bench.run_train_row(model, seqlen=8, batch=1, providers=providers, clock=clock, device="cpu",
+                                log=lambda _: None, timing=once)
     assert train["ms"] == {"sdpa": 1.0, "eager": 1.0} and train["check"]["eager"]["rel_err"] < 1e-4
     assert all(p.grad is None for p in model.parameters()) and not model.training
 
@@ -140,3 +141,26 @@ def test_cli_arguments_and_help(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "--suite" in out and "Llama-3-8B" in out
+
+
+def test_time_rounds_interleaves_providers_and_stops_each_on_its_budget():
+    order = []
+    active = []
+    cost = {"fast": 1.0, "slow": 50.0}
+
+    def clock(fn):
+        fn()
+        return cost[active[-1]]
+
+    calls = {name: ((lambda name=name: active.append(name)), (lambda name=name: order.append(name)))
+             for name in ("fast", "slow", "broken")}
+
+    def broken():
+        raise RuntimeError("boom")
+    calls["broken"] = (calls["broken"][0], broken)
+    timings, errors = bench.time_rounds(calls, clock, warmup=1, min_reps=3, max_reps=6, budget_ms=100.0)
+    assert set(errors) == {"broken"} and "boom" in str(errors["broken"])
+    # One warm-up call each, then rounds: slow stops at 100 ms of timed calls (2 calls) but
+    # runs to min_reps; fast runs on alone to max_reps.
+    assert timings == {"fast": (1.0, 6), "slow": (50.0, 3)}
+    assert order == ["fast", "slow"] + ["fast", "slow"] * 3 + ["fast"] * 3

@@ -17,7 +17,8 @@ Two measurements:
   full 32-layer model with its gradients and activations, the step is measured on a model
   with fewer layers (`TRAIN_FALLBACK_LAYERS`), and the result says so.
 
-Times are medians of CUDA-event timings after untimed warm-up calls (`time_cuda`). A
+Times are medians of CUDA-event timings after untimed warm-up calls, the providers timed in
+interleaved rounds (`time_rounds`). A
 provider that runs out of memory gets no number and its reason (eager attention
 materializes the scores and runs out at long prompts); memory is freed between rows.
 Before timing, each provider's last-position logits are compared with SDPA's (relative
@@ -131,32 +132,62 @@ def count_params(model):
 # Timing and memory
 
 
-def time_cuda(fn, warmup=WARMUP_CALLS, min_reps=MIN_REPS, max_reps=MAX_REPS, budget_ms=BUDGET_MS):
-    """(median ms, timed calls) of fn() between CUDA events, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    while len(times) < min_reps or (len(times) < max_reps and sum(times) < budget_ms):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), len(times)
+def cuda_clock(fn):
+    """ms of one fn() between CUDA events, waited for."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
-def time_wall(fn, warmup=WARMUP_CALLS, reps=MIN_REPS):
-    """(median ms, calls) by wall clock: the CPU smoke run's timer (numbers mean nothing there)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), len(times)
+def wall_clock(fn):
+    """ms of one fn() by wall clock: the CPU smoke run's clock (numbers mean nothing there)."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS, max_reps=MAX_REPS,
+                budget_ms=BUDGET_MS):
+    """Time several providers' calls in rounds: each round times one call of every provider
+    still running, in turn, so a drift of the GPU's clocks or of the host's load between
+    rounds falls on every provider alike (timed one provider after the other, the same
+    model's TTFT moved by 1-2% between runs: more than the differences measured).
+
+    calls: {name: (switch, fn)}; switch() makes the model use that provider, fn() is the
+    call. After `warmup` untimed calls each, a provider takes part until it has min_reps
+    timings and either max_reps or budget_ms of timed calls. Returns ({name: (median ms,
+    timed calls)}, {name: exception}) for the providers whose calls raised."""
+    times = {name: [] for name in calls}
+    errors = {}
+
+    def call(name, timed):
+        switch, fn = calls[name]
+        try:
+            switch()
+            if timed:
+                times[name].append(clock(fn))
+            else:
+                fn()
+        except Exception as exc:  # noqa: BLE001 - an OOM or a failing provider costs its number, never the run
+            errors[name] = exc
+            times.pop(name)
+
+    for name in list(calls):
+        for _ in range(warmup):
+            if name in times:
+                call(name, timed=False)
+
+    def running(name):
+        t = times[name]
+        return len(t) < min_reps or (len(t) < max_reps and sum(t) < budget_ms)
+
+    while any(running(name) for name in times):
+        for name in [n for n in times if running(n)]:
+            call(name, timed=True)
+    return {name: (statistics.median(t), len(t)) for name, t in times.items()}, errors
 
 
 def _oom_types():
@@ -218,23 +249,35 @@ def _empty_row(kind, batch, seqlen, layers, providers):
             "check": {p: None for p in providers if p != BASELINE}}
 
 
-def _measure(row, model, provider, run_once, timer, device, log):
-    """Switch to `provider`, run run_once() untimed (its output is returned for the check),
-    then time it. Failures (OOM or other) go to row["errors"]; returns the untimed output or None."""
-    out = None
+def _first_call(row, model, provider, run_once, device, log):
+    """Switch to `provider` and run run_once() untimed (compiles and tunes; its output is
+    returned for the check, its peak memory recorded). A failure (OOM or other) goes to
+    row["errors"] and returns None."""
     try:
         set_attention(model, provider)
         free_memory()
         _reset_peak(device)
         out = run_once()
-        row["ms"][provider], row["reps"][provider] = timer(run_once)
         row["peak_gib"][provider] = _peak_gib(device)
+        return out
     except Exception as e:  # noqa: BLE001 - an OOM or a failing provider costs its number, never the run
-        row["ms"][provider] = None
         row["errors"][provider] = failure_reason(e)
         log(f"  {provider}: {row['errors'][provider]}")
+        free_memory()
+        return None
+
+
+def _time_providers(row, model, providers, run_once, clock, timing, log):
+    """Time run_once() for `providers` in interleaved rounds (time_rounds, with `timing`'s
+    settings) into row["ms"] and row["reps"]; failures go to row["errors"]."""
+    calls = {p: ((lambda p=p: set_attention(model, p)), run_once) for p in providers}
+    timings, errors = time_rounds(calls, clock, **(timing or {}))
+    for p, (ms, reps) in timings.items():
+        row["ms"][p], row["reps"][p] = ms, reps
+    for p, exc in errors.items():
+        row["errors"][p] = failure_reason(exc)
+        log(f"  {p}: {row['errors'][p]}")
     free_memory()
-    return out
 
 
 def _fill_checks(row, outputs, providers):
@@ -249,10 +292,11 @@ def _fill_checks(row, outputs, providers):
             row["check"][p] = {"rel_err": err, "status": "ok" if err <= CHECK_REL_ERR else "mismatch"}
 
 
-def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, timer=None, device=None, log=print):
-    """TTFT of one (batch, prompt length) for every provider on the same ids; see the module doc."""
+def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, clock=cuda_clock, device=None, log=print, timing=None):
+    """TTFT of one (batch, prompt length) for every provider on the same ids; see the module doc.
+    clock(fn) gives one call's ms (cuda_clock; wall_clock or a stub without a GPU); timing:
+    time_rounds' keyword arguments (warmup, min_reps, ...) where the defaults do not fit."""
     device = device or DEVICE
-    timer = timer or time_cuda
     row = _empty_row("ttft", batch, seqlen, model.config.num_hidden_layers, providers)
     ids = make_ids(batch, seqlen, model.config.vocab_size, device)
     outputs = {}
@@ -263,10 +307,11 @@ def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, timer=None, device=N
             return logits, logits.argmax(-1)
 
     for provider in providers:
-        out = _measure(row, model, provider, prefill, timer, device, log)
+        out = _first_call(row, model, provider, prefill, device, log)
         if out is not None:
             outputs[provider] = out[0].float().cpu()
         del out
+    _time_providers(row, model, list(outputs), prefill, clock, timing, log)
     _fill_checks(row, outputs, providers)
     row["first_tokens"] = {p: o.argmax(-1).tolist() for p, o in outputs.items()}
     del ids
@@ -274,11 +319,11 @@ def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, timer=None, device=N
     return row
 
 
-def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVIDERS, timer=None, device=None,
-                  log=print):
-    """Training step (forward with labels + backward into parameter grads) of every provider."""
+def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVIDERS, clock=cuda_clock, device=None,
+                  log=print, timing=None):
+    """Training step (forward with labels + backward into parameter grads) of every provider,
+    timed as run_ttft_row times."""
     device = device or DEVICE
-    timer = timer or time_cuda
     row = _empty_row("train", batch, seqlen, model.config.num_hidden_layers, providers)
     ids = make_ids(batch, seqlen, model.config.vocab_size, device)
     model.train()
@@ -292,11 +337,13 @@ def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVI
         return loss.detach()
 
     for provider in providers:
-        loss = _measure(row, model, provider, step, timer, device, log)
+        loss = _first_call(row, model, provider, step, device, log)
         if loss is not None:
             outputs[provider] = loss.float().cpu().reshape(1)
         del loss
         model.zero_grad(set_to_none=True)
+    _time_providers(row, model, list(outputs), step, clock, timing, log)
+    model.zero_grad(set_to_none=True)
     row["loss"] = {p: o.item() for p, o in outputs.items()}
     _fill_checks(row, outputs, providers)
     model.zero_grad(set_to_none=True)
@@ -371,7 +418,9 @@ def collect_metadata():
     meta = attention_metadata()
     meta.pop("do_bench", None)
     meta["transformers"] = transformers.__version__
-    meta["timing"] = {"method": "CUDA events, median", "warmup_calls": WARMUP_CALLS, "min_reps": MIN_REPS,
+    meta["timing"] = {"method": "CUDA events, median; providers timed in interleaved rounds (one call each "
+                                "per round) after an untimed first call", "warmup_calls": WARMUP_CALLS,
+                      "min_reps": MIN_REPS,
                       "max_reps": MAX_REPS, "budget_ms": BUDGET_MS}
     return meta
 
@@ -600,9 +649,9 @@ def smoke_main():
     print(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}; tiny Llama on CPU "
           "(times mean nothing here)", flush=True)
     model = build_model(LlamaConfig(**SMOKE_CONFIG), device="cpu", dtype=torch.float32).eval()
-    timer = lambda fn: time_wall(fn, warmup=0, reps=1)  # noqa: E731
-    rows = [run_ttft_row(model, 2, 16, timer=timer, device="cpu"),
-            run_train_row(model, seqlen=16, batch=2, timer=timer, device="cpu")]
+    once = dict(warmup=0, min_reps=1, max_reps=1)
+    rows = [run_ttft_row(model, 2, 16, clock=wall_clock, device="cpu", timing=once),
+            run_train_row(model, seqlen=16, batch=2, clock=wall_clock, device="cpu", timing=once)]
     print(format_header(PROVIDERS))
     failed = False
     for row in rows:
