@@ -74,13 +74,17 @@ def _bwd_tile(t, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B,
 
 
 @gluon.jit
-def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col):
-    """Both warpgroups' halves of K and V, once both are done with the last tile's."""
-    mbarrier.wait(kv_free, (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                 KV_BUFS: gl.constexpr):
+    """Both warpgroups' halves of K and V of this program's tile `local` into buffer
+    local % KV_BUFS, once both warpgroups are done with the tile that used it last."""
+    buf = local % KV_BUFS
+    bar = kv_bar.index(buf)
+    mbarrier.wait(kv_free.index(buf), ((local // KV_BUFS) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+    mbarrier.expect(bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for i in gl.static_range(2):
-        _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], kv_bar, k_smem.index(i))
-        _tma_load(v_desc, [v_row0 + i * _KV_ROWS, v_col], kv_bar, v_smem.index(i))
+        _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], bar, k_smem.index(buf * 2 + i))
+        _tma_load(v_desc, [v_row0 + i * _KV_ROWS, v_col], bar, v_smem.index(buf * 2 + i))
 
 
 @gluon.jit
@@ -89,7 +93,8 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
                   stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
                   Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                   DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
-                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr):
+                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+                  KV_BUFS: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -108,7 +113,8 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
             K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
         group = NHEADS // NHEADS_K
         if n_steps == 0:
-            _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col)
+            _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                             KV_BUFS)
         for t in range(n_steps):
             g = it + t
             slot = g % STAGES
@@ -129,7 +135,8 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
             delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
             mbarrier.arrive(bar, count=1)
             if t == 0:
-                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col)
+                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                             KV_BUFS)
         it += n_steps
         local += 1
 
@@ -140,7 +147,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                  stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
                  Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                  DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr):
+                 BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+                  KV_BUFS: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block: dK and dV in registers; dQ of the step over all 128 keys, this warpgroup's
     share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared
@@ -171,8 +179,6 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
     st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
     dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    k_wg = k_smem.index(wg)
-    v_wg = v_smem.index(wg)
     p_wg = p_smem.index(wg)
     diag = SEQLEN_K - SEQLEN_Q
     it = 0
@@ -186,7 +192,10 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
         dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
         dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-        mbarrier.wait(kv_bar, local & 1)
+        buf = local % KV_BUFS
+        k_wg = k_smem.index(buf * 2 + wg)
+        v_wg = v_smem.index(buf * 2 + wg)
+        mbarrier.wait(kv_bar.index(buf), (local // KV_BUFS) & 1)
 
         for t in range(n_steps):
             g = it + t
@@ -228,9 +237,9 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
             mbarrier.wait(ds_full.index(par), (g // 2) & 1)
             if HAS_DQ:
                 # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
-                dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                dqt_token = warpgroup_mma(k_smem.index(buf * 2).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
                                           ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-                dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                dqt_token = warpgroup_mma(k_smem.index(buf * 2 + 1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
                                           ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
             else:
@@ -244,7 +253,7 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
                 dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
                            + dq_rows0[:, None])
                 gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
-        mbarrier.arrive(kv_free, count=1)  # every product with this tile's K and V is waited for
+        mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
 
         rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
         offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
@@ -262,7 +271,7 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -276,22 +285,25 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], v_desc.layout)
+    # K and V halves by buffer (index 2 buffer + warpgroup): with two buffers the next
+    # tile's keys load while the last tile's steps run.
+    k_smem = gl.allocate_shared_memory(dtype, [2 * KV_BUFS, _KV_ROWS, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2 * KV_BUFS, _KV_ROWS, HEAD_D], v_desc.layout)
     # dS^T of both warpgroups, by step parity (index 2 parity + warpgroup); P^T per warpgroup.
     ds_smem = gl.allocate_shared_memory(dtype, [4, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     p_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv_free = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    mbarrier.init(kv_free, count=2)  # one arrival per consumer warpgroup
+    for i in gl.static_range(KV_BUFS):
+        mbarrier.init(kv_bar.index(i), count=1)
+        mbarrier.init(kv_free.index(i), count=2)  # one arrival per consumer warpgroup
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=2)  # the TMA bytes' expect, and the lse/delta stores
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -307,19 +319,19 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
                         delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                          lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
                          DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
                          SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
                          V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP)),
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -330,9 +342,11 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 # thread (104-208 while the consumers loaded lse and delta themselves), 32-row steps none.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 # A third field True: the persistent launch; a fourth its launch group (default 0: snake
-# order over grid order). Not GPU-run yet: kept out of the tuning candidates until then.
+# order over grid order); a fifth its K/V buffers (default 1). Not tuning candidates until
+# their GPU timings beat the per-tile launch.
 GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
-                                                           (2, 64, True, 8)]}
+                                                           (2, 64, True, 8), (2, 32, True, 0, 2),
+                                                           (2, 32, True, 8, 2)]}
 # kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
@@ -343,7 +357,7 @@ GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in
 
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 persistent=False, launch_group=None, grads=None):
+                                 persistent=False, launch_group=None, kv_buffers=1, grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -357,7 +371,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     its K/V load under the last one's steps and stores) instead of one program per tile.
     launch_group: kv batch-heads whose tiles run together (gluon_fwd._tile_position);
     default LAUNCH_GROUP, 0 for persistent launches (grid order, dealt in snake order as
-    the persistent forward's)."""
+    the persistent forward's). kv_buffers: 2 double-buffers K and V, so a persistent
+    program's next tile loads under the last one's steps (32-row steps only: 64-row steps
+    at head dim 128 leave no shared memory for it)."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -388,7 +404,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale, batch * nheads_k, n_nblocks), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
-        LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group, num_warps=4,
+        LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group,
+        KV_BUFS=kv_buffers, num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
