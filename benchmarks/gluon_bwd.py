@@ -27,11 +27,12 @@ ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all
 
 def config_name(config):
     """gluon_s{stages}q{query rows}, then p for persistent launches, G{group} for their
-    launch group and K{buffers} for double-buffered K/V."""
+    launch group, K{buffers} for double-buffered K/V and S for tiles dealt on the host."""
     stages, block_q, *persistent = config
     return (f"gluon_s{stages}q{block_q}{'p' if persistent and persistent[0] else ''}"
             f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}"
-            f"{f'K{persistent[2]}' if len(persistent) > 2 else ''}")
+            f"{f'K{persistent[2]}' if len(persistent) > 2 else ''}"
+            f"{'S' if len(persistent) > 3 and persistent[3] else ''}")
 
 
 def bench(fn):

@@ -18,9 +18,10 @@ from modelaccel.attention.gluon_bwd import flash_attn_backward_gluon_ws
 from modelaccel.attention.launch import _gpu_ms
 from modelaccel.bench.attention import attention_flops, collect_metadata, sdpa_backward_call
 
-# name: (stages, block_q, persistent, launch group, K/V buffers)
-CONFIGS = {"s2q64": (2, 64), "s2q32": (2, 32), "s2q32p": (2, 32, True), "s2q64pG8": (2, 64, True, 8),
-           "s2q32pG8": (2, 32, True, 8), "s2q32pK2": (2, 32, True, 0, 2), "s2q32pG8K2": (2, 32, True, 8, 2)}
+# name: (stages, block_q, persistent, launch group, K/V buffers, dealt on the host)
+CONFIGS = {"s2q64": (2, 64), "s2q32p": (2, 32, True), "s2q32pG8": (2, 32, True, 8),
+           "s2q32pG8S": (2, 32, True, 8, 1, True), "s2q64pG8S": (2, 64, True, 8, 1, True),
+           "s2q32pS": (2, 32, True, 0, 1, True)}
 ROWS = ((16, 16, 16, 1024), (8, 16, 16, 2048), (2, 48, 48, 1024), (4, 16, 16, 4096), (2, 32, 8, 8192))
 
 result = {**collect_metadata(), "rows": []}

@@ -31,6 +31,8 @@ Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; 
 softcap, ALiBi, dropout or varlen. Layouts as gluon_fwd._row_view takes them.
 """
 
+import heapq
+
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -74,6 +76,31 @@ def _bwd_tile(t, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B,
 
 
 @gluon.jit
+def _tile_range(SCHED, n_tiles, SCHEDULED: gl.constexpr):
+    """This program's positions in its list of tiles: its slice of SCHED's table (a deal
+    made on the host, _tile_schedule), else the grid-stride positions."""
+    if SCHEDULED:
+        first = gl.load(SCHED + gl.program_id(0))
+        last = gl.load(SCHED + gl.program_id(0) + 1)
+        stride = 1
+    else:
+        first = gl.program_id(0)
+        last = n_tiles
+        stride = gl.num_programs(0)
+    return first, last, stride
+
+
+@gluon.jit
+def _tile_at(i, SCHED, n_tiles, SCHEDULED: gl.constexpr):
+    """The tile (in launch order) at position i of this program's list (_tile_range)."""
+    if SCHEDULED:
+        t = gl.load(SCHED + gl.num_programs(0) + 1 + i)
+    else:
+        t = _snake_order(i, n_tiles)
+    return t
+
+
+@gluon.jit
 def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
                  KV_BUFS: gl.constexpr):
     """Both warpgroups' halves of K and V of this program's tile `local` into buffer
@@ -89,12 +116,12 @@ def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0,
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                   stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
                   Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                   DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
                   BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
-                  KV_BUFS: gl.constexpr):
+                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -107,9 +134,10 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
     rows0 = gl.arange(0, BLOCK_Q, layout=row_layout)
     it = 0
     local = 0
-    for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+    for i in range(first, last, stride):
         b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            _snake_order(i, n_tiles), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
+            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
             K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
         group = NHEADS // NHEADS_K
         if n_steps == 0:
@@ -143,12 +171,12 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                  stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
                  Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                  DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
-                  KV_BUFS: gl.constexpr):
+                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block: dK and dV in registers; dQ of the step over all 128 keys, this warpgroup's
     share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared
@@ -183,9 +211,10 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     diag = SEQLEN_K - SEQLEN_Q
     it = 0
     local = 0
-    for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+    for i in range(first, last, stride):
         b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            _snake_order(i, n_tiles), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
+            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
             K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
         group = NHEADS // NHEADS_K
         n0 = start_n + wg * _KV_ROWS
@@ -266,12 +295,12 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
 
 
 @gluon.jit
-def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, SCHED, stride_dkb, stride_dks,
                         stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -315,23 +344,23 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
         (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                          lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
-                         DELTA, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
+                         DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
                          SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
                          V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS)),
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -342,11 +371,13 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 # thread (104-208 while the consumers loaded lse and delta themselves), 32-row steps none.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 # A third field True: the persistent launch; a fourth its launch group (default 0: snake
-# order over grid order); a fifth its K/V buffers (default 1). Not tuning candidates until
-# their GPU timings beat the per-tile launch.
+# order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
+# on the host (_tile_schedule). Not tuning candidates until their GPU timings beat the
+# per-tile launch.
 GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
                                                            (2, 64, True, 8), (2, 32, True, 0, 2),
-                                                           (2, 32, True, 8, 2)]}
+                                                           (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
+                                                           (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True)]}
 # kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
@@ -356,8 +387,56 @@ LAUNCH_GROUP = 8
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
 
 
+# A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
+# wait and dK/dV stores, about two 64-row steps.
+_TILE_OVERHEAD_ROWS = 128
+_schedules = {}
+
+
+def _host_tile_position(t, nbh, nblocks, launch_group):
+    """gluon_fwd._tile_position on the host."""
+    if launch_group == 0:
+        return t % nbh, t // nbh
+    first = t // (launch_group * nblocks) * launch_group
+    size = min(nbh - first, launch_group)
+    rest = t - first * nblocks
+    return first + rest % size, rest // size
+
+
+def _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_q, causal, launch_group, programs,
+                   device):
+    """int32 [programs + 1 + tiles] on `device`: program p runs tiles table[offsets[p]:
+    offsets[p + 1]] (offsets first, then the table), dealt as the hardware deals a grid with
+    a program per tile: in launch order, each tile to the program that is free first, by
+    each tile's predicted work (its query rows over the GQA group, plus _TILE_OVERHEAD_ROWS).
+    A static snake deal left programs up to 2x apart once launch groups cycle through
+    the causal lengths. Made once per problem and cached (built outside CUDA graph capture:
+    the first call of a problem must not be captured)."""
+    key = (batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_q, causal, launch_group, programs, device)
+    schedule = _schedules.get(key)
+    if schedule is not None:
+        return schedule
+    nbh = batch * nheads_k
+    free = [(0, p) for p in range(programs)]  # (busy until, program), a heap
+    tiles = [[] for _ in range(programs)]
+    for t in range(nbh * n_nblocks):
+        start_n = _host_tile_position(t, nbh, n_nblocks, launch_group)[1] * 2 * KV_ROWS
+        lo = (max(start_n - seqlen_k + seqlen_q, 0) // block_q) * block_q if causal else 0
+        work = group * max(seqlen_q - lo, 0) + _TILE_OVERHEAD_ROWS
+        busy, p = heapq.heappop(free)
+        tiles[p].append(t)
+        heapq.heappush(free, (busy + work, p))
+    offsets = [0]
+    for program_tiles in tiles:
+        offsets.append(offsets[-1] + len(program_tiles))
+    schedule = torch.tensor(offsets + [t for program_tiles in tiles for t in program_tiles], dtype=torch.int32,
+                            device=device)
+    _schedules[key] = schedule
+    return schedule
+
+
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 persistent=False, launch_group=None, kv_buffers=1, grads=None):
+                                 persistent=False, launch_group=None, kv_buffers=1, scheduled=False, grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -373,7 +452,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     default LAUNCH_GROUP, 0 for persistent launches (grid order, dealt in snake order as
     the persistent forward's). kv_buffers: 2 double-buffers K and V, so a persistent
     program's next tile loads under the last one's steps (32-row steps only: 64-row steps
-    at head dim 128 leave no shared memory for it)."""
+    at head dim 128 leave no shared memory for it). scheduled: a persistent launch's tiles
+    dealt on the host (_tile_schedule) as the hardware deals a per-tile grid, instead of in
+    snake order."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -398,14 +479,23 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     n_nblocks = cdiv(seqlen_k, 2 * KV_ROWS)
     n_tiles = batch * nheads_k * n_nblocks
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
+    if launch_group is None:
+        launch_group = 0 if persistent else LAUNCH_GROUP
+    schedule = None
+    if scheduled:
+        if not persistent:
+            raise ValueError("scheduled=True deals the tiles of a persistent launch; pass persistent=True")
+        schedule = _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, nheads // nheads_k, block_q,
+                                  causal, launch_group, grid[0], q.device)
     launch_kernel(_attn_bwd_ws_kernel, grid, (
-        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
+        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, delta if schedule is None else schedule,
+        dk.stride(0), dk.stride(1), dk.stride(2),
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
         *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale, batch * nheads_k, n_nblocks), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
-        LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group,
-        KV_BUFS=kv_buffers, num_warps=4,
+        LAUNCH_GROUP=launch_group,
+        KV_BUFS=kv_buffers, SCHEDULED=schedule is not None, num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
