@@ -25,7 +25,9 @@ added one partial per warpgroup: twice the atomics, 0.69-0.85x the Triton backwa
 delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel. A persistent launch
 (one program per SM running tile after tile; GLUON_BWD_PERSISTENT_CONFIGS) keeps the Q/dO
 ring running across tiles and loads the next tile's K/V as soon as the last one's products
-are done; it is not GPU-run yet and not a tuning candidate.
+are done; its tiles are dealt on the host as the hardware deals a per-tile grid
+(_tile_schedule), which keeps launch groups' L2 locality without the static deal's
+imbalance under a causal mask.
 
 Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; no window,
 softcap, ALiBi, dropout or varlen. Layouts as gluon_fwd._row_view takes them.
@@ -372,8 +374,9 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 # A third field True: the persistent launch; a fourth its launch group (default 0: snake
 # order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
-# on the host (_tile_schedule). Not tuning candidates until their GPU timings beat the
-# per-tile launch.
+# on the host (_tile_schedule). Only the dealt launches in groups of 8 are tuning
+# candidates (GLUON_BWD_CANDIDATES): the snake deal lost from 2K tokens, double-buffered K/V
+# gained nothing (benchmarks/NOTES.md, twelfth session).
 GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
                                                            (2, 64, True, 8), (2, 32, True, 0, 2),
                                                            (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
@@ -383,8 +386,12 @@ GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
 # where the Triton backward had been the faster one.
 LAUNCH_GROUP = 8
-# As flash_bwd's dK/dV tuning candidates, by head dim.
+# As flash_bwd's dK/dV tuning candidates, by head dim: the per-tile launches, and at head dim
+# 128 the persistent ones dealt on the host in launch groups of 8, which ran 2-6% ahead of
+# the per-tile launch from 1K to 4K tokens and 1-3% behind at GQA 32/8 8K
+# (results/tuning/quick_bwd_persistent_h200_708a85b.json).
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
+GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True), ("gluon_ws", 2, 32, True, 8, 1, True)]
 
 
 # A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
