@@ -1,13 +1,14 @@
 """The Gluon backward against modelaccel's tuned backward and SDPA's, same inputs.
 
 bf16, head dim 128, causal: the backward benchmark's rows. For each (ring depth, query rows
-per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128]: dq, dk, dv checked against the
-deterministic Triton backward's first (relative error below 2e-2 each; a mismatch is
-reported and not timed), then timed with do_bench (median) from the same forward outputs;
-`modelaccel` is flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
+per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128] and each persistent launch of
+GLUON_BWD_PERSISTENT_CONFIGS[128]: dq, dk, dv checked against the deterministic Triton
+backward's first (relative error below 2e-2 each; a mismatch is reported and not timed),
+then timed with do_bench (median) from the same forward outputs; `modelaccel` is
+flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
 torch.autograd.grad. TFLOPS count 2.5x the forward's FLOPs.
-Usage: python benchmarks/gluon_bwd.py OUT.json [STAGESxROWS,...]  (e.g. `2x32,2x64`; default:
-every configuration)
+Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...]  (config_name's, e.g.
+`gluon_s2q64,gluon_s2q32p`; default: every configuration)
 """
 
 import json
@@ -18,10 +19,20 @@ import triton
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
 from modelaccel.attention.flash_fwd import flash_attn_forward
-from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
+from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS, flash_attn_backward_gluon_ws
 from modelaccel.bench.attention import BWD_SHAPES, attention_flops, collect_metadata, sdpa_backward_call, tflops
 
 ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all square)
+
+
+def config_name(config):
+    """gluon_s{stages}q{query rows}, then p for persistent launches, G{group} for their
+    launch group, K{buffers} for double-buffered K/V and S for tiles dealt on the host."""
+    stages, block_q, *persistent = config
+    return (f"gluon_s{stages}q{block_q}{'p' if persistent and persistent[0] else ''}"
+            f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}"
+            f"{f'K{persistent[2]}' if len(persistent) > 2 else ''}"
+            f"{'S' if len(persistent) > 3 and persistent[3] else ''}")
 
 
 def bench(fn):
@@ -35,9 +46,9 @@ def rel_err(got, ref):
 def main():
     from torch.nn.attention import SDPBackend
 
-    configs = GLUON_BWD_CONFIGS[128]
+    configs = {config_name(c): c for c in GLUON_BWD_CONFIGS[128] + GLUON_BWD_PERSISTENT_CONFIGS[128]}
     if len(sys.argv) > 2:
-        configs = [tuple(int(x) for x in c.split("x")) for c in sys.argv[2].split(",")]
+        configs = {name: configs[name] for name in sys.argv[2].split(",")}
     result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
         q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
@@ -53,11 +64,9 @@ def main():
                                                                                       scale, True)))
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             row["tflops"][name] = tflops(flops, bench(sdpa_backward_call(backend, q, k, v, dout, True)))
-        for stages, block_q in configs:
-            name = f"gluon_s{stages}q{block_q}"
-
-            def call():
-                return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, stages, block_q)
+        for name, config in configs.items():
+            def call(config=config):
+                return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, *config)
             try:
                 grads = call()
             except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on

@@ -1,7 +1,7 @@
 """The Gluon forward and backward launched in grid order or in groups of batch-heads.
 
 Both Gluon kernels started every batch-head's longest block before any second block
-(gluon_fwd._launch_position with LAUNCH_GROUP 0): with many batch-heads the programs
+(gluon_fwd._tile_position with LAUNCH_GROUP 0): with many batch-heads the programs
 resident together read the K/V (forward) or Q/dO and the dQ accumulator (backward) of
 every head, more than L2 holds. Groups of G batch-heads keep them on a few heads, as
 flash_fwd._grid_position does for the Triton kernels (+4-5% geomean there,

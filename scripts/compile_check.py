@@ -189,7 +189,8 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
 
 
-def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16):
+def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16, kv_buffers=1,
+                      scheduled=False):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -202,12 +203,12 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
-                      LAUNCH_GROUP=launch_group)
+                      LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
     descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64)}
-    pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32",
+    pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "SCHED": "*i32",
                 "qk_scale": "fp32", "softmax_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
                  pointers.get(name, "i32") for name in kernel.arg_names}
@@ -222,20 +223,25 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
 def print_gluon_bwd_usage():
     from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS
 
-    print("gluon backward (head dim, STAGES, BLOCK_Q), bf16 causal: registers, stack, shared, setmaxnreg, "
-          "barriers, dQ atomics")
-    for headdim, stages, block_q in ((h, s, q) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]):
+    print("gluon backward (head dim, STAGES, BLOCK_Q, K/V buffers, scheduled), bf16 causal: registers, stack, shared, "
+          "setmaxnreg, barriers, dQ atomics")
+    # Double-buffered K/V fits in shared memory with 32-row steps only.
+    # ... and the persistent launch's tiles dealt on the host (the last field).
+    builds = [(h, s, q, 1, False) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]] + [(128, 2, 32, 2, False),
+                                                                                          (128, 2, 32, 1, True),
+                                                                                          (128, 2, 64, 1, True)]
+    for headdim, stages, block_q, kv_buffers, scheduled in builds:
         try:
-            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q)
+            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q, kv_buffers=kv_buffers, scheduled=scheduled)
         except Exception:  # noqa: BLE001 - report each configuration
-            print(f"{headdim, stages, block_q}: FAIL\n{traceback.format_exc()}", flush=True)
+            print(f"{headdim, stages, block_q, kv_buffers, scheduled}: FAIL\n{traceback.format_exc()}", flush=True)
             continue
         regs, stack, shared = resource_usage(compiled)
         ptx = compiled.asm["ptx"]
         setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
         bars = re.findall(r"bar\.sync\s+[^;]*;|barrier\.sync[^;]*;", ptx)
         atomics = sorted(set(re.findall(r"(?:red|atom)\.global[\w.]+", ptx)))
-        print(f"{headdim, stages, block_q}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
+        print(f"{headdim, stages, block_q, kv_buffers, scheduled}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
               f"{' '.join(setmax)}, barriers {sorted(set(bars))}, {atomics}", flush=True)
 
 

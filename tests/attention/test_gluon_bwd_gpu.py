@@ -8,7 +8,8 @@ import torch
 from modelaccel import flash_attn_func
 from modelaccel.attention import flash_bwd, gluon_bwd
 from modelaccel.attention.flash_fwd import flash_attn_forward
-from modelaccel.attention.gluon_bwd import GLUON_BWD_CANDIDATES, GLUON_BWD_CONFIGS, flash_attn_backward_gluon_ws
+from modelaccel.attention.gluon_bwd import (GLUON_BWD_CANDIDATES, GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS,
+                                            flash_attn_backward_gluon_ws)
 from modelaccel.attention.reference import attention_ref
 from modelaccel.testing import assert_grads_close, random_qkv, route_tuner_to
 
@@ -61,19 +62,51 @@ def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candi
     assert_grads_close((dq, dk, dv), ref_grads, q.dtype)
 
 
+@pytest.mark.parametrize("config", sorted(set(c for cs in GLUON_BWD_PERSISTENT_CONFIGS.values() for c in cs)),
+                         ids=lambda c: "s{}q{}p".format(*c) + (f"G{c[3]}" if len(c) > 3 else "")
+                         + (f"K{c[4]}" if len(c) > 4 else "") + ("S" if len(c) > 5 and c[5] else ""))
+@pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64),
+                                   (2, 2048, 2048, 8, 2, 128), (1, 1500, 300, 4, 4, 128)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_backward_persistent_matches_reference(config, shape, causal, monkeypatch):
+    # 5 programs, so each runs many tiles (12-128 here) and the ring, the dS^T buffers and
+    # the K/V barriers run on across tiles. The gradients start as NaN.
+    monkeypatch.setattr(gluon_bwd, "_sm_count", lambda device_index: 5)
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim = shape
+    if config not in GLUON_BWD_PERSISTENT_CONFIGS[headdim]:
+        pytest.skip(f"not a head dim {headdim} configuration")
+    dtype = torch.bfloat16 if headdim == 128 else torch.float16
+    q, k, v = random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, "cuda", seed=seqlen_k)
+    scale = headdim ** -0.5
+    out, lse = flash_attn_forward(q, k, v, scale, causal)
+    dout = torch.randn_like(out)
+    grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
+    stages, block_q, persistent, *group = config
+    dq, dk, dv = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, causal, stages, block_q, persistent,
+                                              *group, grads=grads)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref_out, _ = attention_ref(q32, k32, v32, scale, causal, compute_dtype=torch.float32)
+    ref_out.backward(dout.float())
+    assert_grads_close((dq, dk, dv), (q32.grad, k32.grad, v32.grad), dtype)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("launch_group", [0, 1, 3, 16, 64])
 @pytest.mark.parametrize("causal", [False, True])
-def test_gluon_backward_launch_groups_write_every_block(launch_group, causal):
+def test_gluon_backward_launch_groups_write_every_block(launch_group, causal, persistent, monkeypatch):
     # 5 batches x 2 kv heads = 10 kv batch-heads: groups of 3 and 16 leave a partial last
-    # group, 64 is more than the grid holds. The gradients start as NaN.
+    # group, 64 is more than the grid holds. Persistent: the 60 tiles over 7 programs. The
+    # gradients start as NaN.
+    monkeypatch.setattr(gluon_bwd, "_sm_count", lambda device_index: 7)
     batch, seqlen, nheads, nheads_k, headdim = 5, 700, 4, 2, 128
     q, k, v = random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim, torch.bfloat16, "cuda", seed=launch_group)
     scale = headdim ** -0.5
     out, lse = flash_attn_forward(q, k, v, scale, causal)
     dout = torch.randn_like(out)
     grads = tuple(torch.full_like(t, float("nan")) for t in (q, k, v))
-    dq, dk, dv = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, causal, grads=grads,
-                                              launch_group=launch_group)
+    dq, dk, dv = flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, causal, persistent=persistent,
+                                              grads=grads, launch_group=launch_group)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     ref_out, _ = attention_ref(q32, k32, v32, scale, causal, compute_dtype=torch.float32)
     ref_out.backward(dout.float())

@@ -22,11 +22,18 @@ step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
 and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics; Gluon in
 triton 3.6 has no TMA reduce. Each dQ element is added once per step (the first version
 added one partial per warpgroup: twice the atomics, 0.69-0.85x the Triton backward).
-delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel.
+delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel. A persistent launch
+(one program per SM running tile after tile; GLUON_BWD_PERSISTENT_CONFIGS) keeps the Q/dO
+ring running across tiles and loads the next tile's K/V as soon as the last one's products
+are done; its tiles are dealt on the host as the hardware deals a per-tile grid
+(_tile_schedule), which keeps launch groups' L2 locality without the static deal's
+imbalance under a causal mask.
 
 Scope: dense, fp16/bf16, head dim 64 or 128, GQA, causal (bottom-right) or not; no window,
 softcap, ALiBi, dropout or varlen. Layouts as gluon_fwd._row_view takes them.
 """
+
+import heapq
 
 import torch
 from triton.experimental import gluon
@@ -37,7 +44,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .flash_bwd import _launch_delta
 from .flash_fwd import LOG2E
-from .gluon_fwd import _launch_position, _row_view, _shared_layout, _tma_load
+from .gluon_fwd import _row_view, _sm_count, _shared_layout, _snake_order, _tile_position, _tma_load
 from .launch import cdiv, launch_kernel
 
 KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
@@ -50,60 +57,140 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 
 
 @gluon.jit
+def _bwd_tile(t, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
+              V_ROWS_H, V_COLS_H, BLOCK_Q: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr):
+    """Tile t of the backward (128 key rows of one (batch, kv head)) in launch order
+    (gluon_fwd._tile_position; under a causal mask the first key blocks are the longest):
+    b, hk, its first key row, the first query row that sees it (lo), its query blocks per
+    head (n_m) and steps over the GQA group (n_steps), and where its K and V start in their
+    2D views."""
+    pid_bh, pid_n = _tile_position(t, nbh, n_nblocks, LAUNCH_GROUP)
+    b = pid_bh // NHEADS_K
+    hk = pid_bh % NHEADS_K
+    start_n = pid_n * (2 * _KV_ROWS)
+    lo = 0
+    if CAUSAL:
+        # The first query that sees key start_n is start_n - (SEQLEN_K - SEQLEN_Q).
+        lo = (gl.maximum(start_n - SEQLEN_K + SEQLEN_Q, 0) // BLOCK_Q) * BLOCK_Q
+    n_m = gl.maximum(SEQLEN_Q - lo + BLOCK_Q - 1, 0) // BLOCK_Q
+    return (b, hk, start_n, lo, n_m, (NHEADS // NHEADS_K) * n_m, b * K_ROWS_B + hk * K_ROWS_H + start_n,
+            hk * K_COLS_H, b * V_ROWS_B + hk * V_ROWS_H + start_n, hk * V_COLS_H)
+
+
+@gluon.jit
+def _tile_range(SCHED, n_tiles, SCHEDULED: gl.constexpr):
+    """This program's positions in its list of tiles: its slice of SCHED's table (a deal
+    made on the host, _tile_schedule), else the grid-stride positions."""
+    if SCHEDULED:
+        first = gl.load(SCHED + gl.program_id(0))
+        last = gl.load(SCHED + gl.program_id(0) + 1)
+        stride = 1
+    else:
+        first = gl.program_id(0)
+        last = n_tiles
+        stride = gl.num_programs(0)
+    return first, last, stride
+
+
+@gluon.jit
+def _tile_at(i, SCHED, n_tiles, SCHEDULED: gl.constexpr):
+    """The tile (in launch order) at position i of this program's list (_tile_range)."""
+    if SCHEDULED:
+        t = gl.load(SCHED + gl.num_programs(0) + 1 + i)
+    else:
+        t = _snake_order(i, n_tiles)
+    return t
+
+
+@gluon.jit
+def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                 KV_BUFS: gl.constexpr):
+    """Both warpgroups' halves of K and V of this program's tile `local` into buffer
+    local % KV_BUFS, once both warpgroups are done with the tile that used it last."""
+    buf = local % KV_BUFS
+    bar = kv_bar.index(buf)
+    mbarrier.wait(kv_free.index(buf), ((local // KV_BUFS) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+    mbarrier.expect(bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for i in gl.static_range(2):
+        _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], bar, k_smem.index(buf * 2 + i))
+        _tma_load(v_desc, [v_row0 + i * _KV_ROWS, v_col], bar, v_smem.index(buf * 2 + i))
+
+
+@gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
-                  stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                  SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
-                  k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                  STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Both warpgroups' halves of K and V once, then Q and dO of every step into the ring by
-    TMA, and the step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads
-    into their own slots; a slot's mbarrier completes with the TMA bytes and a second
-    arrival after those stores, and the slot is refilled once both warpgroups have released
-    it. (wg is unused: the workers' signatures must match.)"""
+                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                  stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+                  Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
+                  DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
+                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+    """Per tile of this program: Q and dO of every step into the ring by TMA, and the
+    step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
+    own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
+    those stores, and the slot is refilled once both warpgroups have released it. The ring
+    runs on across tiles (position `it`). K and V load after the tile's first step, so that
+    step's Q and dO are in flight while the last tile's keys finish. (wg is unused: the
+    workers' signatures must match.)"""
     row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK_Q // 32], threads_per_warp=[32],
                                                 warps_per_cta=[1], order=[0])
     rows0 = gl.arange(0, BLOCK_Q, layout=row_layout)
-    mbarrier.expect(kv_bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
-    for i in gl.static_range(2):
-        _tma_load(k_desc, [k_row0 + i * _KV_ROWS, k_col], kv_bar, k_smem.index(i))
-        _tma_load(v_desc, [v_row0 + i * _KV_ROWS, v_col], kv_bar, v_smem.index(i))
-    for t in range(n_steps):
-        slot = t % STAGES
-        mbarrier.wait(empty.index(slot), ((t // STAGES) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-        h = hk * GROUP + t // n_m
-        m = lo + (t % n_m) * BLOCK_Q
-        bar = ready.index(slot)
-        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
-        _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
-        # The consumers read lse and delta from shared memory when they need them: loaded
-        # from global memory there, each took 16 registers a thread through the step.
-        rows = m + rows0
-        in_q = rows < SEQLEN_Q
-        row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
-        lse_smem.index(slot).store(gl.load(LSE + row_base + rows, mask=in_q, other=float("inf")) * 1.4426950408889634)
-        delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
-        mbarrier.arrive(bar, count=1)
+    it = 0
+    local = 0
+    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+    for i in range(first, last, stride):
+        b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
+            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
+            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
+        group = NHEADS // NHEADS_K
+        if n_steps == 0:
+            _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                             KV_BUFS)
+        for t in range(n_steps):
+            g = it + t
+            slot = g % STAGES
+            mbarrier.wait(empty.index(slot), ((g // STAGES) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+            h = hk * group + t // n_m
+            m = lo + (t % n_m) * BLOCK_Q
+            bar = ready.index(slot)
+            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
+            _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
+            # The consumers read lse and delta from shared memory when they need them: loaded
+            # from global memory there, each took 16 registers a thread through the step.
+            rows = m + rows0
+            in_q = rows < SEQLEN_Q
+            row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
+            lse_smem.index(slot).store(gl.load(LSE + row_base + rows, mask=in_q, other=float("inf"))
+                                       * 1.4426950408889634)
+            delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
+            mbarrier.arrive(bar, count=1)
+            if t == 0:
+                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                             KV_BUFS)
+        it += n_steps
+        local += 1
 
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
-                 stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP, NHEADS,
-                 SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, k_row0,
-                 k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                 STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """Key rows start_n + 64 wg ... + 63 against every step's query block: dK and dV in
-    registers; dQ of the step over all 128 keys, this warpgroup's share of the head dim
-    (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared memory), added to
-    DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows past seqlen_q
-    (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ are 0 and
-    their atomics are masked off.
+                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                 stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+                 Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
+                 DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
+                 BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+    """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
+    query block: dK and dV in registers; dQ of the step over all 128 keys, this warpgroup's
+    share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared
+    memory), added to DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows
+    past seqlen_q (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ
+    are 0 and their atomics are masked off. K and V are released (kv_free) once the tile's
+    last products are waited for, so the next tile's load overlaps the dK/dV stores.
 
-    Per step t (dS^T double-buffered by t's parity): S^T, dP^T issued together; P^T to
-    shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q; both warpgroups'
-    dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have read it (ds_free)."""
+    Per step g of the program (dS^T double-buffered by g's parity): S^T, dP^T issued
+    together; P^T to shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q;
+    both warpgroups' dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have
+    read it (ds_free)."""
     dtype: gl.constexpr = q_desc.dtype
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                         instr_shape=[16, BLOCK_Q, 16])
@@ -113,8 +200,6 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     # warpgroup takes them all.
     D_ROWS: gl.constexpr = 64
     HAS_DQ: gl.constexpr = wg * D_ROWS < HEAD_D
-    n0 = start_n + wg * _KV_ROWS
-    kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
     q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
     # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
     atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
@@ -124,121 +209,132 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
     st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
     dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-    dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-    k_wg = k_smem.index(wg)
-    v_wg = v_smem.index(wg)
     p_wg = p_smem.index(wg)
-    mbarrier.wait(kv_bar, 0)
+    diag = SEQLEN_K - SEQLEN_Q
+    it = 0
+    local = 0
+    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+    for i in range(first, last, stride):
+        b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
+            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
+            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
+        group = NHEADS // NHEADS_K
+        n0 = start_n + wg * _KV_ROWS
+        kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
+        dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+        dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+        buf = local % KV_BUFS
+        k_wg = k_smem.index(buf * 2 + wg)
+        v_wg = v_smem.index(buf * 2 + wg)
+        mbarrier.wait(kv_bar.index(buf), (local // KV_BUFS) & 1)
 
-    for t in range(n_steps):
-        slot = t % STAGES
-        par = t % 2
-        h = hk * GROUP + t // n_m
-        m = lo + (t % n_m) * BLOCK_Q
-        qs = q_smem.index(slot)
-        dos = do_smem.index(slot)
-        mbarrier.wait(ready.index(slot), (t // STAGES) & 1)
-        st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-        st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
-        lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-        s = st * qk_scale
-        needs_mask = n0 + _KV_ROWS > SEQLEN_K
-        if CAUSAL:
-            needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
-        if needs_mask:
-            keep = kv_rows[:, None] < SEQLEN_K
+        for t in range(n_steps):
+            g = it + t
+            slot = g % STAGES
+            par = g % 2
+            h = hk * group + t // n_m
+            m = lo + (t % n_m) * BLOCK_Q
+            qs = q_smem.index(slot)
+            dos = do_smem.index(slot)
+            mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
+            st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
+            lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+            s = st * qk_scale
+            needs_mask = n0 + _KV_ROWS > SEQLEN_K
             if CAUSAL:
-                keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
-            s = gl.where(keep, s, float("-inf"))
-        pt = gl.exp2(s - lse2[None, :])
-        # P^T and dS^T go through shared memory (A operands there): as register operands
-        # they held 32 more registers a thread and spilled at 64-row steps.
-        p_wg.store(pt.to(dtype))
-        fence_async_shared()
-        dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
-        dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
-        delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-        dst = (pt * (dpt - delta[None, :])).to(dtype)
-        mbarrier.wait(ds_free.index(par), ((t // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-        ds_wg = ds_smem.index(par * 2 + wg)
-        ds_wg.store(dst)
-        fence_async_shared()
-        dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
-        mbarrier.arrive(ds_full.index(par), count=1)
-        mbarrier.wait(ds_full.index(par), (t // 2) & 1)
-        if HAS_DQ:
-            # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
-            dqt_token = warpgroup_mma(k_smem.index(0).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                      ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-            dqt_token = warpgroup_mma(k_smem.index(1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                      ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
-            dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
-        else:
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
-        mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
-        mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
-        if HAS_DQ:
-            # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
-            dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
-            cols_q = m + dq_cols0
-            dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
-                       + dq_rows0[:, None])
-            gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+                needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
+            if needs_mask:
+                keep = kv_rows[:, None] < SEQLEN_K
+                if CAUSAL:
+                    keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
+                s = gl.where(keep, s, float("-inf"))
+            pt = gl.exp2(s - lse2[None, :])
+            # P^T and dS^T go through shared memory (A operands there): as register operands
+            # they held 32 more registers a thread and spilled at 64-row steps.
+            p_wg.store(pt.to(dtype))
+            fence_async_shared()
+            dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
+            dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
+            delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+            dst = (pt * (dpt - delta[None, :])).to(dtype)
+            mbarrier.wait(ds_free.index(par), ((g // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+            ds_wg = ds_smem.index(par * 2 + wg)
+            ds_wg.store(dst)
+            fence_async_shared()
+            dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
+            mbarrier.arrive(ds_full.index(par), count=1)
+            mbarrier.wait(ds_full.index(par), (g // 2) & 1)
+            if HAS_DQ:
+                # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
+                dqt_token = warpgroup_mma(k_smem.index(buf * 2).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                          ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
+                dqt_token = warpgroup_mma(k_smem.index(buf * 2 + 1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                          ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
+                dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
+            else:
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
+            mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
+            mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
+            if HAS_DQ:
+                # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
+                dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
+                cols_q = m + dq_cols0
+                dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                           + dq_rows0[:, None])
+                gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+        mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
 
-    rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
-    offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
-            + offs_d[None, :])
-    in_kv = rows_kv[:, None] < SEQLEN_K
-    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=in_kv)
-    gl.store(DV + offs, dv.to(dtype), mask=in_kv)
+        rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
+        offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
+                + offs_d[None, :])
+        in_kv = rows_kv[:, None] < SEQLEN_K
+        gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=in_kv)
+        gl.store(DV + offs, dv.to(dtype), mask=in_kv)
+        it += n_steps
+        local += 1
 
 
 @gluon.jit
-def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb, stride_dks,
+def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, SCHED, stride_dkb, stride_dks,
                         stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
-                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr):
-    """128 key rows of one (batch, kv head) against every query block that sees them.
-    Descriptors over 2D row views (gluon_fwd._row_view): q_desc, do_desc in blocks [64,
-    HEAD_D], k_desc, v_desc in blocks [64, HEAD_D]. DK, DV [batch, seqlen_k, nheads_k,
-    headdim] (strides given); DQ_ACC float32 [batch, seqlen_q, nheads, headdim] contiguous,
-    zeroed; LSE, DELTA float32 [batch, nheads, seqlen_q]. qk_scale = softmax_scale * log2(e).
-    Grid (batch * nheads_k, key blocks), numbered by gluon_fwd._launch_position (under a
-    causal mask the first key blocks are the longest)."""
-    pid_bh, pid_n = _launch_position(LAUNCH_GROUP)
-    b = pid_bh // NHEADS_K
-    hk = pid_bh % NHEADS_K
-    GROUP = NHEADS // NHEADS_K
-    start_n = pid_n * (2 * _KV_ROWS)
-    diag = SEQLEN_K - SEQLEN_Q
-    lo = 0
-    if CAUSAL:
-        # The first query that sees key start_n is start_n - diag.
-        lo = (gl.maximum(start_n - diag, 0) // BLOCK_Q) * BLOCK_Q
-    n_m = gl.maximum(SEQLEN_Q - lo + BLOCK_Q - 1, 0) // BLOCK_Q
-    n_steps = GROUP * n_m
-
+                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
+                        BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
+                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+    """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
+    them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
+    (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
+    gluon_fwd._snake_order): one each when the grid holds every tile, several (persistent)
+    when it holds fewer. Descriptors over 2D row views (gluon_fwd._row_view): q_desc,
+    do_desc in blocks [BLOCK_Q, HEAD_D], k_desc, v_desc in blocks [64, HEAD_D]. DK, DV
+    [batch, seqlen_k, nheads_k, headdim] (strides given); DQ_ACC float32 [batch, seqlen_q,
+    nheads, headdim] contiguous, zeroed; LSE, DELTA float32 [batch, nheads, seqlen_q].
+    qk_scale = softmax_scale * log2(e)."""
+    n_tiles = nbh * n_nblocks
     dtype: gl.constexpr = q_desc.dtype
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_Q, HEAD_D], do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, HEAD_D], v_desc.layout)
+    # K and V halves by buffer (index 2 buffer + warpgroup): with two buffers the next
+    # tile's keys load while the last tile's steps run.
+    k_smem = gl.allocate_shared_memory(dtype, [2 * KV_BUFS, _KV_ROWS, HEAD_D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2 * KV_BUFS, _KV_ROWS, HEAD_D], v_desc.layout)
     # dS^T of both warpgroups, by step parity (index 2 parity + warpgroup); P^T per warpgroup.
     ds_smem = gl.allocate_shared_memory(dtype, [4, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     p_smem = gl.allocate_shared_memory(dtype, [2, _KV_ROWS, BLOCK_Q], DS_LAYOUT)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_bar = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     ds_full = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
+    for i in gl.static_range(KV_BUFS):
+        mbarrier.init(kv_bar.index(i), count=1)
+        mbarrier.init(kv_free.index(i), count=2)  # one arrival per consumer warpgroup
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=2)  # the TMA bytes' expect, and the lse/delta stores
         mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -247,30 +343,26 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
         mbarrier.init(ds_free.index(i), count=2)
     fence_async_shared()
 
-    k_row0 = b * K_ROWS_B + hk * K_ROWS_H + start_n
-    k_col = hk * K_COLS_H
-    v_row0 = b * V_ROWS_B + hk * V_ROWS_H + start_n
-    v_col = hk * V_COLS_H
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
         (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
-                        stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
-                        NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
-                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
-                        CAUSAL)),
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                        stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
+                        SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
+                        V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, stride_dkb,
-                        stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m, n_steps, GROUP,
-                        NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B, DO_ROWS_H,
-                        DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES,
-                        CAUSAL)),
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                        stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
+                        SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
+                        V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                         lse_smem, delta_smem, kv_bar, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
-                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, b, hk, start_n, lo, n_m,
-                         n_steps, GROUP, NHEADS, SEQLEN_Q, SEQLEN_K, diag, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, DO_ROWS_B,
-                         DO_ROWS_H, DO_COLS_H, k_row0, k_col, v_row0, v_col, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
-                         STAGES, CAUSAL)),
+                         lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
+                         DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
+                         SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
+                         V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -280,17 +372,78 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 # (compile_check --gluon-bwd, triton 3.6). 64-row steps at head dim 128 spill 32 bytes a
 # thread (104-208 while the consumers loaded lse and delta themselves), 32-row steps none.
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
-# kv batch-heads per launch group (gluon_fwd._launch_position); 0: grid order. Groups of 8
+# A third field True: the persistent launch; a fourth its launch group (default 0: snake
+# order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
+# on the host (_tile_schedule). Only the dealt launches in groups of 8 are tuning
+# candidates (GLUON_BWD_CANDIDATES): the snake deal lost from 2K tokens, double-buffered K/V
+# gained nothing (benchmarks/NOTES.md, twelfth session).
+GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
+                                                           (2, 64, True, 8), (2, 32, True, 0, 2),
+                                                           (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
+                                                           (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True)]}
+# kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
 # where the Triton backward had been the faster one.
 LAUNCH_GROUP = 8
-# As flash_bwd's dK/dV tuning candidates, by head dim.
+# As flash_bwd's dK/dV tuning candidates, by head dim: the per-tile launches, and at head dim
+# 128 the persistent ones dealt on the host in launch groups of 8, which ran 2-6% ahead of
+# the per-tile launch from 1K to 4K tokens and 1-3% behind at GQA 32/8 8K
+# (results/tuning/quick_bwd_persistent_h200_708a85b.json).
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
+GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True), ("gluon_ws", 2, 32, True, 8, 1, True)]
+
+
+# A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
+# wait and dK/dV stores, about two 64-row steps.
+_TILE_OVERHEAD_ROWS = 128
+_schedules = {}
+
+
+def _host_tile_position(t, nbh, nblocks, launch_group):
+    """gluon_fwd._tile_position on the host."""
+    if launch_group == 0:
+        return t % nbh, t // nbh
+    first = t // (launch_group * nblocks) * launch_group
+    size = min(nbh - first, launch_group)
+    rest = t - first * nblocks
+    return first + rest % size, rest // size
+
+
+def _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_q, causal, launch_group, programs,
+                   device):
+    """int32 [programs + 1 + tiles] on `device`: program p runs tiles table[offsets[p]:
+    offsets[p + 1]] (offsets first, then the table), dealt as the hardware deals a grid with
+    a program per tile: in launch order, each tile to the program that is free first, by
+    each tile's predicted work (its query rows over the GQA group, plus _TILE_OVERHEAD_ROWS).
+    A static snake deal left programs up to 2x apart once launch groups cycle through
+    the causal lengths. Made once per problem and cached (built outside CUDA graph capture:
+    the first call of a problem must not be captured)."""
+    key = (batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_q, causal, launch_group, programs, device)
+    schedule = _schedules.get(key)
+    if schedule is not None:
+        return schedule
+    nbh = batch * nheads_k
+    free = [(0, p) for p in range(programs)]  # (busy until, program), a heap
+    tiles = [[] for _ in range(programs)]
+    for t in range(nbh * n_nblocks):
+        start_n = _host_tile_position(t, nbh, n_nblocks, launch_group)[1] * 2 * KV_ROWS
+        lo = (max(start_n - seqlen_k + seqlen_q, 0) // block_q) * block_q if causal else 0
+        work = group * max(seqlen_q - lo, 0) + _TILE_OVERHEAD_ROWS
+        busy, p = heapq.heappop(free)
+        tiles[p].append(t)
+        heapq.heappush(free, (busy + work, p))
+    offsets = [0]
+    for program_tiles in tiles:
+        offsets.append(offsets[-1] + len(program_tiles))
+    schedule = torch.tensor(offsets + [t for program_tiles in tiles for t in program_tiles], dtype=torch.int32,
+                            device=device)
+    _schedules[key] = schedule
+    return schedule
 
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 grads=None, launch_group=None):
+                                 persistent=False, launch_group=None, kv_buffers=1, scheduled=False, grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -300,8 +453,15 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     (32 or 64; default Q_ROWS[headdim]). grads: optional (dq, dk, dv) to write, dk and dv
     contiguous (flash_bwd.flash_attn_backward passes its own). It covers the calls
     gluon_fwd.gluon_forward_applies names, with atomics (not bit-reproducible).
-    launch_group: kv batch-heads whose programs run together (gluon_fwd._launch_position);
-    default LAUNCH_GROUP."""
+    persistent: one program per SM running tile after tile (the next tile's first Q/dO and
+    its K/V load under the last one's steps and stores) instead of one program per tile.
+    launch_group: kv batch-heads whose tiles run together (gluon_fwd._tile_position);
+    default LAUNCH_GROUP, 0 for persistent launches (grid order, dealt in snake order as
+    the persistent forward's). kv_buffers: 2 double-buffers K and V, so a persistent
+    program's next tile loads under the last one's steps (32-row steps only: 64-row steps
+    at head dim 128 leave no shared memory for it). scheduled: a persistent launch's tiles
+    dealt on the host (_tile_schedule) as the hardware deals a per-tile grid, instead of in
+    snake order."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -323,14 +483,27 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(views[i][0], [KV_ROWS, headdim], kv_tile) for i in (1, 2))
-    grid = (batch * nheads_k, cdiv(seqlen_k, 2 * KV_ROWS))
+    n_nblocks = cdiv(seqlen_k, 2 * KV_ROWS)
+    n_tiles = batch * nheads_k * n_nblocks
+    grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
+    if launch_group is None:
+        launch_group = 0 if persistent else LAUNCH_GROUP
+    schedule = None
+    if scheduled:
+        if not persistent:
+            raise ValueError("scheduled=True deals the tiles of a persistent launch; pass persistent=True")
+        schedule = _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, nheads // nheads_k, block_q,
+                                  causal, launch_group, grid[0], q.device)
     launch_kernel(_attn_bwd_ws_kernel, grid, (
-        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, dk.stride(0), dk.stride(1), dk.stride(2),
+        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, delta if schedule is None else schedule,
+        dk.stride(0), dk.stride(1), dk.stride(2),
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
-        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale), dict(
+        *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale, batch * nheads_k, n_nblocks), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
-        LAUNCH_GROUP=LAUNCH_GROUP if launch_group is None else launch_group, num_warps=4, maxnreg=_MAXNREG))
+        LAUNCH_GROUP=launch_group,
+        KV_BUFS=kv_buffers, SCHEDULED=schedule is not None, num_warps=4,
+        maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
     return dq.copy_(dq_acc), dk, dv

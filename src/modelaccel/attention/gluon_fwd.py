@@ -39,21 +39,13 @@ _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_glo
 
 
 @gluon.jit
-def _launch_position(LAUNCH_GROUP: gl.constexpr):
-    """(batch-head, block) of this program in a grid (batch * heads, blocks), as
-    flash_fwd._grid_position numbers the Triton kernels' programs: LAUNCH_GROUP 0 keeps grid
-    order (every batch-head's block 0, then every block 1, ...); G > 0 runs the blocks of G
-    batch-heads at a time, so the programs resident together read the K/V (forward) or
-    Q/dO and dQ (backward) of a few heads, which stay in L2, instead of every head's.
-    Block 0 starts first either way (the kernels map it to their longest program)."""
-    nbh = gl.num_programs(0)
-    return _tile_position(gl.program_id(1) * nbh + gl.program_id(0), nbh, gl.num_programs(1), LAUNCH_GROUP)
-
-
-@gluon.jit
 def _tile_position(t, nbh, nblocks, LAUNCH_GROUP: gl.constexpr):
-    """(batch-head, block) of the t-th tile in launch order (_launch_position's) over nbh
-    batch-heads of nblocks blocks each."""
+    """(batch-head, block) of the t-th tile in launch order over nbh batch-heads of nblocks
+    blocks each, as flash_fwd._grid_position numbers the Triton kernels' programs:
+    LAUNCH_GROUP 0 is grid order (every batch-head's block 0, then every block 1, ...);
+    G > 0 runs the blocks of G batch-heads at a time, so the tiles resident together read
+    the K/V (forward) or Q/dO and dQ (backward) of a few heads, which stay in L2, instead of
+    every head's. Block 0 comes first either way (the kernels map it to their longest tile)."""
     if LAUNCH_GROUP == 0:
         return t % nbh, t // nbh
     first = t // (LAUNCH_GROUP * nblocks) * LAUNCH_GROUP
@@ -361,7 +353,7 @@ GLUON_WS_CONFIGS = [(128, 2, True), (128, 2, False), (128, 3, True)]
 # 2048 tokens; snake order won at batch 1-2, groups of 8 at batch 8 and (16, 16, 16, 1024).
 GLUON_WS_CONFIGS += [c + (True,) for c in [(128, 2, True), (128, 3, True)]]
 GLUON_WS_CONFIGS += [c + (True, 8) for c in [(128, 2, True), (128, 3, True)]]
-# Batch-heads per launch group (_launch_position); 0: grid order over every batch-head.
+# Batch-heads per launch group (_tile_position); 0: grid order over every batch-head.
 # On the H200 (benchmarks/gluon_launch_order.py, results/tuning/gluon_launch_order_h200_
 # a24775d.json, 11 causal d128 rows) groups of 8 took the forward 5.6% faster than grid
 # order (geomean; 4: 5.3%, 16: 4.2%, 32: 2.4%), up to 21% at (8, 16, 16, 2048) and 8% at
