@@ -299,7 +299,9 @@ def gluon_cases():
     if gluon_kernels("gluon_fwd") is None or gluon_kernels("gluon_bwd") is None:
         return []
     return [("gluon forward (128, 2, pingpong)", lambda: compile_gluon_ws_fwd(128, 2, True)),
-            ("gluon backward (2, 64)", lambda: compile_gluon_bwd(2))]
+            ("gluon backward (2, 64)", lambda: compile_gluon_bwd(2)),
+            ("gluon backward (2, 64), persistent, dealt on the host",
+             lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True))]
 
 
 if __name__ == "__main__":
