@@ -40,3 +40,16 @@ def test_every_tile_dealt_once_in_launch_order_and_loads_balanced(batch, nheads_
 def test_schedule_is_cached_per_problem():
     args = (2, 2, 4, 512, 512, 1, 32, True, 8, 5, torch.device("cpu"))
     assert gluon_bwd._tile_schedule(*args) is gluon_bwd._tile_schedule(*args)
+
+
+def test_no_table_is_made_while_a_cuda_graph_is_captured(monkeypatch):
+    # The table's copy to the GPU would only run at replay; the launcher falls back to the
+    # snake deal for that call, and a table made before the capture is still used.
+    made = (3, 2, 4, 512, 512, 1, 32, True, 8, 5)
+    gluon_bwd._tile_schedule(*made, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cuda = torch.device("cuda", 0)
+    assert gluon_bwd._tile_schedule(4, 2, 4, 512, 512, 1, 32, True, 8, 5, cuda) is None
+    cached = object()
+    monkeypatch.setitem(gluon_bwd._schedules, made + (cuda,), cached)
+    assert gluon_bwd._tile_schedule(*made, cuda) is cached

@@ -417,11 +417,13 @@ def _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_
     a program per tile: in launch order, each tile to the program that is free first, by
     each tile's predicted work (its query rows over the GQA group, plus _TILE_OVERHEAD_ROWS).
     A static snake deal left programs up to 2x apart once launch groups cycle through
-    the causal lengths. Made once per problem and cached (built outside CUDA graph capture:
-    the first call of a problem must not be captured)."""
+    the causal lengths. Made once per problem and cached. None while a CUDA graph is being
+    captured and the problem has no table yet: the copy to the GPU would only run at replay,
+    leaving the cached table unwritten for later direct calls (the caller then deals in
+    snake order)."""
     key = (batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_q, causal, launch_group, programs, device)
     schedule = _schedules.get(key)
-    if schedule is not None:
+    if schedule is not None or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return schedule
     nbh = batch * nheads_k
     free = [(0, p) for p in range(programs)]  # (busy until, program), a heap
@@ -493,7 +495,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         if not persistent:
             raise ValueError("scheduled=True deals the tiles of a persistent launch; pass persistent=True")
         schedule = _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, nheads // nheads_k, block_q,
-                                  causal, launch_group, grid[0], q.device)
+                                  causal, launch_group, grid[0], q.device)  # None: snake order, below
     launch_kernel(_attn_bwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, delta if schedule is None else schedule,
         dk.stride(0), dk.stride(1), dk.stride(2),
