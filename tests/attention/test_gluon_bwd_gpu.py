@@ -42,7 +42,8 @@ def test_gluon_backward_matches_reference(config, shape, causal, layout):
     assert_grads_close((dq, dk, dv), (q32.grad, k32.grad, v32.grad), dtype)
 
 
-@pytest.mark.parametrize("candidate", GLUON_BWD_CANDIDATES[128], ids=lambda c: f"s{c[1]}q{c[2]}")
+@pytest.mark.parametrize("candidate", GLUON_BWD_CANDIDATES[128],
+                         ids=lambda c: f"s{c[1]}q{c[2]}" + ("p_dealt" if len(c) > 6 and c[6] else ""))
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candidate, causal, monkeypatch):
     # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
