@@ -3,7 +3,7 @@
 bf16, head dim 128, causal: the backward benchmark's rows. For each (ring depth, query rows
 per step) of attention/gluon_bwd.GLUON_BWD_CONFIGS[128] and each persistent launch of
 GLUON_BWD_PERSISTENT_CONFIGS[128]: dq, dk, dv checked against the deterministic Triton
-backward's first (relative error below 2e-2 each; a mismatch is reported and not timed),
+backward's first (bench.attention.compare_grads: relative error below 2e-2 each; a mismatch is reported and not timed),
 then timed with do_bench (median) from the same forward outputs; `modelaccel` is
 flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
 torch.autograd.grad. TFLOPS count 2.5x the forward's FLOPs.
@@ -14,13 +14,12 @@ Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...]  (config_name's, e.g.
 import json
 import sys
 
-import torch
 import triton
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
-from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS, flash_attn_backward_gluon_ws
-from modelaccel.bench.attention import BWD_SHAPES, attention_flops, collect_metadata, sdpa_backward_call, tflops
+from modelaccel.bench.attention import (BWD_SHAPES, attention_flops, causal_backward_inputs, collect_metadata,
+                                       compare_grads, sdpa_backward_call, tflops)
 
 ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all square)
 
@@ -39,10 +38,6 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def rel_err(got, ref):
-    return ((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
-
-
 def main():
     from torch.nn.attention import SDPBackend
 
@@ -51,13 +46,9 @@ def main():
         configs = {name: configs[name] for name in sys.argv[2].split(",")}
     result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
-        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        dout = torch.randn_like(q)
-        scale = 128 ** -0.5
+        q, k, v, dout, out, lse, scale = causal_backward_inputs(batch, hq, hk, n)
         flops = 2.5 * attention_flops(batch, hq, n, n, 128, True)
         row = {"shape": [batch, hq, hk, n], "tflops": {}, "errors": {}}
-        out, lse = flash_attn_forward(q, k, v, scale, True)
         # The deterministic Triton backward as the reference: the tuned one may be a Gluon launch.
         ref = flash_attn_backward(dout, q, k, v, out, lse, scale, True, atomic_dq=False)
         row["tflops"]["modelaccel"] = tflops(flops, bench(lambda: flash_attn_backward(dout, q, k, v, out, lse,
@@ -72,9 +63,9 @@ def main():
             except Exception as exc:  # noqa: BLE001 - out of shared memory, compile errors: report and go on
                 row["errors"][name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                 continue
-            errs = [rel_err(g, r) for g, r in zip(grads, ref)]
-            if max(errs) > 2e-2:
-                row["errors"][name] = f"mismatch against the Triton backward: rel errors {errs}"
+            check = compare_grads(grads, ref)
+            if not check["ok"]:
+                row["errors"][name] = f"mismatch against the Triton backward: rel errors {check['rel_err']}"
                 continue
             row["tflops"][name] = tflops(flops, bench(call))
         result["rows"].append(row)

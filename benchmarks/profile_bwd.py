@@ -15,9 +15,8 @@ import torch
 from torch.nn.attention import SDPBackend
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
-from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.launch import launch_choices
-from modelaccel.bench.attention import collect_metadata, sdpa_backward_call
+from modelaccel.bench.attention import causal_backward_inputs, collect_metadata, sdpa_backward_call
 
 ROWS = [(16, 16, 16, 1024), (8, 16, 16, 2048), (4, 16, 16, 4096), (1, 16, 16, 16384), (2, 48, 48, 1024),
         (2, 32, 8, 8192)]
@@ -40,11 +39,7 @@ def kernel_times(fn):
 def main():
     result = {**collect_metadata(), "rows": []}
     for batch, hq, hk, n in ROWS:
-        q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        dout = torch.randn_like(q)
-        scale = 128 ** -0.5
-        out, lse = flash_attn_forward(q, k, v, scale, True)
+        q, k, v, dout, out, lse, scale = causal_backward_inputs(batch, hq, hk, n)
         providers = {"modelaccel": lambda: flash_attn_backward(dout, q, k, v, out, lse, scale, True)}
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             providers[name] = sdpa_backward_call(backend, q, k, v, dout, True)

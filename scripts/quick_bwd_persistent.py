@@ -8,15 +8,14 @@ Usage: python scripts/quick_bwd_persistent.py [OUT.json]"""
 import json
 import sys
 
-import torch
 import triton
 from torch.nn.attention import SDPBackend
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
-from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import flash_attn_backward_gluon_ws
 from modelaccel.attention.launch import _gpu_ms
-from modelaccel.bench.attention import attention_flops, collect_metadata, sdpa_backward_call
+from modelaccel.bench.attention import (attention_flops, causal_backward_inputs, collect_metadata, compare_grads,
+                                       sdpa_backward_call)
 
 # name: (stages, block_q, persistent, launch group, K/V buffers, dealt on the host)
 CONFIGS = {"s2q64": (2, 64), "s2q32p": (2, 32, True), "s2q32pG8": (2, 32, True, 8),
@@ -26,11 +25,7 @@ ROWS = ((16, 16, 16, 1024), (8, 16, 16, 2048), (2, 48, 48, 1024), (4, 16, 16, 40
 
 result = {**collect_metadata(), "rows": []}
 for batch, hq, hk, n in ROWS:
-    q = torch.randn(batch, n, hq, 128, device="cuda", dtype=torch.bfloat16)
-    k, v = (torch.randn(batch, n, hk, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    dout = torch.randn_like(q)
-    scale = 128 ** -0.5
-    out, lse = flash_attn_forward(q, k, v, scale, True)
+    q, k, v, dout, out, lse, scale = causal_backward_inputs(batch, hq, hk, n)
     ref = flash_attn_backward(dout, q, k, v, out, lse, scale, True, atomic_dq=False)
     flops = 2.5 * attention_flops(batch, hq, n, n, 128, True)
     calls = {"flash": sdpa_backward_call(SDPBackend.FLASH_ATTENTION, q, k, v, dout, True),
@@ -39,10 +34,9 @@ for batch, hq, hk, n in ROWS:
     for name, config in CONFIGS.items():
         def call(config=config):
             return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, *config)
-        grads = call()
-        errs = [((g.float() - r.float()).norm() / r.float().norm()).item() for g, r in zip(grads, ref)]
-        if max(errs) > 2e-2:
-            errors[name] = errs
+        check = compare_grads(call(), ref)
+        if not check["ok"]:
+            errors[name] = check["rel_err"]
             continue
         calls[name] = call
     row = {"shape": [batch, hq, hk, n], "errors": errors,

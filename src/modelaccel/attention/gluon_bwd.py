@@ -58,14 +58,15 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 
 
 @gluon.jit
-def _bwd_tile(t, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
-              V_ROWS_H, V_COLS_H, BLOCK_Q: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr):
-    """Tile t of the backward (128 key rows of one (batch, kv head)) in launch order
-    (gluon_fwd._tile_position; under a causal mask the first key blocks are the longest):
-    b, hk, its first key row, the first query row that sees it (lo), its query blocks per
-    head (n_m) and steps over the GQA group (n_steps), and where its K and V start in their
-    2D views."""
-    pid_bh, pid_n = _tile_position(t, nbh, n_nblocks, LAUNCH_GROUP)
+def _bwd_tile(i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+              V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+              SCHEDULED: gl.constexpr):
+    """The tile at position i of this program's list (_tile_range, _tile_at), 128 key rows
+    of one (batch, kv head) numbered in launch order (gluon_fwd._tile_position; under a
+    causal mask the first key blocks are the longest): b, hk, its first key row, the first
+    query row that sees it (lo), its query blocks per head (n_m) and steps over the GQA group
+    (n_steps), and where its K and V start in their 2D views."""
+    pid_bh, pid_n = _tile_position(_tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, LAUNCH_GROUP)
     b = pid_bh // NHEADS_K
     hk = pid_bh % NHEADS_K
     start_n = pid_n * (2 * _KV_ROWS)
@@ -119,12 +120,12 @@ def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0,
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
-                  stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
-                  Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
-                  DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
-                  BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
-                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                  SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
+                  SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
+                  DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                  HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -140,12 +141,12 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
     first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
     for i in range(first, last, stride):
         b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
-            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
+            i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+            V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, SCHEDULED)
         group = NHEADS // NHEADS_K
         if n_steps == 0:
             _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
-                             KV_BUFS)
+                         KV_BUFS)
         for t in range(n_steps):
             g = it + t
             slot = g % STAGES
@@ -166,20 +167,20 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
             delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
             mbarrier.arrive(bar, count=1)
             if t == 0:
-                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
-                             KV_BUFS)
+                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0,
+                             v_col, KV_BUFS)
         it += n_steps
         local += 1
 
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
-                 stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
-                 Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
-                 DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles, HEAD_D: gl.constexpr,
-                 BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
-                  KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                 SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
+                 SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
+                 DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                 HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block: dK and dV in registers; dQ of the step over all 128 keys, this warpgroup's
     share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared
@@ -217,8 +218,8 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
     for i in range(first, last, stride):
         b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            _tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H,
-            K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP)
+            i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+            V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, SCHEDULED)
         group = NHEADS // NHEADS_K
         n0 = start_n + wg * _KV_ROWS
         kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))

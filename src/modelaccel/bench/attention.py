@@ -223,6 +223,20 @@ def _sdpa_call(backend, q, k, v, causal):
     return (lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)), sdpa_kernel(backend)
 
 
+def causal_backward_inputs(batch, nheads_q, nheads_k, seqlen, headdim=128):
+    """Fresh random bf16 q [batch, seqlen, nheads_q, headdim], k, v [batch, seqlen, nheads_k,
+    headdim] and dout (like q) on the GPU, with modelaccel's causal forward out and lse, for
+    the backward sweeps in benchmarks/. Returns (q, k, v, dout, out, lse, softmax_scale)."""
+    from modelaccel.attention.flash_fwd import flash_attn_forward
+
+    q = torch.randn(batch, seqlen, nheads_q, headdim, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen, nheads_k, headdim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    scale = headdim ** -0.5
+    out, lse = flash_attn_forward(q, k, v, scale, True)
+    return q, k, v, dout, out, lse, scale
+
+
 def sdpa_backward_call(backend, q, k, v, dout, causal):
     """A zero-argument call of SDPA's backward under `backend` (an SDPBackend), for timing.
 
