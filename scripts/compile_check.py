@@ -190,7 +190,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
 
 
 def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16, kv_buffers=1,
-                      scheduled=False):
+                      scheduled=False, skip_idle=False):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -203,7 +203,7 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
-                      LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled)
+                      LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled, SKIP_IDLE=skip_idle)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
@@ -223,25 +223,27 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
 def print_gluon_bwd_usage():
     from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS
 
-    print("gluon backward (head dim, STAGES, BLOCK_Q, K/V buffers, scheduled), bf16 causal: registers, stack, shared, "
+    print("gluon backward (head dim, STAGES, BLOCK_Q, K/V buffers, scheduled, idle steps skipped), bf16 causal: registers, stack, shared, "
           "setmaxnreg, barriers, dQ atomics")
     # Double-buffered K/V fits in shared memory with 32-row steps only.
     # ... and the persistent launch's tiles dealt on the host (the last field).
-    builds = [(h, s, q, 1, False) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]] + [(128, 2, 32, 2, False),
-                                                                                          (128, 2, 32, 1, True),
-                                                                                          (128, 2, 64, 1, True)]
-    for headdim, stages, block_q, kv_buffers, scheduled in builds:
+    # ... and (the last field) the causal idle steps skipped.
+    builds = [(h, s, q, 1, False, False) for h in (64, 128) for s, q in GLUON_BWD_CONFIGS[h]] + [
+        (128, 2, 32, 2, False, False), (128, 2, 32, 1, True, False), (128, 2, 64, 1, True, False),
+        (128, 2, 32, 1, True, True), (128, 2, 64, 1, True, True)]
+    for headdim, stages, block_q, kv_buffers, scheduled, skip_idle in builds:
         try:
-            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q, kv_buffers=kv_buffers, scheduled=scheduled)
+            compiled = compile_gluon_bwd(stages, headdim, block_q=block_q, kv_buffers=kv_buffers, scheduled=scheduled,
+                                         skip_idle=skip_idle)
         except Exception:  # noqa: BLE001 - report each configuration
-            print(f"{headdim, stages, block_q, kv_buffers, scheduled}: FAIL\n{traceback.format_exc()}", flush=True)
+            print(f"{headdim, stages, block_q, kv_buffers, scheduled, skip_idle}: FAIL\n{traceback.format_exc()}", flush=True)
             continue
         regs, stack, shared = resource_usage(compiled)
         ptx = compiled.asm["ptx"]
         setmax = re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", ptx)
         bars = re.findall(r"bar\.sync\s+[^;]*;|barrier\.sync[^;]*;", ptx)
         atomics = sorted(set(re.findall(r"(?:red|atom)\.global[\w.]+", ptx)))
-        print(f"{headdim, stages, block_q, kv_buffers, scheduled}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
+        print(f"{headdim, stages, block_q, kv_buffers, scheduled, skip_idle}: {regs} registers, {stack} stack, {shared} shared, setmaxnreg "
               f"{' '.join(setmax)}, barriers {sorted(set(bars))}, {atomics}", flush=True)
 
 
@@ -301,7 +303,9 @@ def gluon_cases():
     return [("gluon forward (128, 2, pingpong)", lambda: compile_gluon_ws_fwd(128, 2, True)),
             ("gluon backward (2, 64)", lambda: compile_gluon_bwd(2)),
             ("gluon backward (2, 64), persistent, dealt on the host",
-             lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True))]
+             lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True)),
+            ("gluon backward (2, 32), persistent, dealt, idle steps skipped",
+             lambda: compile_gluon_bwd(2, block_q=32, launch_group=8, scheduled=True, skip_idle=True))]
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ from modelaccel.attention.launch import _gpu_ms
 from modelaccel.bench.attention import (attention_flops, causal_backward_inputs, collect_metadata, compare_grads,
                                        sdpa_backward_call)
 
-# name: (stages, block_q, persistent, launch group, K/V buffers, dealt on the host)
-CONFIGS = {"s2q64": (2, 64), "s2q32p": (2, 32, True), "s2q32pG8": (2, 32, True, 8),
-           "s2q32pG8S": (2, 32, True, 8, 1, True), "s2q64pG8S": (2, 64, True, 8, 1, True),
-           "s2q32pS": (2, 32, True, 0, 1, True)}
+# name: (stages, block_q, persistent, launch group, K/V buffers, dealt on the host, causal idle steps skipped)
+CONFIGS = {"s2q64": (2, 64), "s2q32pG8S": (2, 32, True, 8, 1, True), "s2q64pG8S": (2, 64, True, 8, 1, True),
+           "s2q32I": (2, 32, False, 8, 1, False, True), "s2q32pG8SI": (2, 32, True, 8, 1, True, True),
+           "s2q64pG8SI": (2, 64, True, 8, 1, True, True)}
 ROWS = ((16, 16, 16, 1024), (8, 16, 16, 2048), (2, 48, 48, 1024), (4, 16, 16, 4096), (2, 32, 8, 8192))
 
 result = {**collect_metadata(), "rows": []}

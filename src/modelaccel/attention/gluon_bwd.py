@@ -125,7 +125,8 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
                   SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                   DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                   HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
+                  SKIP_IDLE: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -174,45 +175,136 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 
 @gluon.jit
+def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K,
+              SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, KV_BUFS: gl.constexpr):
+    """Step t of the tile (g of the program: ring slot and dS^T parity) of consumer
+    warpgroup wg (_bwd_consume), returning dk, dv.
+
+    IDLE (compile time, so no runtime branch holds a wgmma: one around the products gave
+    wrong dq on the GPU, 049661e): none of this warpgroup's keys is visible to the step's
+    queries under the causal mask, so its P^T and dS^T are zero. It skips the S^T, dP^T,
+    dV and dK products, stores a zero dS^T for the other warpgroup's dQ^T product, and
+    takes its own dQ^T rows from the other half of K alone."""
+    dtype: gl.constexpr = q_smem.dtype
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                        instr_shape=[16, BLOCK_Q, 16])
+    # dQ^T rows (head dim) per warpgroup: wgmma's M is 64, so at head dim 64 the first
+    # warpgroup takes them all.
+    D_ROWS: gl.constexpr = 64
+    HAS_DQ: gl.constexpr = wg * D_ROWS < HEAD_D
+    # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
+    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
+                                                   warps_per_cta=[1, 4], order=[0, 1])
+    st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
+    dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
+    slot = g % STAGES
+    par = g % 2
+    h = hk * (NHEADS // NHEADS_K) + t // n_m
+    m = lo + (t % n_m) * BLOCK_Q
+    qs = q_smem.index(slot)
+    dos = do_smem.index(slot)
+    ds_wg = ds_smem.index(par * 2 + wg)
+    mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
+    if IDLE:
+        mbarrier.wait(ds_free.index(par), ((g // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        ds_wg.store(st_zero.to(dtype))
+        fence_async_shared()
+        mbarrier.arrive(ds_full.index(par), count=1)
+        mbarrier.wait(ds_full.index(par), (g // 2) & 1)
+        if HAS_DQ:
+            dqt_token = warpgroup_mma(k_smem.index(buf * 2 + 1 - wg).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2 + 1 - wg), dqt_zero, use_acc=False, is_async=True)
+            dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dqt_token])
+    else:
+        k_wg = k_smem.index(buf * 2 + wg)
+        v_wg = v_smem.index(buf * 2 + wg)
+        p_wg = p_smem.index(wg)
+        st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+        st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
+        lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+        s = st * qk_scale
+        diag = SEQLEN_K - SEQLEN_Q
+        needs_mask = n0 + _KV_ROWS > SEQLEN_K
+        if CAUSAL:
+            needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
+        if needs_mask:
+            kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
+            keep = kv_rows[:, None] < SEQLEN_K
+            if CAUSAL:
+                q_cols = m + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
+                keep = keep & (kv_rows[:, None] <= q_cols[None, :] + diag)
+            s = gl.where(keep, s, float("-inf"))
+        pt = gl.exp2(s - lse2[None, :])
+        # P^T and dS^T go through shared memory (A operands there): as register operands
+        # they held 32 more registers a thread and spilled at 64-row steps.
+        p_wg.store(pt.to(dtype))
+        fence_async_shared()
+        dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
+        dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
+        delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
+        dst = (pt * (dpt - delta[None, :])).to(dtype)
+        mbarrier.wait(ds_free.index(par), ((g // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        ds_wg.store(dst)
+        fence_async_shared()
+        dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
+        mbarrier.arrive(ds_full.index(par), count=1)
+        mbarrier.wait(ds_full.index(par), (g // 2) & 1)
+        if HAS_DQ:
+            # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
+            dqt_token = warpgroup_mma(k_smem.index(buf * 2).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
+            dqt_token = warpgroup_mma(k_smem.index(buf * 2 + 1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
+                                      ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
+            dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
+    mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
+    mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
+    if HAS_DQ:
+        # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
+        dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
+        cols_q = m + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
+        dq_rows = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
+        dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
+                   + dq_rows[:, None])
+        gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+    return dk, dv
+
+
+@gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
                  SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                  SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                  DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                  HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
+                 SKIP_IDLE: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
-    query block: dK and dV in registers; dQ of the step over all 128 keys, this warpgroup's
-    share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T in shared
-    memory), added to DQ_ACC. Key rows past seqlen_k are masked and not stored; query rows
-    past seqlen_q (another sequence's, or TMA's zeros) have lse +inf, so their P, dS and dQ
-    are 0 and their atomics are masked off. K and V are released (kv_free) once the tile's
-    last products are waited for, so the next tile's load overlaps the dK/dV stores.
+    query block (_bwd_step): dK and dV in registers; dQ of the step over all 128 keys, this
+    warpgroup's share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T
+    in shared memory), added to DQ_ACC. Key rows past seqlen_k are masked and not stored;
+    query rows past seqlen_q (another sequence's, or TMA's zeros) have lse +inf, so their P,
+    dS and dQ are 0 and their atomics are masked off. K and V are released (kv_free) once
+    the tile's last products are waited for, so the next tile's load overlaps the dK/dV
+    stores.
 
     Per step g of the program (dS^T double-buffered by g's parity): S^T, dP^T issued
     together; P^T to shared memory for dV += P^T dO; dS^T to shared memory for dK += dS^T Q;
     both warpgroups' dS^T in place (ds_full) -> dQ^T; a buffer is rewritten once both have
-    read it (ds_free)."""
+    read it (ds_free).
+
+    SKIP_IDLE, under a causal mask: the second half's keys lie past every query of each
+    head's first steps (n_idle: 1 of a tile's 64-row steps per head, 2 of its 32-row ones),
+    which it runs idle (_bwd_step's IDLE), in a loop of their own. The first half always
+    sees a key: `lo` is the first query block that sees key start_n."""
     dtype: gl.constexpr = q_desc.dtype
-    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                        instr_shape=[16, BLOCK_Q, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, HEAD_D, 16])
-    # dQ^T rows (head dim) per warpgroup: wgmma's M is 64, so at head dim 64 the first
-    # warpgroup takes them all.
-    D_ROWS: gl.constexpr = 64
-    HAS_DQ: gl.constexpr = wg * D_ROWS < HEAD_D
-    q_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, st_layout))
-    # Four contiguous head-dim values a thread: one 16-byte vector atomic instead of four.
-    atomic_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[4, 1], threads_per_warp=[16, 2],
-                                                   warps_per_cta=[1, 4], order=[0, 1])
-    dq_rows0 = wg * D_ROWS + gl.arange(0, D_ROWS, layout=gl.SliceLayout(1, atomic_layout))
-    dq_cols0 = gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
     offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
-    st_zero = gl.zeros([_KV_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    dqt_zero = gl.zeros([D_ROWS, BLOCK_Q], gl.float32, layout=st_layout)
-    p_wg = p_smem.index(wg)
-    diag = SEQLEN_K - SEQLEN_Q
     it = 0
     local = 0
     first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
@@ -220,72 +312,31 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
             i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
             V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, SCHEDULED)
-        group = NHEADS // NHEADS_K
         n0 = start_n + wg * _KV_ROWS
-        kv_rows = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, st_layout))
         dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
         dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
         buf = local % KV_BUFS
-        k_wg = k_smem.index(buf * 2 + wg)
-        v_wg = v_smem.index(buf * 2 + wg)
         mbarrier.wait(kv_bar.index(buf), (local // KV_BUFS) & 1)
-
-        for t in range(n_steps):
-            g = it + t
-            slot = g % STAGES
-            par = g % 2
-            h = hk * group + t // n_m
-            m = lo + (t % n_m) * BLOCK_Q
-            qs = q_smem.index(slot)
-            dos = do_smem.index(slot)
-            mbarrier.wait(ready.index(slot), (g // STAGES) & 1)
-            st_token = warpgroup_mma(k_wg, qs.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dpt_token = warpgroup_mma(v_wg, dos.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            st = warpgroup_mma_wait(num_outstanding=1, deps=[st_token])
-            lse2 = lse_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-            s = st * qk_scale
-            needs_mask = n0 + _KV_ROWS > SEQLEN_K
-            if CAUSAL:
-                needs_mask = needs_mask | (n0 + _KV_ROWS - 1 > m + diag)
-            if needs_mask:
-                keep = kv_rows[:, None] < SEQLEN_K
-                if CAUSAL:
-                    keep = keep & (kv_rows[:, None] <= m + q_cols0[None, :] + diag)
-                s = gl.where(keep, s, float("-inf"))
-            pt = gl.exp2(s - lse2[None, :])
-            # P^T and dS^T go through shared memory (A operands there): as register operands
-            # they held 32 more registers a thread and spilled at 64-row steps.
-            p_wg.store(pt.to(dtype))
-            fence_async_shared()
-            dv_token = warpgroup_mma(p_wg, dos, dv, is_async=True)
-            dpt = warpgroup_mma_wait(num_outstanding=1, deps=[dpt_token])
-            delta = delta_smem.index(slot).load(gl.SliceLayout(0, st_layout))
-            dst = (pt * (dpt - delta[None, :])).to(dtype)
-            mbarrier.wait(ds_free.index(par), ((g // 2) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-            ds_wg = ds_smem.index(par * 2 + wg)
-            ds_wg.store(dst)
-            fence_async_shared()
-            dk_token = warpgroup_mma(ds_wg, qs, dk, is_async=True)
-            mbarrier.arrive(ds_full.index(par), count=1)
-            mbarrier.wait(ds_full.index(par), (g // 2) & 1)
-            if HAS_DQ:
-                # dQ^T[rows] = K^T[rows, 128 keys] dS^T[128 keys, queries], over both halves of K.
-                dqt_token = warpgroup_mma(k_smem.index(buf * 2).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                          ds_smem.index(par * 2), dqt_zero, use_acc=False, is_async=True)
-                dqt_token = warpgroup_mma(k_smem.index(buf * 2 + 1).slice(wg * D_ROWS, D_ROWS, dim=1).permute((1, 0)),
-                                          ds_smem.index(par * 2 + 1), dqt_token, is_async=True)
-                dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token, dqt_token])
-            else:
-                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
-            mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
-            mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
-            if HAS_DQ:
-                # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
-                dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
-                cols_q = m + dq_cols0
-                dq_ptrs = (DQ_ACC + ((b.to(gl.int64) * SEQLEN_Q + cols_q[None, :]) * NHEADS + h) * HEAD_D
-                           + dq_rows0[:, None])
-                gl.atomic_add(dq_ptrs, dqt, mask=cols_q[None, :] < SEQLEN_Q, sem="relaxed")
+        if SKIP_IDLE and CAUSAL and wg == 1:
+            # Steps s of a head with n0 > (its last query) + diag: s < (n0 - diag - lo) / BLOCK_Q.
+            n_idle = gl.minimum(gl.maximum(n0 - SEQLEN_K + SEQLEN_Q - lo, 0) // BLOCK_Q, n_m)
+            for gh in range(NHEADS // NHEADS_K):
+                for s in range(n_idle):
+                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, True, q_smem, do_smem, k_smem,
+                                       v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
+                                       DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
+                                       softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+                for s in range(n_idle, n_m):
+                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, False, q_smem, do_smem, k_smem,
+                                       v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
+                                       DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
+                                       softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+        else:
+            for t in range(n_steps):
+                dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                                   lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
+                                   buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D,
+                                   BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
         mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
 
         rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
@@ -304,7 +355,8 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
+                        SKIP_IDLE: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -352,19 +404,19 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
                         delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                          lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
                          DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
                          SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
                          V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED)),
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -376,13 +428,16 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
 GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3, 64)]}
 # A third field True: the persistent launch; a fourth its launch group (default 0: snake
 # order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
-# on the host (_tile_schedule). Only the dealt launches in groups of 8 are tuning
+# on the host (_tile_schedule); a seventh True skips the second warpgroup's causal idle
+# steps (skip_idle). Only the dealt launches in groups of 8 are tuning
 # candidates (GLUON_BWD_CANDIDATES): the snake deal lost from 2K tokens, double-buffered K/V
 # gained nothing (benchmarks/NOTES.md, twelfth session).
 GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
                                                            (2, 64, True, 8), (2, 32, True, 0, 2),
                                                            (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
-                                                           (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True)]}
+                                                           (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True),
+                                                           (2, 32, True, 8, 1, True, True),
+                                                           (2, 64, True, 8, 1, True, True)]}
 # kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
@@ -447,7 +502,8 @@ def _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_
 
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
-                                 persistent=False, launch_group=None, kv_buffers=1, scheduled=False, grads=None):
+                                 persistent=False, launch_group=None, kv_buffers=1, scheduled=False, skip_idle=False,
+                                 grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -465,7 +521,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     program's next tile loads under the last one's steps (32-row steps only: 64-row steps
     at head dim 128 leave no shared memory for it). scheduled: a persistent launch's tiles
     dealt on the host (_tile_schedule) as the hardware deals a per-tile grid, instead of in
-    snake order."""
+    snake order. skip_idle: under a causal mask the second warpgroup skips the products of
+    the steps whose queries see none of its keys (_bwd_consume)."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -506,7 +563,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
         LAUNCH_GROUP=launch_group,
-        KV_BUFS=kv_buffers, SCHEDULED=schedule is not None, num_warps=4,
+        KV_BUFS=kv_buffers, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
