@@ -449,6 +449,10 @@ LAUNCH_GROUP = 8
 # (results/tuning/quick_bwd_persistent_h200_708a85b.json).
 GLUON_BWD_CANDIDATES = {d: [("gluon_ws", *c) for c in configs] for d, configs in GLUON_BWD_CONFIGS.items()}
 GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True), ("gluon_ws", 2, 32, True, 8, 1, True)]
+# The 32-row dealt launch with the causal idle steps skipped ran 0.3-0.6% ahead of the same
+# launch without at 1K-4K tokens (results/tuning/quick_bwd_idle_h200_4ac63c0.json); the
+# 64-row one 1-6% behind (more spills), so only the first is offered.
+GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 32, True, 8, 1, True, True)]
 
 
 # A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
