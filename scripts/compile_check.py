@@ -190,7 +190,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
 
 
 def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16, kv_buffers=1,
-                      scheduled=False, skip_idle=False):
+                      scheduled=False, skip_idle=False, persistent=None):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -203,7 +203,8 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     block_q = block_q or gluon_bwd.Q_ROWS[headdim]
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
-                      LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled, SKIP_IDLE=skip_idle)
+                      LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled, SKIP_IDLE=skip_idle,
+                      PERSISTENT=scheduled or kv_buffers > 1 if persistent is None else persistent)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"

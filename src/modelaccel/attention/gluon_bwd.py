@@ -60,13 +60,14 @@ _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
 @gluon.jit
 def _bwd_tile(i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
               V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
-              SCHEDULED: gl.constexpr):
+              PERSISTENT: gl.constexpr, SCHEDULED: gl.constexpr):
     """The tile at position i of this program's list (_tile_range, _tile_at), 128 key rows
     of one (batch, kv head) numbered in launch order (gluon_fwd._tile_position; under a
     causal mask the first key blocks are the longest): b, hk, its first key row, the first
     query row that sees it (lo), its query blocks per head (n_m) and steps over the GQA group
     (n_steps), and where its K and V start in their 2D views."""
-    pid_bh, pid_n = _tile_position(_tile_at(i, SCHED, n_tiles, SCHEDULED), nbh, n_nblocks, LAUNCH_GROUP)
+    pid_bh, pid_n = _tile_position(_tile_at(i, SCHED, n_tiles, PERSISTENT, SCHEDULED), nbh, n_nblocks,
+                                   LAUNCH_GROUP)
     b = pid_bh // NHEADS_K
     hk = pid_bh % NHEADS_K
     start_n = pid_n * (2 * _KV_ROWS)
@@ -95,12 +96,15 @@ def _tile_range(SCHED, n_tiles, SCHEDULED: gl.constexpr):
 
 
 @gluon.jit
-def _tile_at(i, SCHED, n_tiles, SCHEDULED: gl.constexpr):
-    """The tile (in launch order) at position i of this program's list (_tile_range)."""
+def _tile_at(i, SCHED, n_tiles, PERSISTENT: gl.constexpr, SCHEDULED: gl.constexpr):
+    """The tile (in launch order) at position i of this program's list (_tile_range); a
+    per-tile grid's program i runs tile i."""
     if SCHEDULED:
         t = gl.load(SCHED + gl.num_programs(0) + 1 + i)
-    else:
+    elif PERSISTENT:
         t = _snake_order(i, n_tiles)
+    else:
+        t = i
     return t
 
 
@@ -119,59 +123,83 @@ def _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0,
 
 
 @gluon.jit
+def _bwd_produce_tile(i, it, local, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                      delta_smem, kv_bar, kv_free, ready, empty, LSE, DELTA, SCHED, stride_lse_b, stride_lse_h, NHEADS,
+                      NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                      V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, nbh, n_nblocks, n_tiles,
+                      BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, LAUNCH_GROUP: gl.constexpr,
+                      KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr, SCHEDULED: gl.constexpr):
+    """The producer's work for tile position i (_bwd_producer), its steps at ring positions
+    it.. and its K/V in buffer local % KV_BUFS; returns the tile's steps."""
+    row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK_Q // 32], threads_per_warp=[32],
+                                                warps_per_cta=[1], order=[0])
+    rows0 = gl.arange(0, BLOCK_Q, layout=row_layout)
+    b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
+        i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+        V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, PERSISTENT, SCHEDULED)
+    group = NHEADS // NHEADS_K
+    if n_steps == 0:
+        _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
+                     KV_BUFS)
+    for t in range(n_steps):
+        g = it + t
+        slot = g % STAGES
+        mbarrier.wait(empty.index(slot), ((g // STAGES) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        h = hk * group + t // n_m
+        m = lo + (t % n_m) * BLOCK_Q
+        bar = ready.index(slot)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
+        _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
+        # The consumers read lse and delta from shared memory when they need them: loaded
+        # from global memory there, each took 16 registers a thread through the step.
+        rows = m + rows0
+        in_q = rows < SEQLEN_Q
+        row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
+        lse_smem.index(slot).store(gl.load(LSE + row_base + rows, mask=in_q, other=float("inf"))
+                                   * 1.4426950408889634)
+        delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
+        mbarrier.arrive(bar, count=1)
+        if t == 0:
+            _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0,
+                         v_col, KV_BUFS)
+    return n_steps
+
+
+@gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                   lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
                   SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                   SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                   DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                   HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
-                  SKIP_IDLE: gl.constexpr):
+                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
+                  SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
     those stores, and the slot is refilled once both warpgroups have released it. The ring
     runs on across tiles (position `it`). K and V load after the tile's first step, so that
-    step's Q and dO are in flight while the last tile's keys finish. (wg is unused: the
-    workers' signatures must match.)"""
-    row_layout: gl.constexpr = gl.BlockedLayout(size_per_thread=[BLOCK_Q // 32], threads_per_warp=[32],
-                                                warps_per_cta=[1], order=[0])
-    rows0 = gl.arange(0, BLOCK_Q, layout=row_layout)
-    it = 0
-    local = 0
-    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
-    for i in range(first, last, stride):
-        b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
-            V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, SCHEDULED)
-        group = NHEADS // NHEADS_K
-        if n_steps == 0:
-            _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0, v_col,
-                         KV_BUFS)
-        for t in range(n_steps):
-            g = it + t
-            slot = g % STAGES
-            mbarrier.wait(empty.index(slot), ((g // STAGES) & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-            h = hk * group + t // n_m
-            m = lo + (t % n_m) * BLOCK_Q
-            bar = ready.index(slot)
-            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            _tma_load(q_desc, [b * Q_ROWS_B + h * Q_ROWS_H + m, h * Q_COLS_H], bar, q_smem.index(slot))
-            _tma_load(do_desc, [b * DO_ROWS_B + h * DO_ROWS_H + m, h * DO_COLS_H], bar, do_smem.index(slot))
-            # The consumers read lse and delta from shared memory when they need them: loaded
-            # from global memory there, each took 16 registers a thread through the step.
-            rows = m + rows0
-            in_q = rows < SEQLEN_Q
-            row_base = b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h
-            lse_smem.index(slot).store(gl.load(LSE + row_base + rows, mask=in_q, other=float("inf"))
-                                       * 1.4426950408889634)
-            delta_smem.index(slot).store(gl.load(DELTA + row_base + rows, mask=in_q, other=0.0))
-            mbarrier.arrive(bar, count=1)
-            if t == 0:
-                _bwd_load_kv(k_desc, v_desc, k_smem, v_smem, kv_bar, kv_free, local, k_row0, k_col, v_row0,
-                             v_col, KV_BUFS)
-        it += n_steps
-        local += 1
+    step's Q and dO are in flight while the last tile's keys finish. A per-tile launch
+    (PERSISTENT False) runs one tile with its ring and buffer positions known at compile
+    time, as before the persistent launches (the loop-carried ones spilled 96-112 bytes a
+    thread at 64-row steps where 40 had). (wg is unused: the workers' signatures must
+    match.)"""
+    args = (q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, kv_bar, kv_free,
+            ready, empty, LSE, DELTA, SCHED, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+            Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
+            DO_ROWS_H, DO_COLS_H, nbh, n_nblocks, n_tiles)
+    if PERSISTENT:
+        it = 0
+        local = 0
+        first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+        for i in range(first, last, stride):
+            it += _bwd_produce_tile(i, it, local, *args, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT,
+                                    SCHEDULED)
+            local += 1
+    else:
+        _bwd_produce_tile(gl.program_id(0), 0, 0, *args, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT,
+                          SCHEDULED)
 
 
 @gluon.jit
@@ -275,14 +303,67 @@ def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_sme
 
 
 @gluon.jit
+def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
+                      delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, SCHED, stride_dkb,
+                      stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                      V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                      HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                      LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
+                      SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
+    """Consumer warpgroup wg's work for tile position i (_bwd_consume), its steps at ring
+    positions it.. and its K/V in buffer local % KV_BUFS; returns the tile's steps."""
+    dtype: gl.constexpr = q_smem.dtype
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, HEAD_D, 16])
+    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
+    b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
+        i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
+        V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, PERSISTENT, SCHEDULED)
+    n0 = start_n + wg * _KV_ROWS
+    dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
+    buf = local % KV_BUFS
+    mbarrier.wait(kv_bar.index(buf), (local // KV_BUFS) & 1)
+    if SKIP_IDLE and CAUSAL and wg == 1:
+        # Steps s of a head with n0 > (its last query) + diag: s < (n0 - diag - lo) / BLOCK_Q.
+        n_idle = gl.minimum(gl.maximum(n0 - SEQLEN_K + SEQLEN_Q - lo, 0) // BLOCK_Q, n_m)
+        for gh in range(NHEADS // NHEADS_K):
+            for s in range(n_idle):
+                dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, True, q_smem, do_smem, k_smem,
+                                   v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
+                                   DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
+                                   softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+            for s in range(n_idle, n_m):
+                dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, False, q_smem, do_smem, k_smem,
+                                   v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
+                                   DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
+                                   softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+    else:
+        for t in range(n_steps):
+            dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
+                               lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
+                               buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D,
+                               BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+    mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
+
+    rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
+    offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
+            + offs_d[None, :])
+    in_kv = rows_kv[:, None] < SEQLEN_K
+    gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=in_kv)
+    gl.store(DV + offs, dv.to(dtype), mask=in_kv)
+    return n_steps
+
+
+@gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
                  SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                  SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                  DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                  HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
-                 SKIP_IDLE: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
+                 SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block (_bwd_step): dK and dV in registers; dQ of the step over all 128 keys, this
     warpgroup's share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T
@@ -301,52 +382,22 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     head's first steps (n_idle: 1 of a tile's 64-row steps per head, 2 of its 32-row ones),
     which it runs idle (_bwd_step's IDLE), in a loop of their own. The first half always
     sees a key: `lo` is the first query block that sees key start_n."""
-    dtype: gl.constexpr = q_desc.dtype
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, HEAD_D, 16])
-    offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, acc_layout))
-    it = 0
-    local = 0
-    first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
-    for i in range(first, last, stride):
-        b, hk, start_n, lo, n_m, n_steps, k_row0, k_col, v_row0, v_col = _bwd_tile(
-            i, SCHED, n_tiles, nbh, n_nblocks, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
-            V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_Q, CAUSAL, LAUNCH_GROUP, SCHEDULED)
-        n0 = start_n + wg * _KV_ROWS
-        dk = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-        dv = gl.zeros([_KV_ROWS, HEAD_D], gl.float32, layout=acc_layout)
-        buf = local % KV_BUFS
-        mbarrier.wait(kv_bar.index(buf), (local // KV_BUFS) & 1)
-        if SKIP_IDLE and CAUSAL and wg == 1:
-            # Steps s of a head with n0 > (its last query) + diag: s < (n0 - diag - lo) / BLOCK_Q.
-            n_idle = gl.minimum(gl.maximum(n0 - SEQLEN_K + SEQLEN_Q - lo, 0) // BLOCK_Q, n_m)
-            for gh in range(NHEADS // NHEADS_K):
-                for s in range(n_idle):
-                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, True, q_smem, do_smem, k_smem,
-                                       v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
-                                       DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
-                                       softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
-                for s in range(n_idle, n_m):
-                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, False, q_smem, do_smem, k_smem,
-                                       v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
-                                       DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
-                                       softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
-        else:
-            for t in range(n_steps):
-                dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                                   lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
-                                   buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D,
-                                   BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
-        mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
-
-        rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
-        offs = (b.to(gl.int64) * stride_dkb + rows_kv[:, None].to(gl.int64) * stride_dks + hk * stride_dkh
-                + offs_d[None, :])
-        in_kv = rows_kv[:, None] < SEQLEN_K
-        gl.store(DK + offs, (dk * softmax_scale).to(dtype), mask=in_kv)
-        gl.store(DV + offs, dv.to(dtype), mask=in_kv)
-        it += n_steps
-        local += 1
+    args = (q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, kv_bar, kv_free, ready, empty,
+            ds_full, ds_free, DK, DV, DQ_ACC, SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q,
+            SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh,
+            n_nblocks, n_tiles)
+    if PERSISTENT:
+        it = 0
+        local = 0
+        first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
+        for i in range(first, last, stride):
+            it += _bwd_consume_tile(i, it, local, wg, *args, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS,
+                                    PERSISTENT, SCHEDULED, SKIP_IDLE)
+            local += 1
+    else:
+        # One tile, its ring and buffer positions known at compile time (_bwd_producer).
+        _bwd_consume_tile(gl.program_id(0), 0, 0, wg, *args, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS,
+                          PERSISTENT, SCHEDULED, SKIP_IDLE)
 
 
 @gluon.jit
@@ -355,8 +406,8 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, SCHEDULED: gl.constexpr,
-                        SKIP_IDLE: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
+                        SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -404,19 +455,19 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
                         delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
                          lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
                          DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
                          SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
                          V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, SCHEDULED, SKIP_IDLE)),
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -567,7 +618,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
         LAUNCH_GROUP=launch_group,
-        KV_BUFS=kv_buffers, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, num_warps=4,
+        KV_BUFS=kv_buffers, PERSISTENT=persistent, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
