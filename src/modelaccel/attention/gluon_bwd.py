@@ -3,8 +3,8 @@ gluon_fwd.py is; flash_bwd.flash_attn_backward offers it to its dK/dV tuner as c
 Correct on the H200 (GPU tests against the float32 reference). With its programs launched
 in groups of 8 kv batch-heads (LAUNCH_GROUP) it wins the tuning on every d128 causal row
 of the backward benchmark it is offered (results/attention_bwd_nvidia-h200_2026-12-01.md,
-f5c66d5: 260-442 TFLOPS, 1.25-1.44x SDPA FlashAttention-2 from 1024 to 16384 tokens; the
-benchmark has not run since the persistent launches joined the candidates).
+dcd8001: 250-431 TFLOPS, 1.21-1.40x SDPA FlashAttention-2 from 1024 to 16384 tokens, its
+per-tile and host-dealt persistent launches chosen per row).
 
 Why: the Triton backward measured 0.73-0.76x cuDNN on the H200 and 1.09-1.28x
 FlashAttention-2 (issue 3 asks 1.3x); in Triton 3.6 every non-accumulating wgmma is waited
