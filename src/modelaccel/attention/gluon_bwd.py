@@ -328,16 +328,12 @@ def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v
         # Steps s of a head with n0 > (its last query) + diag: s < (n0 - diag - lo) / BLOCK_Q.
         n_idle = gl.minimum(gl.maximum(n0 - SEQLEN_K + SEQLEN_Q - lo, 0) // BLOCK_Q, n_m)
         for gh in range(NHEADS // NHEADS_K):
-            for s in range(n_idle):
-                dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, True, q_smem, do_smem, k_smem,
-                                   v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
-                                   DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
-                                   softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
-            for s in range(n_idle, n_m):
-                dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, False, q_smem, do_smem, k_smem,
-                                   v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
-                                   DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale,
-                                   softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+            for busy in gl.static_range(2):  # the head's idle steps, then its busy ones
+                for s in range(n_idle if busy else 0, n_m if busy else n_idle):
+                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, busy == 0, q_smem, do_smem,
+                                       k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full,
+                                       ds_free, DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+                                       qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
     else:
         for t in range(n_steps):
             dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
