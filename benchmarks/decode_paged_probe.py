@@ -7,8 +7,10 @@ replay timer, the same launches on:
   - paged caches whose pages lie in order (block table = arange): the paged kernel's own
     cost, with the memory layout of the contiguous cache;
   - paged caches with pages placed by a random permutation (the benchmark's);
-each paged one with the block table read up front (SPLIT_PAGES) and inside the loop.
-Rounds alternate the order, so drift is shared. Usage:
+each paged one with the block table read up front (SPLIT_PAGES) and inside the loop. The
+contiguous launches are timed with the launch tuner's timer too (launch._gpu_ms), to see
+whether it ranks them as the benchmark's does. Rounds alternate the order, so drift is
+shared. Usage:
   python benchmarks/decode_paged_probe.py OUT.json [BATCH:CACHE_LEN ...]  (default 1:4096)
 """
 
@@ -18,7 +20,7 @@ import sys
 import torch
 import triton
 
-from modelaccel.attention import decode
+from modelaccel.attention import decode, launch
 from modelaccel.bench.decode_attention import build_paged_cache, kv_bytes, make_inputs, tbps, time_graph, to_paged
 
 LAUNCHES = [((128, 4, 3, 1, 1), 16), ((64, 4, 3, 1, 1), 16), ((32, 4, 3, 1, 1), 33), ((64, 4, 3, 1, 1), 33)]
@@ -55,6 +57,9 @@ def main():
                             decode._SPLIT_PAGES_MAX = saved
                         key = (name, table_up_front, config[:3], splits)
                         timings.setdefault(key, []).append(ms)
+                        if table is None:
+                            timings.setdefault((name + "_tuner_timer", True, config[:3], splits), []).append(
+                                launch._gpu_ms(call))
         for (name, up_front, tile, splits), ms in timings.items():
             best = min(ms)
             row = {"batch": batch, "cache_len": cache_len, "cache": name, "table_up_front": up_front,
