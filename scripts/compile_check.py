@@ -37,9 +37,9 @@ FLOAT_ARGS = {"qk_scale", "softcap_scale", "softmax_scale", "dropout_p"}
 # Every kernel with all of its options on where they combine: varlen, causal, ALiBi, dropout.
 ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=False, HAS_ALIBI=True,
                  HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
-DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, HAS_BATCH_IDX=False, HAS_LEFTPAD=True,
-              HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True, HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4,
-              MERGE_SPLITS=4, USE_PDL=True)
+DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, PAGE_SIZE=16, SAME_KV_STRIDES=True,
+              HAS_BATCH_IDX=False, HAS_LEFTPAD=True, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True,
+              HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4, MERGE_SPLITS=4, USE_PDL=True)
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
@@ -150,7 +150,7 @@ def candidate_cases():
                 flash_bwd._attn_bwd_dkdv_kernel, ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
                                                            DQ_TMA=tma, LAUNCH_GROUP=0),
                 warps, stages)
-    plain_decode = dict(DECODE, PAGED=False, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
+    plain_decode = dict(DECODE, PAGED=False, PAGE_SIZE=1, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
                         SPLIT_PAGES=0)
     for bn, warps, stages, fused in sorted(set(c[:3] + (bool(c[5:]),) for c in decode._DECODE_CONFIGS)):
         yield "decode" + (" fused" if fused else ""), (

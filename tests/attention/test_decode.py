@@ -56,6 +56,23 @@ def test_paged_table_read_up_front_or_in_the_loop(page_size, split_pages_max, de
         check(q, k_cache, v_cache, seqlens, table, causal=True, window_size=(40, 0), num_splits=num_splits)
 
 
+@pytest.mark.parametrize("page_size", [None, 16], ids=["contiguous", "page16"])
+def test_k_and_v_caches_strided_differently(page_size, device):
+    """The kernel shares K's offsets with V when both caches have the same strides
+    (SAME_KV_STRIDES); a V cache laid out otherwise (here heads outermost, the last dim
+    still contiguous) must take its own offsets."""
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache, table = make_cache(2, 64, 2, 32, torch.float16, device, gen, page_size)
+    v_other = v_cache.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+    assert v_other.stride() != k_cache.stride() and torch.equal(v_other, v_cache)
+    q = torch.randn(2, 1, 4, 32, generator=gen).to(device, torch.float16)
+    seqlens = torch.tensor([64, 41], dtype=torch.int32, device=device)
+    out = check(q, k_cache, v_other, seqlens, table, num_splits=3)
+    same = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                              num_splits=3)
+    torch.testing.assert_close(out, same, atol=0, rtol=0)
+
+
 def test_split_and_unsplit_agree_to_rounding(device):
     gen = torch.Generator().manual_seed(1)
     k_cache, v_cache, _ = make_cache(2, 200, 1, 64, torch.bfloat16, device, gen)

@@ -38,10 +38,11 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_alibi_b, stride_ob, stride_os, stride_oh,
-                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, PAGE_SIZE, MAX_PAGES, SPLIT_LEN, NSPLITS,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, MAX_PAGES, SPLIT_LEN, NSPLITS,
                          window_left, window_right, qk_scale, softcap_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         HEADDIM: tl.constexpr, PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                         HEADDIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                         SAME_KV_STRIDES: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
                          UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr, MERGE_ROWS: tl.constexpr,
@@ -51,6 +52,13 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
     O_PART [splits, batch, seqlen_q, nheads, headdim] and LSE_PART [splits, batch, nheads,
     seqlen_q] (float32, lse -inf where the split holds no visible key).
+    PAGE_SIZE is a compile-time constant (1 for a contiguous cache), so a key's page and its
+    row there are a shift and a mask, not an integer division per key row and tile. With
+    SAME_KV_STRIDES (k_cache and v_cache strided alike, as when allocated alike) V's offsets
+    are K's. Both matter in the paged loop, whose addresses wait for the block table: its
+    SASS went from 3248 instructions to 2672 and then 2336, against 1776 / 1824 for the
+    contiguous kernel (128-key tiles, triton 3.6), where the paged step took 1.0-1.9 us more than the
+    contiguous one at (1, 4096) (benchmarks/decode_paged_probe.py, pages in order or not).
     SPLIT_PAGES (paged caches; a power of two > the pages one split spans, or 0): the
     split's block-table entries are read once, before the loop and beside cache_seqlens,
     and each tile takes its pages from them (tl.gather). Read inside the loop instead (0),
@@ -115,8 +123,13 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         else:
             k_rows = cache_b.to(tl.int64) * stride_kb + offs_n.to(tl.int64) * stride_ks
             v_rows = cache_b.to(tl.int64) * stride_vb + offs_n.to(tl.int64) * stride_vs
+        k_offs = k_rows[:, None] + hk * stride_kh + offs_d[None, :]
+        if SAME_KV_STRIDES:
+            v_offs = k_offs
+        else:
+            v_offs = v_rows[:, None] + hk * stride_vh + offs_d[None, :]
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + k_rows[:, None] + hk * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(K + k_offs, mask=kv_mask, other=0.0)
         qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
         s = _scores_log2(qk, pos_q[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
                          qk_scale, softcap_scale, 0.0, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
@@ -128,7 +141,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + v_rows[:, None] + hk * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_offs, mask=kv_mask, other=0.0)
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
         m_i = m_new
 
@@ -370,10 +383,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
             out.stride(0), out.stride(1), out.stride(2),
-            nheads, nheads_k, group, seqlen_q, page_size, block_table.shape[1] if paged else 0, split_len, splits,
+            nheads, nheads_k, group, seqlen_q, block_table.shape[1] if paged else 0, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0), dict(
-            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged,
+            BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged, PAGE_SIZE=page_size,
+            SAME_KV_STRIDES=k_cache.stride() == v_cache.stride(),
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
