@@ -39,8 +39,7 @@ ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_S
                  HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
 DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, PAGE_SIZE=16, SAME_KV_STRIDES=True,
               HAS_BATCH_IDX=False, HAS_LEFTPAD=True, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True,
-              HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4, MERGE_SPLITS=4, USE_PDL=True,
-              PREFETCH_ROWS=0)
+              HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4, MERGE_SPLITS=4, USE_PDL=True)
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",

@@ -32,12 +32,6 @@ def _kv_head_rows(hk, GROUP, SEQLEN_Q, HEADDIM, ROWS: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, CACHE_BATCH_IDX, CACHE_LEFTPAD,
                          ALIBI, O, LSE, COUNTER,
                          stride_qb, stride_qs, stride_qh,
@@ -52,7 +46,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
                          UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                         MERGE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH_ROWS: tl.constexpr):
+                         MERGE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
@@ -65,9 +59,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     SASS went from 3248 instructions to 2672 and then 2336, against 1776 / 1824 for the
     contiguous kernel (128-key tiles, triton 3.6), where the paged step took 1.0-1.9 us more than the
     contiguous one at (1, 4096) (benchmarks/decode_paged_probe.py, pages in order or not).
-    MAX_PAGES: block_table's columns, or for a contiguous cache (pages of one key) its length.
-    PREFETCH_ROWS (GPU, contiguous cache, head dim 128, no left window): L2 prefetches of the
-    split's first keys, issued before cache_seqlens arrives.
     SPLIT_PAGES (paged caches; a power of two > the pages one split spans, or 0): the
     split's block-table entries are read once, before the loop and beside cache_seqlens,
     and each tile takes its pages from them (tl.gather). Read inside the loop instead (0),
@@ -88,14 +79,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         first_page = split * SPLIT_LEN // PAGE_SIZE
         page_ids = first_page + tl.arange(0, SPLIT_PAGES)
         split_pages = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + page_ids, mask=page_ids < MAX_PAGES, other=0)
-    if PREFETCH_ROWS > 0:
-        # Ask L2 for the split's first keys now: every tile load waits for cache_seqlens
-        # (its mask), one memory latency in a row before the first bytes arrive.
-        pf_rows = tl.minimum(split * SPLIT_LEN + tl.arange(0, PREFETCH_ROWS), MAX_PAGES - 1).to(tl.int64)
-        pf_cols = tl.arange(0, 2) * (HEADDIM // 2)  # a row of 128 bf16 is two 128-byte lines
-        pf_offs = (b.to(tl.int64) * stride_kb + pf_rows[:, None] * stride_ks + hk * stride_kh + pf_cols[None, :])
-        _prefetch_l2(K + pf_offs)
-        _prefetch_l2(V + pf_offs)
     seqlen_k = tl.load(CACHE_SEQLENS + b)
     cache_b = b
     if HAS_BATCH_IDX:
@@ -386,10 +369,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         # where the contiguous cache has two (compiled for sm_90 with triton 3.6: 39 KB of
         # shared memory against 72 KB). Two more stages give that loop the same K/V depth.
         pdl = not fused and pdl_usable
-        # Contiguous caches only: a paged tile's addresses wait for the block table anyway, and
-        # a cache row from cache_batch_idx, or a window's first key, for a load as well.
-        prefetch_rows = 2 * bn if (pdl_usable and not paged and cache_batch_idx is None and left < 0
-                                   and headdim == 128) else 0
         extra = {} if interp else {"num_warps": warps,
                                    "num_stages": stages + (2 if paged and not split_pages else 0)}
         launch_kernel(_decode_split_kernel, (splits, batch * nheads_k), (
@@ -404,7 +383,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
             out.stride(0), out.stride(1), out.stride(2),
-            nheads, nheads_k, group, seqlen_q, block_table.shape[1] if paged else max_keys, split_len, splits,
+            nheads, nheads_k, group, seqlen_q, block_table.shape[1] if paged else 0, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0), dict(
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged, PAGE_SIZE=page_size,
@@ -412,8 +391,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl,
-            PREFETCH_ROWS=prefetch_rows, **extra))
+            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl, **extra))
         if not fused:
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
