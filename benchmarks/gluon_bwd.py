@@ -25,13 +25,16 @@ ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all
 
 
 def config_name(config):
-    """gluon_s{stages}q{query rows}, then p for persistent launches, G{group} for their
-    launch group, K{buffers} for double-buffered K/V and S for tiles dealt on the host."""
+    """gluon_s{stages}q{query rows}, then p for persistent launches, G{group} for the launch
+    group, K{buffers} for the K/V buffers, S for tiles dealt on the host, I for causal idle
+    steps skipped and T for dQ added by TMA reduces."""
     stages, block_q, *persistent = config
     return (f"gluon_s{stages}q{block_q}{'p' if persistent and persistent[0] else ''}"
             f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}"
             f"{f'K{persistent[2]}' if len(persistent) > 2 else ''}"
-            f"{'S' if len(persistent) > 3 and persistent[3] else ''}")
+            f"{'S' if len(persistent) > 3 and persistent[3] else ''}"
+            f"{'I' if len(persistent) > 4 and persistent[4] else ''}"
+            f"{'T' if len(persistent) > 5 and persistent[5] else ''}")
 
 
 def bench(fn):

@@ -190,7 +190,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
 
 
 def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_group=16, kv_buffers=1,
-                      scheduled=False, skip_idle=False, persistent=None):
+                      scheduled=False, skip_idle=False, persistent=None, dq_tma=False):
     """The Gluon backward prototype (attention/gluon_bwd.py) compiled for sm_90, bf16, as a
     launch specializes it (16-byte aligned pointers, sizes divisible by 16: without that
     the dQ atomics compile to scalar ones)."""
@@ -204,11 +204,12 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
                       LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled, SKIP_IDLE=skip_idle,
-                      PERSISTENT=scheduled or kv_buffers > 1 if persistent is None else persistent)
+                      DQ_TMA=dq_tma, PERSISTENT=scheduled or kv_buffers > 1 if persistent is None else persistent)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
-    descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64)}
+    descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64),
+                   "dq_desc": f"tensordesc<fp32[{block_q},64],{gluon_bwd._DQ_TILE_LAYOUT!r}>" if dq_tma else tile(block_q)}
     pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "SCHED": "*i32",
                 "qk_scale": "fp32", "softmax_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
@@ -306,7 +307,11 @@ def gluon_cases():
             ("gluon backward (2, 64), persistent, dealt on the host",
              lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True)),
             ("gluon backward (2, 32), persistent, dealt, idle steps skipped",
-             lambda: compile_gluon_bwd(2, block_q=32, launch_group=8, scheduled=True, skip_idle=True))]
+             lambda: compile_gluon_bwd(2, block_q=32, launch_group=8, scheduled=True, skip_idle=True)),
+            ("gluon backward (2, 32), persistent, dealt, idle steps skipped, dQ by TMA reduces",
+             lambda: compile_gluon_bwd(2, block_q=32, launch_group=8, scheduled=True, skip_idle=True, dq_tma=True)),
+            ("gluon backward (2, 64), dQ by TMA reduces, head dim 64",
+             lambda: compile_gluon_bwd(2, headdim=64, dq_tma=True))]
 
 
 if __name__ == "__main__":

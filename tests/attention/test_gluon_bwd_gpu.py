@@ -67,7 +67,7 @@ def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candi
 @pytest.mark.parametrize("config", sorted(set(c for cs in GLUON_BWD_PERSISTENT_CONFIGS.values() for c in cs)),
                          ids=lambda c: "s{}q{}p".format(*c) + (f"G{c[3]}" if len(c) > 3 else "")
                          + (f"K{c[4]}" if len(c) > 4 else "") + ("S" if len(c) > 5 and c[5] else "")
-                         + ("I" if len(c) > 6 and c[6] else ""))
+                         + ("I" if len(c) > 6 and c[6] else "") + ("T" if len(c) > 7 and c[7] else ""))
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64),
                                    (2, 2048, 2048, 8, 2, 128), (1, 1500, 300, 4, 4, 128)],
                          ids=lambda s: "x".join(map(str, s)))

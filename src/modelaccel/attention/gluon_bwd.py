@@ -39,7 +39,7 @@ import heapq
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                              warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -48,6 +48,24 @@ from .flash_fwd import LOG2E
 from .gluon_fwd import _row_view, _sm_count, _shared_layout, _snake_order, _tile_position, _tma_load
 from .launch import cdiv, launch_kernel
 
+if hasattr(tma, "async_atomic_add"):  # triton 3.9
+    _tma_reduce_add = tma.async_atomic_add
+else:  # triton 3.6 builds the same op (ttng.async_tma_reduce) but has no Gluon function for it
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """Add the shared-memory tile src into global memory at coord of tensor_desc (TMA
+        reduce, cp.reduce.async.bulk.tensor)."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
+# A barrier of the calling warps (a partition's own, inside warp_specialize): thread_barrier
+# in triton 3.6, barrier from 3.9.
+_warps_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
 KV_ROWS = 64  # key rows per consumer warpgroup (wgmma's M for S^T, dK, dV); host side
 _KV_ROWS: gl.constexpr = gl.constexpr(KV_ROWS)
 # Query rows per step by head dim (the default; GLUON_BWD_CONFIGS sweeps others).
@@ -55,6 +73,7 @@ Q_ROWS = {64: 64, 128: 64}
 _CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
+_DQ_TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
 
 
 @gluon.jit
@@ -168,13 +187,14 @@ def _bwd_produce_tile(i, it, local, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA,
                   SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                   SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                   DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                   HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                  SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
+                  SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
+                  DQ_TMA: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -204,9 +224,9 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K,
+              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K,
               SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, KV_BUFS: gl.constexpr):
+              STAGES: gl.constexpr, CAUSAL: gl.constexpr, KV_BUFS: gl.constexpr, DQ_TMA: gl.constexpr):
     """Step t of the tile (g of the program: ring slot and dS^T parity) of consumer
     warpgroup wg (_bwd_consume), returning dk, dv.
 
@@ -291,7 +311,20 @@ def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_sme
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=[dv_token, dk_token])
     mbarrier.arrive(empty.index(slot), count=1)  # this step's Q and dO are consumed
     mbarrier.arrive(ds_free.index(par), count=1)  # both dS^T halves read
-    if HAS_DQ:
+    if HAS_DQ and DQ_TMA:
+        # The tile through shared memory and one TMA reduce-add (dQ rows [m, m + BLOCK_Q) of
+        # head h, head-dim columns of this warpgroup), issued by one thread. Rows past
+        # seqlen_q hold exact zeros (their P^T and dS^T are 0) and add into the next
+        # sequence's rows, or fall off the tensor's end. The buffer is rewritten only once
+        # the last step's reduce has read it.
+        dq_wg = dq_smem.index(wg)
+        tma.store_wait(0)
+        _warps_barrier()
+        dq_wg.store(gl.permute(dqt * softmax_scale, [1, 0]))
+        fence_async_shared()
+        _warps_barrier()
+        _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, h * HEAD_D + wg * D_ROWS], dq_wg)
+    elif HAS_DQ:
         # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
         dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
         cols_q = m + gl.arange(0, BLOCK_Q, layout=gl.SliceLayout(0, atomic_layout))
@@ -304,12 +337,13 @@ def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_sme
 
 @gluon.jit
 def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                      delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, SCHED, stride_dkb,
+                      delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, SCHED, stride_dkb,
                       stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
                       V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                       HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                       LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                      SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
+                      SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
+                      DQ_TMA: gl.constexpr):
     """Consumer warpgroup wg's work for tile position i (_bwd_consume), its steps at ring
     positions it.. and its K/V in buffer local % KV_BUFS; returns the tile's steps."""
     dtype: gl.constexpr = q_smem.dtype
@@ -332,14 +366,14 @@ def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v
                 for s in range(n_idle if busy else 0, n_m if busy else n_idle):
                     dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, busy == 0, q_smem, do_smem,
                                        k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full,
-                                       ds_free, DQ_ACC, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
-                                       qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+                                       ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+                                       qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS, DQ_TMA)
     else:
         for t in range(n_steps):
             dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                               lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, b, hk, n0, lo, n_m,
+                               lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m,
                                buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D,
-                               BLOCK_Q, STAGES, CAUSAL, KV_BUFS)
+                               BLOCK_Q, STAGES, CAUSAL, KV_BUFS, DQ_TMA)
     mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
 
     rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
@@ -353,13 +387,14 @@ def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA,
+                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA,
                  SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                  SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
                  DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                  HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                 SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
+                 SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
+                 DQ_TMA: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block (_bwd_step): dK and dV in registers; dQ of the step over all 128 keys, this
     warpgroup's share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T
@@ -379,7 +414,7 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     which it runs idle (_bwd_step's IDLE), in a loop of their own. The first half always
     sees a key: `lo` is the first query block that sees key start_n."""
     args = (q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, kv_bar, kv_free, ready, empty,
-            ds_full, ds_free, DK, DV, DQ_ACC, SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q,
+            ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q,
             SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh,
             n_nblocks, n_tiles)
     if PERSISTENT:
@@ -388,22 +423,26 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
         first, last, stride = _tile_range(SCHED, n_tiles, SCHEDULED)
         for i in range(first, last, stride):
             it += _bwd_consume_tile(i, it, local, wg, *args, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS,
-                                    PERSISTENT, SCHEDULED, SKIP_IDLE)
+                                    PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)
             local += 1
     else:
         # One tile, its ring and buffer positions known at compile time (_bwd_producer).
         _bwd_consume_tile(gl.program_id(0), 0, 0, wg, *args, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS,
-                          PERSISTENT, SCHEDULED, SKIP_IDLE)
+                          PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)
+    if DQ_TMA:
+        tma.store_wait(0)  # the last reduce has read its tile before the program's memory goes
 
 
 @gluon.jit
-def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DELTA, SCHED, stride_dkb, stride_dks,
+def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, dq_desc, LSE, DELTA, SCHED, stride_dkb,
+                        stride_dks,
                         stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
                         Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
                         DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
                         LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                        SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr):
+                        SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
+                        DQ_TMA: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -427,6 +466,10 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
+    if DQ_TMA:  # each consumer warpgroup's dQ tile for its TMA reduce (dq_desc's blocks)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_Q, 64], dq_desc.layout)
+    else:
+        dq_smem = delta_smem  # unused
     kv_bar = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -447,23 +490,23 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, LSE, DE
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
         (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE, DELTA, SCHED,
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA, SCHED,
                         stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
                         SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
                         V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
+                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
         (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                         lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, LSE,
+                         lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE,
                          DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
                          SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
                          V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE)),
+                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -476,15 +519,22 @@ GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3
 # A third field True: the persistent launch; a fourth its launch group (default 0: snake
 # order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
 # on the host (_tile_schedule); a seventh True skips the second warpgroup's causal idle
-# steps (skip_idle). Only the dealt launches in groups of 8 are tuning
+# steps (skip_idle); an eighth True adds dQ by TMA reduces (dq_tma; listed here although
+# one of them is a per-tile launch, for the persistent tests' shapes and NaN-filled grads). Only the dealt launches in groups of 8 are tuning
 # candidates (GLUON_BWD_CANDIDATES): the snake deal lost from 2K tokens, double-buffered K/V
 # gained nothing (benchmarks/NOTES.md, twelfth session).
-GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
+# An eighth field True: each step's dQ tile is added by one TMA reduce from shared memory
+# (dq_tma), here for the launches the tuner took at dcd8001 (the dealt 32-row idle-skipping
+# one at 1K, the dealt 64-row one at 2K, 8K and 16K, the per-tile 64-row one at 4K).
+_DQ_TMA_CONFIGS = [(2, 32, True, 8, 1, True, True, True), (2, 64, True, 8, 1, True, False, True),
+                   (2, 64, False, 8, 1, False, False, True)]
+GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True), (2, 64, False, 8, 1, False, False, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
                                                            (2, 64, True, 8), (2, 32, True, 0, 2),
                                                            (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
                                                            (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True),
                                                            (2, 32, True, 8, 1, True, True),
-                                                           (2, 64, True, 8, 1, True, True)]}
+                                                           (2, 64, True, 8, 1, True, True),
+                                                           *_DQ_TMA_CONFIGS]}
 # kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,
@@ -554,7 +604,7 @@ def _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, group, block_
 
 def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=False, stages=2, block_q=None,
                                  persistent=False, launch_group=None, kv_buffers=1, scheduled=False, skip_idle=False,
-                                 grads=None):
+                                 dq_tma=False, grads=None):
     """dq, dk, dv of the forward, as flash_bwd.flash_attn_backward returns them (dq shaped
     like q, dk and dv like k and summed over each GQA group, in q's dtype).
 
@@ -573,7 +623,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     at head dim 128 leave no shared memory for it). scheduled: a persistent launch's tiles
     dealt on the host (_tile_schedule) as the hardware deals a per-tile grid, instead of in
     snake order. skip_idle: under a causal mask the second warpgroup skips the products of
-    the steps whose queries see none of its keys (_bwd_consume)."""
+    the steps whose queries see none of its keys (_bwd_consume). dq_tma: each step's dQ
+    tile goes to the float32 accumulator as one TMA reduce-add from shared memory instead of
+    16-byte atomics from every thread."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -595,6 +647,10 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     q_desc, do_desc = (TensorDescriptor.from_tensor(views[i][0], [block_q, headdim], tile) for i in (0, 3))
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(views[i][0], [KV_ROWS, headdim], kv_tile) for i in (1, 2))
+    # Rows (batch, query) by columns (head, head dim) of the accumulator; unswizzled, as a
+    # row of a block (64 float32 columns) is wider than the 128-byte swizzle.
+    dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, nheads * headdim), [block_q, 64],
+                                           _DQ_TILE_LAYOUT) if dq_tma else q_desc
     n_nblocks = cdiv(seqlen_k, 2 * KV_ROWS)
     n_tiles = batch * nheads_k * n_nblocks
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
@@ -607,14 +663,15 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         schedule = _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, nheads // nheads_k, block_q,
                                   causal, launch_group, grid[0], q.device)  # None: snake order, below
     launch_kernel(_attn_bwd_ws_kernel, grid, (
-        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, lse, delta, delta if schedule is None else schedule,
+        q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, dq_desc, lse, delta, delta if schedule is None else schedule,
         dk.stride(0), dk.stride(1), dk.stride(2),
         lse.stride(0), lse.stride(1), nheads, nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
         *views[2][1:], *views[3][1:], softmax_scale * LOG2E, softmax_scale, batch * nheads_k, n_nblocks), dict(
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
         LAUNCH_GROUP=launch_group,
-        KV_BUFS=kv_buffers, PERSISTENT=persistent, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, num_warps=4,
+        KV_BUFS=kv_buffers, PERSISTENT=persistent, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, DQ_TMA=dq_tma,
+        num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
