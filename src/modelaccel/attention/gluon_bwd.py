@@ -20,9 +20,10 @@ step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
     P^T = exp2(S^T - lse), dS^T = P^T (dP^T - delta), both to shared memory
     dV += P^T dO, dK += dS^T Q
     dQ^T[64 head-dim rows] = K^T dS^T over all 128 keys (both warpgroups' dS^T)
-and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics; Gluon in
-triton 3.6 has no TMA reduce. Each dQ element is added once per step (the first version
-added one partial per warpgroup: twice the atomics, 0.69-0.85x the Triton backward).
+and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics, or with
+dq_tma as one TMA reduce-add of the tile staged in shared memory (not yet GPU-run). Each
+dQ element is added once per step (the first version added one partial per warpgroup:
+twice the atomics, 0.69-0.85x the Triton backward).
 delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel. A persistent launch
 (one program per SM running tile after tile; GLUON_BWD_PERSISTENT_CONFIGS) keeps the Q/dO
 ring running across tiles and loads the next tile's K/V as soon as the last one's products
