@@ -188,14 +188,13 @@ def _bwd_produce_tile(i, it, local, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA,
-                  SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
-                  SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
-                  DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                  lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc,
+                  dq_smem, LSE, DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS,
+                  NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
+                  V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                   HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                  SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
-                  DQ_TMA: gl.constexpr):
+                  LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr, SCHEDULED: gl.constexpr,
+                  SKIP_IDLE: gl.constexpr, DQ_TMA: gl.constexpr):
     """Per tile of this program: Q and dO of every step into the ring by TMA, and the
     step's lse (times log2 e; +inf past seqlen_q) and delta rows by plain loads into their
     own slots; a slot's mbarrier completes with the TMA bytes and a second arrival after
@@ -225,9 +224,10 @@ def _bwd_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_
 
 @gluon.jit
 def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K,
-              SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr,
-              STAGES: gl.constexpr, CAUSAL: gl.constexpr, KV_BUFS: gl.constexpr, DQ_TMA: gl.constexpr):
+              lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf,
+              NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D: gl.constexpr,
+              BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, KV_BUFS: gl.constexpr,
+              DQ_TMA: gl.constexpr):
     """Step t of the tile (g of the program: ring slot and dS^T parity) of consumer
     warpgroup wg (_bwd_consume), returning dk, dv.
 
@@ -338,13 +338,12 @@ def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_sme
 
 @gluon.jit
 def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                      delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, SCHED, stride_dkb,
-                      stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H,
-                      V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                      HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                      delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem,
+                      SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B,
+                      K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
+                      n_tiles, HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                       LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                      SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
-                      DQ_TMA: gl.constexpr):
+                      SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr, DQ_TMA: gl.constexpr):
     """Consumer warpgroup wg's work for tile position i (_bwd_consume), its steps at ring
     positions it.. and its K/V in buffer local % KV_BUFS; returns the tile's steps."""
     dtype: gl.constexpr = q_smem.dtype
@@ -365,16 +364,17 @@ def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v
         for gh in range(NHEADS // NHEADS_K):
             for busy in gl.static_range(2):  # the head's idle steps, then its busy ones
                 for s in range(n_idle if busy else 0, n_m if busy else n_idle):
-                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, busy == 0, q_smem, do_smem,
-                                       k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full,
-                                       ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
-                                       qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS, DQ_TMA)
+                    dk, dv = _bwd_step(it + gh * n_m + s, gh * n_m + s, dk, dv, wg, busy == 0, q_smem, do_smem, k_smem,
+                                       v_smem, ds_smem, p_smem, lse_smem, delta_smem, ready, empty, ds_full, ds_free,
+                                       DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m, buf, NHEADS, NHEADS_K, SEQLEN_Q,
+                                       SEQLEN_K, qk_scale, softmax_scale, HEAD_D, BLOCK_Q, STAGES, CAUSAL, KV_BUFS,
+                                       DQ_TMA)
     else:
         for t in range(n_steps):
-            dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                               lse_smem, delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m,
-                               buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D,
-                               BLOCK_Q, STAGES, CAUSAL, KV_BUFS, DQ_TMA)
+            dk, dv = _bwd_step(it + t, t, dk, dv, wg, False, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
+                               delta_smem, ready, empty, ds_full, ds_free, DQ_ACC, dq_desc, dq_smem, b, hk, n0, lo, n_m,
+                               buf, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, qk_scale, softmax_scale, HEAD_D, BLOCK_Q,
+                               STAGES, CAUSAL, KV_BUFS, DQ_TMA)
     mbarrier.arrive(kv_free.index(buf), count=1)  # every product with this tile's K and V is waited for
 
     rows_kv = n0 + gl.arange(0, _KV_ROWS, layout=gl.SliceLayout(1, acc_layout))
@@ -388,14 +388,13 @@ def _bwd_consume_tile(i, it, local, wg: gl.constexpr, q_smem, do_smem, k_smem, v
 
 @gluon.jit
 def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA,
-                 SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
-                 SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
-                 DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
+                 lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc,
+                 dq_smem, LSE, DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS,
+                 NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
+                 V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
                  HEAD_D: gl.constexpr, BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                 SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
-                 DQ_TMA: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr, SCHEDULED: gl.constexpr,
+                 SKIP_IDLE: gl.constexpr, DQ_TMA: gl.constexpr):
     """Per tile of this program, key rows start_n + 64 wg ... + 63 against every step's
     query block (_bwd_step): dK and dV in registers; dQ of the step over all 128 keys, this
     warpgroup's share of the head dim (rows D_ROWS wg.. of dQ^T, from both warpgroups' dS^T
@@ -415,9 +414,9 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
     which it runs idle (_bwd_step's IDLE), in a loop of their own. The first half always
     sees a key: `lo` is the first query block that sees key start_n."""
     args = (q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem, delta_smem, kv_bar, kv_free, ready, empty,
-            ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS, NHEADS_K, SEQLEN_Q,
-            SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, softmax_scale, nbh,
-            n_nblocks, n_tiles)
+            ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, SCHED, stride_dkb, stride_dks, stride_dkh, NHEADS,
+            NHEADS_K, SEQLEN_Q, SEQLEN_K, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale,
+            softmax_scale, nbh, n_nblocks, n_tiles)
     if PERSISTENT:
         it = 0
         local = 0
@@ -436,14 +435,12 @@ def _bwd_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, do_desc, q_smem, do_s
 
 @gluon.jit
 def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, dq_desc, LSE, DELTA, SCHED, stride_dkb,
-                        stride_dks,
-                        stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B,
-                        Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B,
-                        DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
+                        stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q, SEQLEN_K,
+                        Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H,
+                        DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, HEAD_D: gl.constexpr,
                         BLOCK_Q: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, DS_LAYOUT: gl.constexpr,
                         LAUNCH_GROUP: gl.constexpr, KV_BUFS: gl.constexpr, PERSISTENT: gl.constexpr,
-                        SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr,
-                        DQ_TMA: gl.constexpr):
+                        SCHEDULED: gl.constexpr, SKIP_IDLE: gl.constexpr, DQ_TMA: gl.constexpr):
     """Tiles of 128 key rows of one (batch, kv head) against every query block that sees
     them: nbh = batch * nheads_k kv batch-heads of n_nblocks tiles each, in launch order
     (_bwd_tile). Program p takes tiles p, p + programs, ... (odd rounds reversed,
@@ -491,23 +488,26 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, dq_desc
     # Each partition gets its own tuple, written out (constexprs reach it as constexprs only so).
     gl.warp_specialize([
         (_bwd_consume, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA, SCHED,
-                        stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
-                        SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
-                        V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem,
+                        LSE, DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS,
+                        NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                        V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh,
+                        n_nblocks, n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT,
+                        SCHEDULED, SKIP_IDLE, DQ_TMA)), 
         (_bwd_consume, (1, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
-                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE, DELTA, SCHED,
-                        stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K, SEQLEN_Q,
-                        SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H,
-                        V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks, n_tiles,
-                        HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
-        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem,
-                         lse_smem, delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem, LSE,
-                         DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS, NHEADS_K,
-                         SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H, V_ROWS_B,
-                         V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh, n_nblocks,
-                         n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT, SCHEDULED, SKIP_IDLE, DQ_TMA)),
+                        delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem,
+                        LSE, DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS,
+                        NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                        V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh,
+                        n_nblocks, n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT,
+                        SCHEDULED, SKIP_IDLE, DQ_TMA)), 
+        (_bwd_producer, (0, q_desc, k_desc, v_desc, do_desc, q_smem, do_smem, k_smem, v_smem, ds_smem, p_smem, lse_smem,
+                         delta_smem, kv_bar, kv_free, ready, empty, ds_full, ds_free, DK, DV, DQ_ACC, dq_desc, dq_smem,
+                         LSE, DELTA, SCHED, stride_dkb, stride_dks, stride_dkh, stride_lse_b, stride_lse_h, NHEADS,
+                         NHEADS_K, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
+                         V_ROWS_B, V_ROWS_H, V_COLS_H, DO_ROWS_B, DO_ROWS_H, DO_COLS_H, qk_scale, softmax_scale, nbh,
+                         n_nblocks, n_tiles, HEAD_D, BLOCK_Q, STAGES, CAUSAL, LAUNCH_GROUP, KV_BUFS, PERSISTENT,
+                         SCHEDULED, SKIP_IDLE, DQ_TMA)), 
     ], [4, 1], [_CONSUMER_REGS, _PRODUCER_REGS])
 
 
@@ -521,21 +521,20 @@ GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3
 # order over grid order); a fifth its K/V buffers (default 1); a sixth True deals the tiles
 # on the host (_tile_schedule); a seventh True skips the second warpgroup's causal idle
 # steps (skip_idle); an eighth True adds dQ by TMA reduces (dq_tma; listed here although
-# one of them is a per-tile launch, for the persistent tests' shapes and NaN-filled grads). Only the dealt launches in groups of 8 are tuning
-# candidates (GLUON_BWD_CANDIDATES): the snake deal lost from 2K tokens, double-buffered K/V
-# gained nothing (benchmarks/NOTES.md, twelfth session).
+# one of them is a per-tile launch, for the persistent tests' shapes and NaN-filled grads).
+# Only the dealt launches in groups of 8 are tuning candidates (GLUON_BWD_CANDIDATES): the
+# snake deal lost from 2K tokens, double-buffered K/V gained nothing (benchmarks/NOTES.md,
+# twelfth session).
 # An eighth field True: each step's dQ tile is added by one TMA reduce from shared memory
 # (dq_tma), here for the launches the tuner took at dcd8001 (the dealt 32-row idle-skipping
 # one at 1K, the dealt 64-row one at 2K, 8K and 16K, the per-tile 64-row one at 4K).
 _DQ_TMA_CONFIGS = [(2, 32, True, 8, 1, True, True, True), (2, 64, True, 8, 1, True, False, True),
                    (2, 64, False, 8, 1, False, False, True)]
-GLUON_BWD_PERSISTENT_CONFIGS = {64: [(2, 64, True), (2, 64, False, 8, 1, False, False, True)], 128: [(2, 32, True), (2, 64, True), (2, 32, True, 8),
-                                                           (2, 64, True, 8), (2, 32, True, 0, 2),
-                                                           (2, 32, True, 8, 2), (2, 32, True, 8, 1, True),
-                                                           (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True),
-                                                           (2, 32, True, 8, 1, True, True),
-                                                           (2, 64, True, 8, 1, True, True),
-                                                           *_DQ_TMA_CONFIGS]}
+GLUON_BWD_PERSISTENT_CONFIGS = {
+    64: [(2, 64, True), (2, 64, False, 8, 1, False, False, True)],
+    128: [(2, 32, True), (2, 64, True), (2, 32, True, 8), (2, 64, True, 8), (2, 32, True, 0, 2), (2, 32, True, 8, 2),
+          (2, 32, True, 8, 1, True), (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True),
+          (2, 32, True, 8, 1, True, True), (2, 64, True, 8, 1, True, True), *_DQ_TMA_CONFIGS]}
 # kv batch-heads per launch group (gluon_fwd._tile_position); 0: grid order. Groups of 8
 # measured 1.02-1.17x grid order's speed on every row of the sweep gluon_fwd.LAUNCH_GROUP
 # cites (geomean 1.085x; 4: 1.080x, 16: 1.079x, 32: 1.073x): +15-17% at 1024-2048 tokens,

@@ -178,8 +178,9 @@ class LaunchTuner:
     """Chooses a kernel's launch configuration per problem class, once.
 
     Each candidate is timed with do_bench on the real launch the first time a class is
-    seen, and the fastest few again (_refine); with graph_timing, on a CUDA graph of it (GPU time alone), for launches whose
-    host time exceeds the GPU time of the 256 MB L2 flush do_bench puts between calls.
+    seen, and the fastest few again (_refine); with graph_timing, on a CUDA graph of it (GPU
+    time alone), for launches whose host time exceeds the GPU time of the 256 MB L2 flush
+    do_bench puts between calls.
     Choices persist in a JSON file per kernel, device and triton version
     ($MODELACCEL_CACHE_DIR, default ~/.cache/modelaccel), so tuning happens once per machine.
     MODELACCEL_TUNING=off times nothing: stored choices, else the first candidate.
