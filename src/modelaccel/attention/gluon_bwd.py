@@ -550,6 +550,13 @@ GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True), ("gluon_ws"
 # launch without at 1K-4K tokens (results/tuning/quick_bwd_idle_h200_4ac63c0.json); the
 # 64-row one 1-6% behind (more spills), so only the first is offered.
 GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 32, True, 8, 1, True, True)]
+# dQ by TMA reduces (dq_tma) at 64-row steps: the dealt persistent launch ran 5.1-7.0% ahead
+# of its atomic twin on every square row from 1K to 16K tokens (and the 48-head one), 2.2%
+# at GQA 32/8 8K; the per-tile one 1.7-7.1% ahead except at 4K (6.1% behind)
+# (benchmarks/gluon_bwd.py at 6b1c7a4, untuned, results/tuning/gluon_bwd_dq_tma_h200_6b1c7a4.json).
+# At 32-row steps it was 1.0% behind to 1.7% ahead, so those are not offered.
+GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True, False, True),
+                              ("gluon_ws", 2, 64, False, 8, 1, False, False, True)]
 
 
 # A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
