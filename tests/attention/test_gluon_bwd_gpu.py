@@ -44,7 +44,7 @@ def test_gluon_backward_matches_reference(config, shape, causal, layout):
 
 @pytest.mark.parametrize("candidate", GLUON_BWD_CANDIDATES[128],
                          ids=lambda c: f"s{c[1]}q{c[2]}" + ("p_dealt" if len(c) > 6 and c[6] else "")
-                         + ("_idle" if len(c) > 7 and c[7] else ""))
+                         + ("_idle" if len(c) > 7 and c[7] else "") + ("_tma" if len(c) > 8 and c[8] else ""))
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candidate, causal, monkeypatch):
     # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
