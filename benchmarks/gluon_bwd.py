@@ -7,7 +7,7 @@ backward's first (bench.attention.compare_grads: relative error below 2e-2 each;
 then timed with do_bench (median) from the same forward outputs; `modelaccel` is
 flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
 torch.autograd.grad. TFLOPS count 2.5x the forward's FLOPs.
-Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...]  (config_name's, e.g.
+Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...]  (gluon_bwd.config_name's, e.g.
 `gluon_s2q64,gluon_s2q32p`; default: every configuration)
 """
 
@@ -17,24 +17,12 @@ import sys
 import triton
 
 from modelaccel.attention.flash_bwd import flash_attn_backward
-from modelaccel.attention.gluon_bwd import GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS, flash_attn_backward_gluon_ws
+from modelaccel.attention.gluon_bwd import (GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS, config_name,
+                                            flash_attn_backward_gluon_ws)
 from modelaccel.bench.attention import (BWD_SHAPES, attention_flops, causal_backward_inputs, collect_metadata,
                                        compare_grads, sdpa_backward_call, tflops)
 
 ROWS = [shape[:4] for shape in BWD_SHAPES]  # the backward benchmark's rows (all square)
-
-
-def config_name(config):
-    """gluon_s{stages}q{query rows}, then p for persistent launches, G{group} for the launch
-    group, K{buffers} for the K/V buffers, S for tiles dealt on the host, I for causal idle
-    steps skipped and T for dQ added by TMA reduces."""
-    stages, block_q, *persistent = config
-    return (f"gluon_s{stages}q{block_q}{'p' if persistent and persistent[0] else ''}"
-            f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}"
-            f"{f'K{persistent[2]}' if len(persistent) > 2 else ''}"
-            f"{'S' if len(persistent) > 3 and persistent[3] else ''}"
-            f"{'I' if len(persistent) > 4 and persistent[4] else ''}"
-            f"{'T' if len(persistent) > 5 and persistent[5] else ''}")
 
 
 def bench(fn):

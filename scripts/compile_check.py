@@ -150,8 +150,8 @@ def candidate_cases():
                 flash_bwd._attn_bwd_dkdv_kernel, ptrs, dict(dense, BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic,
                                                            DQ_TMA=tma, LAUNCH_GROUP=0),
                 warps, stages)
-    plain_decode = dict(DECODE, PAGED=False, PAGE_SIZE=1, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False, FUSED=False,
-                        SPLIT_PAGES=0)
+    plain_decode = dict(DECODE, PAGED=False, PAGE_SIZE=1, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
+                        FUSED=False, SPLIT_PAGES=0)
     for bn, warps, stages, fused in sorted(set(c[:3] + (bool(c[5:]),) for c in decode._DECODE_CONFIGS)):
         yield "decode" + (" fused" if fused else ""), (
             decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn, FUSED=fused), warps, stages)
@@ -208,8 +208,10 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
+    # Without dq_tma the kernel's dq_desc is unused and the launcher passes q_desc there.
+    dq_tile = f"tensordesc<fp32[{block_q},64],{gluon_bwd._DQ_TILE_LAYOUT!r}>" if dq_tma else tile(block_q)
     descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64),
-                   "dq_desc": f"tensordesc<fp32[{block_q},64],{gluon_bwd._DQ_TILE_LAYOUT!r}>" if dq_tma else tile(block_q)}
+                   "dq_desc": dq_tile}
     pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "SCHED": "*i32",
                 "qk_scale": "fp32", "softmax_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or

@@ -9,7 +9,7 @@ from modelaccel import flash_attn_func
 from modelaccel.attention import flash_bwd, gluon_bwd
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.gluon_bwd import (GLUON_BWD_CANDIDATES, GLUON_BWD_CONFIGS, GLUON_BWD_PERSISTENT_CONFIGS,
-                                            flash_attn_backward_gluon_ws)
+                                            config_name, flash_attn_backward_gluon_ws)
 from modelaccel.attention.reference import attention_ref
 from modelaccel.testing import assert_grads_close, random_qkv, route_tuner_to
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("config", sorted(set(c for cs in GLUON_BWD_CONFIGS.values() for c in cs)),
-                         ids=lambda c: f"s{c[0]}q{c[1]}")
+                         ids=config_name)
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64),
                                    (2, 2048, 2048, 8, 2, 128), (1, 1500, 300, 4, 4, 128)],
                          ids=lambda s: "x".join(map(str, s)))
@@ -43,8 +43,7 @@ def test_gluon_backward_matches_reference(config, shape, causal, layout):
 
 
 @pytest.mark.parametrize("candidate", GLUON_BWD_CANDIDATES[128],
-                         ids=lambda c: f"s{c[1]}q{c[2]}" + ("p_dealt" if len(c) > 6 and c[6] else "")
-                         + ("_idle" if len(c) > 7 and c[7] else "") + ("_tma" if len(c) > 8 and c[8] else ""))
+                         ids=lambda c: config_name(c[1:]))
 @pytest.mark.parametrize("causal", [False, True])
 def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candidate, causal, monkeypatch):
     # Large enough for the tuner to offer the Gluon candidates (flash_bwd._GLUON_BWD_MIN_FLOPS).
@@ -65,9 +64,7 @@ def test_flash_attn_func_backward_runs_the_gluon_backward_when_tuned_to_it(candi
 
 
 @pytest.mark.parametrize("config", sorted(set(c for cs in GLUON_BWD_PERSISTENT_CONFIGS.values() for c in cs)),
-                         ids=lambda c: "s{}q{}p".format(*c) + (f"G{c[3]}" if len(c) > 3 else "")
-                         + (f"K{c[4]}" if len(c) > 4 else "") + ("S" if len(c) > 5 and c[5] else "")
-                         + ("I" if len(c) > 6 and c[6] else "") + ("T" if len(c) > 7 and c[7] else ""))
+                         ids=config_name)
 @pytest.mark.parametrize("shape", [(2, 1000, 1000, 8, 8, 128), (1, 300, 1500, 16, 4, 128), (3, 777, 513, 4, 1, 64),
                                    (2, 2048, 2048, 8, 2, 128), (1, 1500, 300, 4, 4, 128)],
                          ids=lambda s: "x".join(map(str, s)))

@@ -560,6 +560,21 @@ GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True, False, True)
                               ("gluon_ws", 2, 64, False, 8, 1, False, False, True)]
 
 
+def config_name(config):
+    """A launch configuration's name (benchmarks, test ids): gluon_s{stages}q{query rows},
+    then p for persistent launches, G{group} for the launch group, K{buffers} for the K/V
+    buffers, S for tiles dealt on the host, I for causal idle steps skipped and T for dQ
+    added by TMA reduces. config: a GLUON_BWD_*CONFIGS entry, or a candidate without its
+    leading "gluon_ws"."""
+    stages, block_q, *rest = config
+    return (f"gluon_s{stages}q{block_q}{'p' if rest and rest[0] else ''}"
+            f"{f'G{rest[1]}' if len(rest) > 1 else ''}"
+            f"{f'K{rest[2]}' if len(rest) > 2 else ''}"
+            f"{'S' if len(rest) > 3 and rest[3] else ''}"
+            f"{'I' if len(rest) > 4 and rest[4] else ''}"
+            f"{'T' if len(rest) > 5 and rest[5] else ''}")
+
+
 # A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
 # wait and dK/dV stores, about two 64-row steps.
 _TILE_OVERHEAD_ROWS = 128
