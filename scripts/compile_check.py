@@ -204,15 +204,12 @@ def compile_gluon_bwd(stages, headdim=128, causal=True, block_q=None, launch_gro
     constexprs = dict(HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
                       DS_LAYOUT=gl.NVMMASharedLayout.get_default_for([64, block_q], gl.bfloat16),
                       LAUNCH_GROUP=launch_group, KV_BUFS=kv_buffers, SCHEDULED=scheduled, SKIP_IDLE=skip_idle,
-                      DQ_TMA=int(dq_tma), PERSISTENT=scheduled or kv_buffers > 1 if persistent is None else persistent)
+                      DQ_TMA=dq_tma, PERSISTENT=scheduled or kv_buffers > 1 if persistent is None else persistent)
 
     def tile(rows):
         return f"tensordesc<bf16[{rows},{headdim}],{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
     # Without dq_tma the kernel's dq_desc is unused and the launcher passes q_desc there.
-    dq_tile = tile(block_q)
-    if dq_tma:
-        dq_tile = (f"tensordesc<fp32[{block_q},32],{gluon_bwd._DQ_HALF_LAYOUT!r}>" if dq_tma == 2 else
-                   f"tensordesc<fp32[{block_q},64],{gluon_bwd._DQ_TILE_LAYOUT!r}>")
+    dq_tile = f"tensordesc<fp32[{block_q},32],{gluon_bwd._DQ_TILE_LAYOUT!r}>" if dq_tma else tile(block_q)
     descriptors = {"q_desc": tile(block_q), "do_desc": tile(block_q), "k_desc": tile(64), "v_desc": tile(64),
                    "dq_desc": dq_tile}
     pointers = {"DK": "*bf16", "DV": "*bf16", "DQ_ACC": "*fp32", "LSE": "*fp32", "DELTA": "*fp32", "SCHED": "*i32",
@@ -317,8 +314,8 @@ def gluon_cases():
              lambda: compile_gluon_bwd(2, block_q=32, launch_group=8, scheduled=True, skip_idle=True, dq_tma=True)),
             ("gluon backward (2, 64), dQ by TMA reduces, head dim 64",
              lambda: compile_gluon_bwd(2, headdim=64, dq_tma=True)),
-            ("gluon backward (2, 64), persistent, dealt, dQ by TMA reduces from swizzled boxes",
-             lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True, dq_tma=2))]
+            ("gluon backward (2, 64), persistent, dealt, dQ by TMA reduces",
+             lambda: compile_gluon_bwd(2, launch_group=8, scheduled=True, dq_tma=True))]
 
 
 if __name__ == "__main__":

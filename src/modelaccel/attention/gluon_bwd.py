@@ -21,7 +21,7 @@ step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
     dV += P^T dO, dK += dS^T Q
     dQ^T[64 head-dim rows] = K^T dS^T over all 128 keys (both warpgroups' dS^T)
 and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics, or with
-dq_tma as one TMA reduce-add of the tile staged in shared memory (5-7% faster at 64-row
+dq_tma as TMA reduce-adds of the tile staged in shared memory (9-13% faster at 64-row
 steps, GLUON_BWD_CANDIDATES). Each
 dQ element is added once per step (the first version added one partial per warpgroup:
 twice the atomics, 0.69-0.85x the Triton backward).
@@ -75,12 +75,12 @@ Q_ROWS = {64: 64, 128: 64}
 _CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _PRODUCER_REGS: gl.constexpr = gl.constexpr(24)
 _MAXNREG = 168  # as gluon_fwd: leaves the default partition 240 registers
-# dq_tma's shared-memory dQ tiles: dq_tma=1 one unswizzled [BLOCK_Q, 64] box (a row of 64
-# float32 is wider than the 128-byte swizzle; the wgmma accumulator's scalar stores into it
-# are 4-way bank-conflicted), dq_tma=2 two 128-byte-swizzled [BLOCK_Q, 32] boxes, which
-# those stores fill without conflicts.
-_DQ_TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
-_DQ_HALF_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+# dq_tma's shared-memory dQ tiles: two 128-byte-swizzled [BLOCK_Q, 32] boxes per warpgroup,
+# which the wgmma accumulator's scalar stores fill without bank conflicts. One unswizzled
+# [BLOCK_Q, 64] box (a row of 64 float32 is wider than the swizzle) took them 4-way
+# conflicted and ran 4-7% slower at 64-row steps
+# (results/tuning/gluon_bwd_dq_tma_swizzled_h200_58d073a.json).
+_DQ_TILE_LAYOUT = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
 
 
 @gluon.jit
@@ -327,22 +327,14 @@ def _bwd_step(g, t, dk, dv, wg: gl.constexpr, IDLE: gl.constexpr, q_smem, do_sme
         tma.store_wait(0)
         _warps_barrier()
         col = h * HEAD_D + wg * D_ROWS
-        if DQ_TMA == 2:
-            # Rows (head-dim half, query) by 32 head-dim columns: a relabelling of the
-            # accumulator's registers (no data moves), stored into both swizzled boxes at once.
-            halves = gl.permute(gl.reshape(dqt * softmax_scale, [2, D_ROWS // 2, BLOCK_Q]), [0, 2, 1])
-            dq_smem.slice(wg * 2 * BLOCK_Q, 2 * BLOCK_Q).store(gl.reshape(halves, [2 * BLOCK_Q, D_ROWS // 2]))
-            fence_async_shared()
-            _warps_barrier()
-            _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, col], dq_smem.slice(wg * 2 * BLOCK_Q, BLOCK_Q))
-            _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, col + D_ROWS // 2],
-                            dq_smem.slice((wg * 2 + 1) * BLOCK_Q, BLOCK_Q))
-        else:
-            dq_wg = dq_smem.index(wg)
-            dq_wg.store(gl.permute(dqt * softmax_scale, [1, 0]))
-            fence_async_shared()
-            _warps_barrier()
-            _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, col], dq_wg)
+        # Rows (head-dim half, query) by 32 head-dim columns: a relabelling of the
+        # accumulator's registers (no data moves), stored into both swizzled boxes at once.
+        halves = gl.permute(gl.reshape(dqt * softmax_scale, [2, D_ROWS // 2, BLOCK_Q]), [0, 2, 1])
+        dq_smem.slice(wg * 2 * BLOCK_Q, 2 * BLOCK_Q).store(gl.reshape(halves, [2 * BLOCK_Q, D_ROWS // 2]))
+        fence_async_shared()
+        _warps_barrier()
+        _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, col], dq_smem.slice(wg * 2 * BLOCK_Q, BLOCK_Q))
+        _tma_reduce_add(dq_desc, [b * SEQLEN_Q + m, col + D_ROWS // 2], dq_smem.slice((wg * 2 + 1) * BLOCK_Q, BLOCK_Q))
     elif HAS_DQ:
         # Lanes along the head dim for the atomics, so each warp's adds are contiguous.
         dqt = gl.convert_layout(dqt * softmax_scale, atomic_layout)
@@ -482,10 +474,8 @@ def _attn_bwd_ws_kernel(q_desc, k_desc, v_desc, do_desc, DK, DV, DQ_ACC, dq_desc
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[0])
     lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
     delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_Q], rows_layout)
-    if DQ_TMA == 2:  # each consumer warpgroup's dQ tile for its TMA reduces (dq_desc's blocks)
+    if DQ_TMA:  # each consumer warpgroup's two dQ boxes for its TMA reduces (dq_desc's blocks)
         dq_smem = gl.allocate_shared_memory(gl.float32, [4 * BLOCK_Q, 32], dq_desc.layout)
-    elif DQ_TMA:
-        dq_smem = gl.allocate_shared_memory(gl.float32, [2, BLOCK_Q, 64], dq_desc.layout)
     else:
         dq_smem = delta_smem  # unused
     kv_bar = gl.allocate_shared_memory(gl.int64, [KV_BUFS, 1], mbarrier.MBarrierLayout())
@@ -548,12 +538,10 @@ GLUON_BWD_CONFIGS = {64: [(2, 64), (3, 64)], 128: [(2, 32), (3, 32), (2, 64), (3
 # An eighth field True: each step's dQ tile is added by one TMA reduce from shared memory
 # (dq_tma), here for the launches the tuner took at dcd8001 (the dealt 32-row idle-skipping
 # one at 1K, the dealt 64-row one at 2K, 8K and 16K, the per-tile 64-row one at 4K).
-# An eighth field 2: the same through two swizzled 32-column boxes (_DQ_HALF_LAYOUT).
 _DQ_TMA_CONFIGS = [(2, 32, True, 8, 1, True, True, True), (2, 64, True, 8, 1, True, False, True),
-                   (2, 64, False, 8, 1, False, False, True), (2, 32, True, 8, 1, True, True, 2),
-                   (2, 64, True, 8, 1, True, False, 2), (2, 64, False, 8, 1, False, False, 2)]
+                   (2, 64, False, 8, 1, False, False, True)]
 GLUON_BWD_PERSISTENT_CONFIGS = {
-    64: [(2, 64, True), (2, 64, False, 8, 1, False, False, True), (2, 64, False, 8, 1, False, False, 2)],
+    64: [(2, 64, True), (2, 64, False, 8, 1, False, False, True)],
     128: [(2, 32, True), (2, 64, True), (2, 32, True, 8), (2, 64, True, 8), (2, 32, True, 0, 2), (2, 32, True, 8, 2),
           (2, 32, True, 8, 1, True), (2, 64, True, 8, 1, True), (2, 32, True, 0, 1, True),
           (2, 32, True, 8, 1, True, True), (2, 64, True, 8, 1, True, True), *_DQ_TMA_CONFIGS]}
@@ -576,7 +564,10 @@ GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 32, True, 8, 1, True, True)]
 # of its atomic twin on every square row from 1K to 16K tokens (and the 48-head one), 2.2%
 # at GQA 32/8 8K; the per-tile one 1.7-7.1% ahead except at 4K (6.1% behind)
 # (benchmarks/gluon_bwd.py at 6b1c7a4, untuned, results/tuning/gluon_bwd_dq_tma_h200_6b1c7a4.json).
-# At 32-row steps it was 1.0% behind to 1.7% ahead, so those are not offered.
+# Staged in swizzled boxes (58d073a) they gained another 3.8-6.5% (dealt) and 1.3-8.9%
+# (per-tile) on every row, the dealt one on the 48-head row excepted (-16%, one run)
+# (results/tuning/gluon_bwd_dq_tma_swizzled_h200_58d073a.json).
+# At 32-row steps it was 1.0% behind to 1.7% ahead (either staging), so those are not offered.
 GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True, False, True),
                               ("gluon_ws", 2, 64, False, 8, 1, False, False, True)]
 
@@ -584,8 +575,8 @@ GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True, False, True)
 def config_name(config):
     """A launch configuration's name (benchmarks, test ids): gluon_s{stages}q{query rows},
     then p for persistent launches, G{group} for the launch group, K{buffers} for the K/V
-    buffers, S for tiles dealt on the host, I for causal idle steps skipped, T for dQ
-    added by TMA reduces and TW for those from swizzled 32-column boxes. config: a GLUON_BWD_*CONFIGS entry, or a candidate without its
+    buffers, S for tiles dealt on the host, I for causal idle steps skipped and T for dQ
+    added by TMA reduces. config: a GLUON_BWD_*CONFIGS entry, or a candidate without its
     leading "gluon_ws"."""
     stages, block_q, *rest = config
     return (f"gluon_s{stages}q{block_q}{'p' if rest and rest[0] else ''}"
@@ -593,7 +584,7 @@ def config_name(config):
             f"{f'K{rest[2]}' if len(rest) > 2 else ''}"
             f"{'S' if len(rest) > 3 and rest[3] else ''}"
             f"{'I' if len(rest) > 4 and rest[4] else ''}"
-            f"{'T' if len(rest) > 5 and rest[5] else ''}{'W' if len(rest) > 5 and rest[5] == 2 else ''}")
+            f"{'T' if len(rest) > 5 and rest[5] else ''}")
 
 
 # A tile's fixed cost in the host's deal (_tile_schedule), in query rows of work: its K/V
@@ -668,10 +659,9 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     dealt on the host (_tile_schedule) as the hardware deals a per-tile grid, instead of in
     snake order. skip_idle: under a causal mask the second warpgroup skips the products of
     the steps whose queries see none of its keys (_bwd_consume). dq_tma: each step's dQ
-    tile goes to the float32 accumulator as one TMA reduce-add from shared memory instead of
-    16-byte atomics from every thread (True or 1: one [block_q, 64] box per warpgroup
-    and step; 2: two swizzled [block_q, 32] boxes, whose staging stores are free of bank
-    conflicts)."""
+    tile goes to the float32 accumulator as TMA reduce-adds from shared memory (two swizzled
+    [block_q, 32] boxes per warpgroup and step, _DQ_TILE_LAYOUT) instead of 16-byte atomics
+    from every thread."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -694,11 +684,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
     kv_tile = _shared_layout((KV_ROWS, headdim), q.dtype)
     k_desc, v_desc = (TensorDescriptor.from_tensor(views[i][0], [KV_ROWS, headdim], kv_tile) for i in (1, 2))
     # Rows (batch, query) by columns (head, head dim) of the accumulator (_DQ_TILE_LAYOUT).
-    dq_desc = q_desc
-    if dq_tma:
-        dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, nheads * headdim),
-                                               [block_q, 32 if dq_tma == 2 else 64],
-                                               _DQ_HALF_LAYOUT if dq_tma == 2 else _DQ_TILE_LAYOUT)
+    dq_desc = TensorDescriptor.from_tensor(dq_acc.view(batch * seqlen_q, nheads * headdim), [block_q, 32],
+                                           _DQ_TILE_LAYOUT) if dq_tma else q_desc
     n_nblocks = cdiv(seqlen_k, 2 * KV_ROWS)
     n_tiles = batch * nheads_k * n_nblocks
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
@@ -718,8 +705,7 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         HEAD_D=headdim, BLOCK_Q=block_q, STAGES=stages, CAUSAL=causal,
         DS_LAYOUT=_shared_layout((KV_ROWS, block_q), q.dtype),
         LAUNCH_GROUP=launch_group,
-        KV_BUFS=kv_buffers, PERSISTENT=persistent, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle,
-        DQ_TMA=int(dq_tma),
+        KV_BUFS=kv_buffers, PERSISTENT=persistent, SCHEDULED=schedule is not None, SKIP_IDLE=skip_idle, DQ_TMA=dq_tma,
         num_warps=4,
         maxnreg=_MAXNREG))
     if dq is None:
