@@ -568,8 +568,11 @@ GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 32, True, 8, 1, True, True)]
 # (per-tile) on every row, the dealt one on the 48-head row excepted (-16%, one run)
 # (results/tuning/gluon_bwd_dq_tma_swizzled_h200_58d073a.json).
 # At 32-row steps it was 1.0% behind to 1.7% ahead (either staging), so those are not offered.
-GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, True, 8, 1, True, False, True),
-                              ("gluon_ws", 2, 64, False, 8, 1, False, False, True)]
+# Only the per-tile launch is: the dealt one ran two of fourteen rows 16-23% slow (the 48-head
+# row in that sweep; at 1K, where the tuner had taken it, 213.7 TFLOPS in the benchmark
+# against 277.9 in the sweep, results/tuning/bench_bwd_h200_77bf272.log), while the per-tile
+# one ran ahead of the dealt one-box launch on every row of the sweep.
+GLUON_BWD_CANDIDATES[128] += [("gluon_ws", 2, 64, False, 8, 1, False, False, True)]
 
 
 def config_name(config):
