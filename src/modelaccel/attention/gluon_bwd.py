@@ -21,8 +21,8 @@ step a consumer computes, with S^T = K Q^T kept transposed (keys as wgmma's M):
     dV += P^T dO, dK += dS^T Q
     dQ^T[64 head-dim rows] = K^T dS^T over all 128 keys (both warpgroups' dS^T)
 and adds its dQ^T rows (scaled) into a float32 accumulator with 16-byte atomics, or with
-dq_tma as TMA reduce-adds of the tile staged in shared memory (9-13% faster at 64-row
-steps, GLUON_BWD_CANDIDATES). Each
+dq_tma as TMA reduce-adds of the tile staged in shared memory (6-13% faster at 64-row
+steps, two runs apart; GLUON_BWD_CANDIDATES). Each
 dQ element is added once per step (the first version added one partial per warpgroup:
 twice the atomics, 0.69-0.85x the Triton backward).
 delta = rowsum(dO * O) comes from flash_bwd's Triton delta kernel. A persistent launch
