@@ -130,3 +130,35 @@ def to_paged(cache, block_table, page_size):
     pages[block_table.reshape(-1).long().to(cache.device)] = cache.reshape(batch * blocks_per_seq, page_size,
                                                                            nheads_k, headdim)
     return pages
+
+
+class FakeCompiled:
+    """Stands in for a compiled Triton kernel: its launcher logs ("direct", args)."""
+
+    function = "function handle"
+    packed_metadata = "packed metadata"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *args):
+        self.log.append(("direct", args))
+
+
+class FakeKernel:
+    """Stands in for a JITFunction with these parameter names, for tests of the direct launch
+    path (launch.launch_kernel) and of replays built on it: kernel[grid](*args, **kwargs)
+    'compiles' (counted), logs ("triton", grid, args, kwargs) and returns a FakeCompiled
+    logging into the same list."""
+
+    def __init__(self, arg_names):
+        self.arg_names = list(arg_names)
+        self.log = []
+        self.compiles = 0
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.compiles += 1
+            self.log.append(("triton", grid, args, kwargs))
+            return FakeCompiled(self.log)
+        return run

@@ -11,33 +11,11 @@ import pytest
 import torch
 
 from modelaccel.attention import launch
+from modelaccel.testing import FakeKernel
 
 
-class FakeCompiled:
-    def __init__(self, log):
-        self.function = "function handle"
-        self.packed_metadata = "packed metadata"
-        self.log = log
-
-    def run(self, *args):
-        self.log.append(("direct", args))
-
-
-class FakeKernel:
-    """Stands in for a JITFunction: kernel[grid](*args, **kwargs) 'compiles' and launches."""
-
-    arg_names = ["X", "n", "scale", "BLOCK", "FLAG"]
-
-    def __init__(self):
-        self.log = []
-        self.compiles = 0
-
-    def __getitem__(self, grid):
-        def run(*args, **kwargs):
-            self.compiles += 1
-            self.log.append(("triton", grid, args, kwargs))
-            return FakeCompiled(self.log)
-        return run
+def fake_kernel():
+    return FakeKernel(["X", "n", "scale", "BLOCK", "FLAG"])
 
 
 @pytest.fixture
@@ -49,7 +27,7 @@ def direct_path(monkeypatch):
 
 
 def test_repeat_signature_calls_the_launcher_directly(direct_path):
-    kernel = FakeKernel()
+    kernel = fake_kernel()
     x, y = torch.randn(64), torch.randn(64)
     launch.launch_kernel(kernel, (4,), (x, 64, 0.5), dict(BLOCK=32, FLAG=True, num_warps=4))
     assert [entry[0] for entry in kernel.log] == ["triton"]
@@ -64,7 +42,7 @@ def test_repeat_signature_calls_the_launcher_directly(direct_path):
 
 @pytest.mark.parametrize("change", ["constexpr", "option", "int value", "dtype", "alignment", "device"])
 def test_anything_that_can_change_the_specialization_goes_through_triton(direct_path, monkeypatch, change):
-    kernel = FakeKernel()
+    kernel = fake_kernel()
     x = torch.randn(64)
     args, kwargs = (x, 64, 0.5), dict(BLOCK=32, FLAG=True, num_warps=4)
     launch.launch_kernel(kernel, (1,), args, kwargs)
@@ -85,7 +63,7 @@ def test_anything_that_can_change_the_specialization_goes_through_triton(direct_
 
 
 def test_launch_hooks_keep_tritons_path(direct_path, monkeypatch):
-    kernel = FakeKernel()
+    kernel = fake_kernel()
     x = torch.randn(64)
     hooks = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[print]),
                                   launch_exit_hook=types.SimpleNamespace(calls=[]))
@@ -96,7 +74,7 @@ def test_launch_hooks_keep_tritons_path(direct_path, monkeypatch):
 
 
 def test_a_constexpr_left_to_its_default_is_never_repeated_directly(direct_path):
-    kernel = FakeKernel()
+    kernel = fake_kernel()
     x = torch.randn(64)
     for _ in range(2):
         launch.launch_kernel(kernel, (1,), (x, 64, 0.5), dict(BLOCK=32))  # FLAG not passed

@@ -6,12 +6,14 @@ import weakref
 from typing import Optional
 
 import torch
+import triton
 
 from .decode import decode_attention
 from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
 from .kv_append import append_kv
-from .launch import interpreting
+from . import launch
+from .launch import interpreting, record_launches, run_compiled
 from .reference import append_kv_ref, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -260,6 +262,70 @@ class FlashAttnFunc(torch.autograd.Function):
         return dq, dk, dv, *([None] * 12)
 
 
+# Inference calls of flash_attn_func that repeat a call already made (same shapes, strides,
+# 16-byte alignment, dtypes, devices and options) replay its launch: the compiled kernel's
+# launcher with the new tensors, skipping the checks, the tuner and the argument building
+# (~15 us of our Python a call on the CPU box, several times that on the GPU machine's host,
+# where a 512-token prefill layer is host-bound). A plan is made from one settled
+# launch_kernel call on the direct path whose tensors are q, k, v, out and lse and whose other
+# arguments are numbers; calls on other paths (TMA descriptors, the Gluon kernel, last dims
+# copied) are marked _NO_PLAN and keep the full path.
+_forward_plans = {}
+_NO_PLAN = ()
+_FORWARD_PLANS_MAX = 256
+# Recording costs ~13 us a call on the CPU box: a class whose tuner never settles
+# (MODELACCEL_TUNING=off without a stored choice) stops being recorded after this many calls.
+_PLAN_ATTEMPTS = 3
+_plan_attempts = {}
+_PLAIN_NUMBERS = (int, float, bool, type(None))
+
+
+def _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                      return_attn_probs):
+    """The replay key of an inference call, or None where no plan can apply."""
+    if (not launch._fast_launch or alibi_slopes is not None or return_attn_probs or dropout_p != 0
+            or type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
+            or not _use_triton(q) or type(window_size) is not tuple or type(softmax_scale) not in _PLAIN_NUMBERS
+            or type(softcap) not in _PLAIN_NUMBERS or type(causal) not in _PLAIN_NUMBERS
+            or _grad_needed(q, k, v) or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
+        return None
+    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+            k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, softmax_scale, causal,
+            window_size, softcap, type(dropout_p), triton.runtime.driver.active.get_current_device())
+
+
+def _make_forward_plan(launches, q, k, v, out, lse):
+    """(compiled kernel, grid, tensor slots, the rest, lse shape, device) replaying the one
+    launch recorded, _NO_PLAN where it cannot be replayed, or None where the call is not
+    settled yet (no single launch on the direct path: the tuner may still be timing)."""
+    if len(launches) != 1 or launches[0] is None:
+        return None
+    compiled, constexprs, grid, args = launches[0]
+    tensors = (q, k, v, out, lse)
+    slots = []
+    for arg in args:
+        if not isinstance(arg, torch.Tensor):
+            break
+        slot = next((i for i, t in enumerate(tensors) if arg is t), None)
+        if slot is None:
+            return _NO_PLAN
+        slots.append(slot)
+    rest = tuple(args[len(slots):])
+    if not all(type(arg) in _PLAIN_NUMBERS for arg in rest):
+        return _NO_PLAN
+    return (compiled, tuple(grid), tuple(slots), rest + tuple(constexprs), tuple(lse.shape),
+            triton.runtime.driver.active.get_current_device())
+
+
+def _replay_forward(plan, q, k, v):
+    compiled, grid, slots, rest, lse_shape, device = plan
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    tensors = (q, k, v, out, lse)
+    run_compiled(compiled, grid, device, [tensors[i] for i in slots], rest)
+    return out
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Scaled dot-product attention, FlashAttention-2 style (a drop-in for `flash_attn.flash_attn_func`).
@@ -289,6 +355,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         [batch, nheads, seqlen_q, seqlen_k] if dropout_p > 0 else None).
         Differentiable in q, k and v.
     """
+    plan_key = _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                 return_attn_probs)
+    plan = _forward_plans.get(plan_key) if plan_key is not None else None
+    if plan:
+        return _replay_forward(plan, q, k, v)
+    q_in, k_in, v_in = q, k, v
     _check_qkv(q, k, v, "[batch, seqlen, nheads, headdim]")
     _check_options(q, q.shape[0], dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     if softmax_scale is None:
@@ -306,9 +378,23 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         elif _grad_needed(q, k, v):
             out, lse = FlashAttnFunc.apply(q, k, v, None, None, None, None, scale, causal, (left, right), softcap,
                                            alibi_slopes, dropout_p, seed, bool(deterministic))
-        else:
+        elif plan_key is None or plan is _NO_PLAN:
             out, lse = flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
                                           seed)
+        else:
+            (out, lse), launches = record_launches(
+                lambda: flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
+                                           seed))
+            same_inputs = q is q_in and k is k_in and v is v_in  # no last dim was copied
+            plan = _make_forward_plan(launches, q, k, v, out, lse) if same_inputs else _NO_PLAN
+            if plan is None:  # not settled yet
+                _plan_attempts[plan_key] = attempts = _plan_attempts.get(plan_key, 0) + 1
+                plan = _NO_PLAN if attempts >= _PLAN_ATTEMPTS else None
+            if plan is not None:
+                if len(_forward_plans) >= _FORWARD_PLANS_MAX:
+                    _forward_plans.clear()
+                    _plan_attempts.clear()
+                _forward_plans[plan_key] = plan
         keep = dropout_keep_mask(batch, nheads, seqlen_q, k.shape[1], dropout_p, seed, q.device) \
             if return_attn_probs and dropout_p > 0 else None
     else:

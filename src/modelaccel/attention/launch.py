@@ -237,6 +237,7 @@ class LaunchTuner:
             if self.choices.get(key) in candidates:
                 self._settled[raw_key] = self.choices[key]
                 return self.choices[key]
+            _record(None)  # not settled, so not a launch to replay (record_launches)
             return candidates[0]  # not settled: an eager call may still tune this class
         # A stored choice that is no longer a candidate (a configuration dropped since, say
         # for computing wrong results on some compiler) is tuned again.
@@ -348,6 +349,36 @@ def _no_launch_hooks():
     return not any(getattr(hook, "calls", hook) for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
+_recording = None  # the list record_launches is filling, else None
+
+
+def _record(launch):
+    if _recording is not None:
+        _recording.append(launch)
+
+
+def record_launches(fn):
+    """fn()'s result and what it launched: per launch_kernel call (compiled kernel,
+    constexprs, grid, args) where it went through the direct path, None where it did not
+    (Triton's own path, or a launch whose tuner had not settled), so a caller can tell a
+    call it may replay with run_compiled from one it may not."""
+    global _recording
+    outer, _recording = _recording, []
+    try:
+        return fn(), _recording
+    finally:
+        _recording = outer
+
+
+def run_compiled(compiled, grid, device, args, tail):
+    """The compiled kernel's launcher on `device`'s current stream, with every parameter in
+    signature order: args, then tail (the constexprs of a launch_kernel cache entry, or
+    whatever follows a replayed call's tensors)."""
+    grid_x, grid_y, grid_z = (tuple(grid) + (1, 1))[:3]
+    compiled.run(grid_x, grid_y, grid_z, triton.runtime.driver.active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *args, *tail)
+
+
 def launch_kernel(kernel, grid, args, kwargs):
     """kernel[grid](*args, **kwargs), the compiled kernel's launcher called directly when
     this signature has launched before (GPU only; MODELACCEL_FAST_LAUNCH=0 turns it off).
@@ -359,6 +390,7 @@ def launch_kernel(kernel, grid, args, kwargs):
     if _fast_launch is None:
         _fast_launch = _fast_launch_supported()
     if not _fast_launch or not _no_launch_hooks():
+        _record(None)
         kernel[grid](*args, **kwargs)
         return
     driver = triton.runtime.driver.active
@@ -372,16 +404,18 @@ def launch_kernel(kernel, grid, args, kwargs):
             compiled = compiled.result()
         names = kernel.arg_names[len(args):]
         if not all(name in kwargs for name in names) or not hasattr(compiled, "packed_metadata"):
+            _record(None)
             return  # not a call this path can repeat: Triton's path every time
         if len(cache) >= _COMPILED_LAUNCHES_MAX:
             cache.clear()
         # The launcher takes every parameter in signature order, constexprs included.
-        cache[key] = (compiled, tuple(kwargs[name] for name in names))
+        cache[key] = entry = (compiled, tuple(kwargs[name] for name in names))
+        _record((*entry, grid, args))
         return
     compiled, constexprs = entry
-    grid_x, grid_y, grid_z = (tuple(grid) + (1, 1))[:3]
-    compiled.run(grid_x, grid_y, grid_z, driver.get_current_stream(device), compiled.function,
-                 compiled.packed_metadata, None, None, None, *args, *constexprs)
+    if _recording is not None:
+        _recording.append((compiled, constexprs, grid, args))
+    run_compiled(compiled, grid, device, args, constexprs)
 
 
 def launch_choices():
