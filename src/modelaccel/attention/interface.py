@@ -353,7 +353,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out [batch, seqlen_q, nheads, headdim] in q's dtype; with return_attn_probs,
         (out, softmax_lse [batch, nheads, seqlen_q] float32, keep mask bool
         [batch, nheads, seqlen_q, seqlen_k] if dropout_p > 0 else None).
-        Differentiable in q, k and v.
+        Differentiable in q, k and v. On a GPU, an inference call (no gradient, no dropout,
+        ALiBi or attention probabilities) that repeats an earlier call's shapes, strides,
+        alignment, dtypes and options replays that call's kernel launch, for less host time
+        (MODELACCEL_FAST_LAUNCH=0 turns it off).
     """
     plan_key = _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                                  return_attn_probs)
