@@ -7,8 +7,11 @@ backward's first (bench.attention.compare_grads: relative error below 2e-2 each;
 then timed with do_bench (median) from the same forward outputs; `modelaccel` is
 flash_attn_backward (tuned), `flash` and `cudnn` SDPA's backward through
 torch.autograd.grad. TFLOPS count 2.5x the forward's FLOPs.
-Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...]  (gluon_bwd.config_name's, e.g.
-`gluon_s2q64,gluon_s2q32p`; default: every configuration)
+With --rounds=N the Gluon launches are timed N times in turn (round-robin, fresh
+do_bench each) and each row's TFLOPS is the median round, every round kept under "rounds":
+for launches whose speed changes between timings. --rows=BxHQxHKxN,... narrows the rows.
+Usage: python benchmarks/gluon_bwd.py OUT.json [NAME,...] [--rounds=N] [--rows=...]
+(NAMEs: gluon_bwd.config_name's, e.g. `gluon_s2q64,gluon_s2q32p`; default: every configuration)
 """
 
 import json
@@ -32,20 +35,27 @@ def bench(fn):
 def main():
     from torch.nn.attention import SDPBackend
 
+    options = dict(arg[2:].split("=", 1) for arg in sys.argv[2:] if arg.startswith("--"))
+    names = [arg for arg in sys.argv[2:] if not arg.startswith("--")]
     configs = {config_name(c): c for c in GLUON_BWD_CONFIGS[128] + GLUON_BWD_PERSISTENT_CONFIGS[128]}
-    if len(sys.argv) > 2:
-        configs = {name: configs[name] for name in sys.argv[2].split(",")}
-    result = {**collect_metadata(), "rows": []}
-    for batch, hq, hk, n in ROWS:
+    if names:
+        configs = {name: configs[name] for name in names[0].split(",")}
+    rounds = int(options.get("rounds", 1))
+    rows = ROWS
+    if "rows" in options:
+        rows = [tuple(int(x) for x in row.split("x")) for row in options["rows"].split(",")]
+    result = {**collect_metadata(), "rounds": rounds, "rows": []}
+    for batch, hq, hk, n in rows:
         q, k, v, dout, out, lse, scale = causal_backward_inputs(batch, hq, hk, n)
         flops = 2.5 * attention_flops(batch, hq, n, n, 128, True)
-        row = {"shape": [batch, hq, hk, n], "tflops": {}, "errors": {}}
+        row = {"shape": [batch, hq, hk, n], "tflops": {}, "errors": {}, "rounds": {}}
         # The deterministic Triton backward as the reference: the tuned one may be a Gluon launch.
         ref = flash_attn_backward(dout, q, k, v, out, lse, scale, True, atomic_dq=False)
         row["tflops"]["modelaccel"] = tflops(flops, bench(lambda: flash_attn_backward(dout, q, k, v, out, lse,
                                                                                       scale, True)))
         for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             row["tflops"][name] = tflops(flops, bench(sdpa_backward_call(backend, q, k, v, dout, True)))
+        calls = {}
         for name, config in configs.items():
             def call(config=config):
                 return flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, scale, True, *config)
@@ -58,9 +68,16 @@ def main():
             if not check["ok"]:
                 row["errors"][name] = f"mismatch against the Triton backward: rel errors {check['rel_err']}"
                 continue
-            row["tflops"][name] = tflops(flops, bench(call))
+            calls[name] = call
+        for _ in range(rounds):
+            for name, call in calls.items():
+                row["rounds"].setdefault(name, []).append(tflops(flops, bench(call)))
+        for name, timed in row["rounds"].items():
+            row["tflops"][name] = sorted(timed)[len(timed) // 2]
         result["rows"].append(row)
         print(batch, hq, hk, n, {p: round(t, 1) for p, t in row["tflops"].items()}, row["errors"] or "", flush=True)
+        if rounds > 1:
+            print("  rounds:", {p: [round(t, 1) for t in ts] for p, ts in row["rounds"].items()}, flush=True)
     with open(sys.argv[1], "w") as f:
         json.dump(result, f, indent=1)
 

@@ -12,7 +12,10 @@
 # Gluon kernels' launch groups), paged_probe (benchmarks/decode_paged_probe.py: paged
 # against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
-# launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) only when named; GLUON_BWD_ARGS narrows the gluon_bwd sweep
+# launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
+# (the dealt dq_tma launch, its atomic twin and the per-tile dq_tma launch timed five times
+# in turn at 1K, 2K and the 48-head row: the dealt one ran two rows 16-23% slow once) only
+# when named; GLUON_BWD_ARGS narrows the gluon_bwd sweep
 # (benchmarks/gluon_bwd.py's arguments after OUT.json). A device call
 # has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
@@ -65,6 +68,9 @@ for part in $parts; do
               tests/attention/test_gluon_bwd_gpu.py -k "${DQ_TMA_TESTS:-K1SIT or K1ST or G8K1T}"
             run bench_dq_tma timeout 300 env MODELACCEL_TUNING=off python3 benchmarks/gluon_bwd.py "$out/gluon_bwd_dq_tma.json" \
               gluon_s2q32pG8K1SI,gluon_s2q32pG8K1SIT,gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64,gluon_s2q64G8K1T ;;
+    dealt_probe) run dealt_probe timeout 400 env MODELACCEL_TUNING=off python3 benchmarks/gluon_bwd.py \
+                   "$out/gluon_bwd_dealt_probe.json" gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64G8K1T --rounds=5 \
+                   --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
     gluon_order) run gluon_order python3 benchmarks/gluon_launch_order.py "$out/gluon_launch_order.json" ;;
     gluon_bwd) run gluon_bwd_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
