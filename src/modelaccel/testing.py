@@ -23,12 +23,21 @@ def random_qkv(batch, seqlen_q, seqlen_k, nheads, nheads_k, headdim, dtype, devi
     return [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in shapes]
 
 
+def count_calls(monkeypatch, module, name):
+    """Replace module.<name> by a pass-through that counts its calls; returns the list that
+    gets one entry per call."""
+    calls = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
+
+
 def route_tuner_to(monkeypatch, tuner, candidate, module, launcher):
     """Make `tuner` (a LaunchTuner) choose `candidate` for every class that offers it, and
     count the calls of module.<launcher> (the candidate's kernel launcher). Returns (offered,
     ran): lists that fill with the routed problem classes and one entry per launcher call,
     for tests of a tuned dispatch."""
-    offered, ran = [], []
+    offered = []
     choose = tuner.choose
 
     def choose_candidate(key, candidates, launch):
@@ -37,10 +46,8 @@ def route_tuner_to(monkeypatch, tuner, candidate, module, launcher):
             return candidate
         return choose(key, candidates, launch)
 
-    real = getattr(module, launcher)
     monkeypatch.setattr(tuner, "choose", choose_candidate)
-    monkeypatch.setattr(module, launcher, lambda *a, **kw: ran.append(1) or real(*a, **kw))
-    return offered, ran
+    return offered, count_calls(monkeypatch, module, launcher)
 
 
 def attention_errors(out, lse, ref_out, ref_lse):

@@ -13,7 +13,7 @@ import modelaccel
 from modelaccel.attention import interface, launch
 from modelaccel.attention.flash_fwd import flash_attn_forward
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close, random_qkv as make_qkv
+from modelaccel.testing import assert_attention_close, count_calls, random_qkv as make_qkv
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -130,14 +130,7 @@ def test_public_api_matches_reference_and_returns_lse(device):
 
 def test_cpu_runs_the_triton_kernel_under_the_interpreter(monkeypatch):
     """The CPU suite must exercise the kernel, not the PyTorch fallback."""
-    calls = []
-    real = interface.flash_attn_forward
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(interface, "flash_attn_forward", spy)
+    calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     q, k, v = make_qkv(1, 8, 8, 2, 2, 32, dtype=torch.float16, device="cpu")
     if torch.cuda.is_available():
         q, k, v = q.cuda(), k.cuda(), v.cuda()

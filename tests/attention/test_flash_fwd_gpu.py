@@ -10,7 +10,7 @@ import torch
 import modelaccel
 from modelaccel.attention.flash_fwd import _GPU_CONFIGS, flash_attn_forward
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close
+from modelaccel.testing import assert_attention_close, count_calls
 
 pytestmark = pytest.mark.gpu
 
@@ -154,9 +154,7 @@ def test_repeated_inference_calls_are_replayed_and_correct(layout, monkeypatch):
     monkeypatch.setattr(flash_fwd._tuner, "choose", settled_on_first)
     monkeypatch.setattr(interface, "_forward_plans", {})
     monkeypatch.setattr(interface, "_plan_attempts", {})
-    replays = []
-    replay = interface._replay_forward
-    monkeypatch.setattr(interface, "_replay_forward", lambda *args: replays.append(1) or replay(*args))
+    replays = count_calls(monkeypatch, interface, "_replay_forward")
     for _ in range(4):
         if layout == "bshd":
             q, k, v = (randn(1, 512, h, 128, dtype=torch.bfloat16) for h in (32, 8, 8))

@@ -14,7 +14,7 @@ import torch
 
 from modelaccel import flash_attn_func
 from modelaccel.attention import flash_fwd, interface, launch
-from modelaccel.testing import FakeKernel
+from modelaccel.testing import FakeKernel, count_calls
 
 
 @pytest.fixture
@@ -39,19 +39,8 @@ def qkv(batch=2, seqlen=48, nheads=4, nheads_k=2, headdim=32, dtype=torch.float1
     return q, k, v
 
 
-def count_full_calls(monkeypatch):
-    calls = []
-    full = interface.flash_attn_forward
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return full(*args, **kwargs)
-    monkeypatch.setattr(interface, "flash_attn_forward", counted)
-    return calls
-
-
 def test_a_replay_passes_what_the_direct_path_passes(kernel, monkeypatch):
-    full_calls = count_full_calls(monkeypatch)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     flash_attn_func(*qkv(), causal=True)  # the first launch: Triton's path, then a plan
     q, k, v = qkv()
     out = flash_attn_func(q, k, v, causal=True)
@@ -77,7 +66,7 @@ def test_a_replay_passes_what_the_direct_path_passes(kernel, monkeypatch):
 @pytest.mark.parametrize("change", ["strides", "alignment", "shape", "dtype", "causal", "scale", "window",
                                     "softcap", "grad", "launch hooks"])
 def test_a_change_that_can_alter_the_launch_takes_the_full_path(kernel, monkeypatch, change):
-    full_calls = count_full_calls(monkeypatch)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     q, k, v = qkv()
     options = dict(causal=True)
     flash_attn_func(q, k, v, **options)
@@ -128,14 +117,8 @@ def test_an_unsettled_tuner_makes_no_plan(kernel, monkeypatch):
     monkeypatch.setattr(flash_fwd._tuner, "choices", {})
     monkeypatch.setattr(flash_fwd._tuner, "_settled", {})
     monkeypatch.setenv("MODELACCEL_TUNING", "off")
-    full_calls = count_full_calls(monkeypatch)
-    recorded = []
-    record = interface.record_launches
-
-    def counted_record(fn):
-        recorded.append(1)
-        return record(fn)
-    monkeypatch.setattr(interface, "record_launches", counted_record)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
+    recorded = count_calls(monkeypatch, interface, "record_launches")
     for _ in range(5):
         flash_attn_func(*qkv(), causal=True)
     assert len(full_calls) == 5
@@ -156,7 +139,7 @@ def test_a_class_that_settles_after_tuning_is_replayed(kernel, monkeypatch):
             launch_kernel(*args, **kwargs)  # a candidate timed
         launch_kernel(*args, **kwargs)
     monkeypatch.setattr(flash_fwd, "launch_kernel", tuning_first)
-    full_calls = count_full_calls(monkeypatch)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     for _ in range(4):
         flash_attn_func(*qkv(), causal=True)
     assert len(full_calls) == 2 and len(interface._forward_plans) == 1
@@ -165,7 +148,7 @@ def test_a_class_that_settles_after_tuning_is_replayed(kernel, monkeypatch):
 def test_a_launch_with_descriptors_is_never_replayed(kernel, monkeypatch):
     # A TMA launch passes descriptors that hold the call's tensors: marked, not recorded again.
     monkeypatch.setattr(flash_fwd, "tma_usable", lambda *tensors: True)
-    full_calls = count_full_calls(monkeypatch)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     for _ in range(3):
         flash_attn_func(*qkv(), causal=True)
     assert len(full_calls) == 3
