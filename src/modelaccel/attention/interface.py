@@ -294,10 +294,11 @@ def _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, so
             window_size, softcap, type(dropout_p), triton.runtime.driver.active.get_current_device())
 
 
-def _make_forward_plan(launches, q, k, v, out, lse):
+def _make_forward_plan(launches, q, k, v, out, lse, device):
     """(compiled kernel, grid, tensor slots, the rest, lse shape, device) replaying the one
-    launch recorded, _NO_PLAN where it cannot be replayed, or None where the call is not
-    settled yet (no single launch on the direct path: the tuner may still be timing)."""
+    launch recorded on `device` (the key's current device), _NO_PLAN where it cannot be
+    replayed, or None where the call is not settled yet (no single launch on the direct
+    path: the tuner may still be timing)."""
     if len(launches) != 1 or launches[0] is None:
         return None
     compiled, constexprs, grid, args = launches[0]
@@ -313,8 +314,7 @@ def _make_forward_plan(launches, q, k, v, out, lse):
     rest = tuple(args[len(slots):])
     if not all(type(arg) in _PLAIN_NUMBERS for arg in rest):
         return _NO_PLAN
-    return (compiled, tuple(grid), tuple(slots), rest + tuple(constexprs), tuple(lse.shape),
-            triton.runtime.driver.active.get_current_device())
+    return compiled, tuple(grid), tuple(slots), rest + tuple(constexprs), tuple(lse.shape), device
 
 
 def _replay_forward(plan, q, k, v):
@@ -389,7 +389,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                 lambda: flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
                                            seed))
             same_inputs = q is q_in and k is k_in and v is v_in  # no last dim was copied
-            plan = _make_forward_plan(launches, q, k, v, out, lse) if same_inputs else _NO_PLAN
+            plan = _make_forward_plan(launches, q, k, v, out, lse, plan_key[-1]) if same_inputs else _NO_PLAN
             if plan is None:  # not settled yet
                 _plan_attempts[plan_key] = attempts = _plan_attempts.get(plan_key, 0) + 1
                 plan = _NO_PLAN if attempts >= _PLAN_ATTEMPTS else None

@@ -413,8 +413,7 @@ def launch_kernel(kernel, grid, args, kwargs):
         _record((*entry, grid, args))
         return
     compiled, constexprs = entry
-    if _recording is not None:
-        _recording.append((compiled, constexprs, grid, args))
+    _record((compiled, constexprs, grid, args))
     run_compiled(compiled, grid, device, args, constexprs)
 
 
