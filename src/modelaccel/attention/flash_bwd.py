@@ -351,7 +351,7 @@ _DQ_CONFIGS = {
 # the d128 causal benchmark before the Gluon backward joined the tuning; since its launch
 # groups (0ca08a7) the Gluon launch wins every row it is offered, and (64, 128, 8, 3)
 # with TMA reduces keeps (2, 48, 48, 1024), below _GLUON_BWD_MIN_FLOPS
-# (results/attention_bwd_nvidia-h200_2026-12-01.json).
+# (results/attention_bwd_nvidia-h200_2026-12-02.json, 31600a5).
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
     128: [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (64, 64, 8, 2), (64, 64, 4, 2)],

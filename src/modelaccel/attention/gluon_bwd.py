@@ -2,7 +2,7 @@
 gluon_fwd.py is; flash_bwd.flash_attn_backward offers it to its dK/dV tuner as candidates.
 Correct on the H200 (GPU tests against the float32 reference). With its programs launched
 in groups of 8 kv batch-heads (LAUNCH_GROUP) it wins the tuning on every d128 causal row
-of the backward benchmark it is offered (results/attention_bwd_nvidia-h200_2026-12-01.md,
+of the backward benchmark it is offered (results/attention_bwd_dcd8001_nvidia-h200_2026-12-01.md,
 dcd8001: 250-431 TFLOPS, 1.21-1.40x SDPA FlashAttention-2 from 1024 to 16384 tokens, its
 per-tile and host-dealt persistent launches chosen per row).
 
