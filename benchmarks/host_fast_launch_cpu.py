@@ -6,8 +6,9 @@ the compiled kernel's launcher. Here the interpreter is off, the fast path is fo
 driver is a stand-in (device 0, stream 0) and every lookup finds a compiled kernel whose
 launcher does nothing: what is timed is all of our Python on the way to Triton's C launcher
 (plus the two output allocations), which the GPU machine's host runs several times slower.
-flash_attn_func's calls are timed twice: replayed (a repeated inference call's launch,
-interface._forward_plans) and on the full path.
+flash_attn_func's calls are timed twice: replayed (a repeated call's launches,
+interface._plans) and on the full path; so is a training call's backward through autograd
+(the dK/dV tuner settled on its first candidate: the dQ and the dK/dV launches).
 Usage: python benchmarks/host_fast_launch_cpu.py [--profile]   (us per call, best of 3)
 """
 
@@ -23,7 +24,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import modelaccel  # noqa: E402
-from modelaccel.attention import decode, flash_fwd, interface, launch  # noqa: E402
+from modelaccel.attention import decode, flash_bwd, flash_fwd, interface, launch  # noqa: E402
+from modelaccel.attention.replay import NO_PLAN  # noqa: E402
 
 
 class _Compiled:
@@ -56,7 +58,7 @@ class _NoPlans(dict):
     """A plan table that marks every call as not replayable."""
 
     def get(self, key, default=None):
-        return interface._NO_PLAN
+        return NO_PLAN
 
 
 def per_call_us(fn, n=2000):
@@ -83,7 +85,7 @@ def main():
     interface._use_triton = lambda q: True  # the kernels' path, not the CPU reference
     launch._fast_launch = True
     triton.runtime.driver.set_active(_Driver())
-    for module in (flash_fwd, decode):
+    for module in (flash_fwd, flash_bwd, decode):
         for name in dir(module):
             kernel = getattr(module, name)
             if name.endswith("_kernel") and hasattr(kernel, "run"):
@@ -101,21 +103,29 @@ def main():
         training = False
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # as Transformers passes them: [b, h, s, d]
+    # A backward of the 48-head benchmark row's kind, at a size whose CPU allocations cost
+    # nothing: torch's autograd engine and our Function's backward.
+    qg, kg, vg = (torch.randn(2, 16, 48, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(2, 16, 48, 128, dtype=torch.bfloat16)
     calls = {
         "prefill flash_attn_forward": lambda: flash_fwd.flash_attn_forward(q, k, v, 128 ** -0.5, True),
         "prefill flash_attn_func": lambda: modelaccel.flash_attn_func(q, k, v, causal=True),
         "prefill Transformers layer": lambda: attention_forward(Layer(), qt, kt, vt, None, scaling=128 ** -0.5),
         "decode_attention": lambda: decode.decode_attention(q1, cache, cache, lens, 128 ** -0.5, True),
     }
-    # flash_attn_func replays a repeated inference call (interface._forward_plans); the
-    # same calls again, each marked as not replayable, show the full path.
+    # flash_attn_func replays a repeated call (interface._plans); the same calls again, each
+    # marked as not replayable, show the full path. The backward's graph is made under each.
     for plans in ("replayed", "full path"):
         if plans == "full path":
-            interface._forward_plans = _NoPlans()
+            interface._plans = _NoPlans()
+        out = modelaccel.flash_attn_func(qg, kg, vg, causal=True)
+        calls["training forward"] = lambda: modelaccel.flash_attn_func(qg, kg, vg, causal=True)
+        calls["backward through autograd"] = lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
         for name, fn in calls.items():
             if plans == "full path" and name in ("prefill flash_attn_forward", "decode_attention"):
                 continue  # no replay on these paths
-            tag = f"  ({plans})" if name.startswith(("prefill flash_attn_func", "prefill Transformers")) else ""
+            tag = f"  ({plans})" if name.startswith(("prefill flash_attn_func", "prefill Transformers", "training",
+                                                     "backward")) else ""
             print(f"{name:28s} {per_call_us(fn):7.1f} us{tag}", flush=True)
     if "--profile" in sys.argv[1:]:
         prof = cProfile.Profile()

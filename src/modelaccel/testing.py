@@ -140,32 +140,40 @@ def to_paged(cache, block_table, page_size):
 
 
 class FakeCompiled:
-    """Stands in for a compiled Triton kernel: its launcher logs ("direct", args)."""
+    """Stands in for a compiled Triton kernel: its launcher logs ("direct", args) and calls
+    on_launch(args) if given."""
 
     function = "function handle"
     packed_metadata = "packed metadata"
 
-    def __init__(self, log):
+    def __init__(self, log, on_launch=None):
         self.log = log
+        self.on_launch = on_launch
 
     def run(self, *args):
         self.log.append(("direct", args))
+        if self.on_launch is not None:
+            self.on_launch(args)
 
 
 class FakeKernel:
     """Stands in for a JITFunction with these parameter names, for tests of the direct launch
     path (launch.launch_kernel) and of replays built on it: kernel[grid](*args, **kwargs)
-    'compiles' (counted), logs ("triton", grid, args, kwargs) and returns a FakeCompiled
-    logging into the same list."""
+    'compiles' (counted), logs ("triton", grid, args, kwargs), calls on_launch(args) if
+    given (a stand-in for what the kernel writes) and returns a FakeCompiled logging into
+    the same list (`log`: one list several fakes share, for their launches in order)."""
 
-    def __init__(self, arg_names):
+    def __init__(self, arg_names, on_launch=None, log=None):
         self.arg_names = list(arg_names)
-        self.log = []
+        self.log = [] if log is None else log
         self.compiles = 0
+        self.on_launch = on_launch
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
             self.compiles += 1
             self.log.append(("triton", grid, args, kwargs))
-            return FakeCompiled(self.log)
+            if self.on_launch is not None:
+                self.on_launch(args)
+            return FakeCompiled(self.log, self.on_launch)
         return run

@@ -138,10 +138,10 @@ def test_seqlen_one_decode_shape():
 
 @pytest.mark.parametrize("layout", ["bshd", "transposed"])
 def test_repeated_inference_calls_are_replayed_and_correct(layout, monkeypatch):
-    """The later calls of a class replay an earlier one's launch (interface._forward_plans):
+    """The later calls of a class replay an earlier one's launch (interface._plans):
     each still matches the reference on its own fresh inputs, with outputs that start as NaN
     in the caching allocator's reused blocks."""
-    from modelaccel.attention import flash_fwd, interface
+    from modelaccel.attention import flash_fwd, interface, replay
 
     # Settled on the first candidate, as a tuned class is (MODELACCEL_TUNING=off alone
     # leaves classes unsettled, and those are not replayed).
@@ -152,9 +152,9 @@ def test_repeated_inference_calls_are_replayed_and_correct(layout, monkeypatch):
         flash_fwd._tuner._settled.setdefault(key, candidates[0])
         return choose(key, candidates, launch)
     monkeypatch.setattr(flash_fwd._tuner, "choose", settled_on_first)
-    monkeypatch.setattr(interface, "_forward_plans", {})
+    monkeypatch.setattr(interface, "_plans", {})
     monkeypatch.setattr(interface, "_plan_attempts", {})
-    replays = count_calls(monkeypatch, interface, "_replay_forward")
+    replays = count_calls(monkeypatch, replay.Plan, "run")
     for _ in range(4):
         if layout == "bshd":
             q, k, v = (randn(1, 512, h, 128, dtype=torch.bfloat16) for h in (32, 8, 8))

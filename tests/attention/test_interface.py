@@ -1,10 +1,11 @@
-"""flash_attn_func's replay of a repeated inference call (interface._forward_plans): the
-replay must hand the compiled kernel's launcher exactly the arguments launch_kernel's direct
-path would, and any change that could alter them must take the full path.
+"""flash_attn_func's replays of repeated calls (interface._plans, replay.py): a replay must
+hand each compiled kernel's launcher exactly the arguments launch_kernel's direct path
+would, over the new call's tensors and fresh buffers, and any change that could alter them
+must take the full path.
 
 The direct path and the replay only run on a GPU (the interpreter has no compiled kernels),
-so these tests drive them on CPU tensors with a stand-in forward kernel that records what
-its launcher receives (as test_launch.py does); the GPU tests run the real kernel through
+so these tests drive them on CPU tensors with stand-in kernels that record what their
+launchers receive (as test_launch.py does); the GPU tests run the real kernels through
 both."""
 
 import types
@@ -13,30 +14,63 @@ import pytest
 import torch
 
 from modelaccel import flash_attn_func
-from modelaccel.attention import flash_fwd, interface, launch
+from modelaccel.attention import flash_bwd, flash_fwd, interface, launch
+from modelaccel.attention.replay import NO_PLAN
 from modelaccel.testing import FakeKernel, count_calls
+
+_DQ_ACC_FILL = 0.25  # what the stand-in dK/dV kernels add into a float32 dQ accumulator
 
 
 @pytest.fixture
-def kernel(monkeypatch):
-    """The forward's launches on the direct path with a fake driver (device 0, stream 7),
-    CPU tensors taking the kernels' path, pointer (not TMA) launches, no plans or attempts."""
+def direct_path(monkeypatch):
+    """Launches on the direct path with a fake driver (device 0, stream 7), CPU tensors
+    taking the kernels' path, pointer (not TMA) forward launches, no plans or attempts."""
     monkeypatch.setattr(launch, "_fast_launch", True)
     driver = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 7)
     monkeypatch.setattr(launch.triton.runtime, "driver", types.SimpleNamespace(active=driver))
     monkeypatch.setattr(interface, "_use_triton", lambda q: True)
     monkeypatch.setattr(flash_fwd, "tma_usable", lambda *tensors: False)
-    monkeypatch.setattr(interface, "_forward_plans", {})
+    monkeypatch.setattr(interface, "_plans", {})
     monkeypatch.setattr(interface, "_plan_attempts", {})
+
+
+@pytest.fixture
+def kernel(direct_path, monkeypatch):
+    """The forward kernel, a stand-in."""
     fake = FakeKernel(flash_fwd._attn_fwd_kernel.arg_names)
     monkeypatch.setattr(flash_fwd, "_attn_fwd_kernel", fake)
     return fake
 
 
-def qkv(batch=2, seqlen=48, nheads=4, nheads_k=2, headdim=32, dtype=torch.float16):
+def qkv(batch=2, seqlen=48, nheads=4, nheads_k=2, headdim=32, dtype=torch.float16, grad=False):
     q = torch.randn(batch, seqlen, nheads, headdim, dtype=dtype)
     k, v = (torch.randn(batch, seqlen, nheads_k, headdim, dtype=dtype) for _ in range(2))
-    return q, k, v
+    return [t.requires_grad_(grad) for t in (q, k, v)]
+
+
+def roles(args, named):
+    """What each launcher argument is to the call: a named tensor of it (`named`: {name:
+    tensor}), else the n-th other memory the call's launches touched (by data pointer) with
+    its shape, strides and dtype; descriptors as the tensor or memory of their base and
+    their fields;
+    numbers as themselves. A replay must give the same roles as the direct path."""
+    memory = {}
+
+    def role(arg):
+        if isinstance(arg, torch.Tensor):
+            for name, tensor in named.items():
+                if arg is tensor:
+                    return name
+            number = memory.setdefault(arg.data_ptr(), len(memory))
+            return ("other", number, tuple(arg.shape), arg.stride(), arg.dtype)
+        if isinstance(arg, launch._DESCRIPTOR_TYPES):
+            # The launcher reads its base's data pointer only (the rest is in its fields).
+            fields = {name: value for name, value in vars(arg).items() if name != "base"}
+            base = next((name for name, t in named.items() if t.data_ptr() == arg.base.data_ptr()), None)
+            return ("descriptor", base or memory.setdefault(arg.base.data_ptr(), len(memory)), repr(fields))
+        return (type(arg), arg)
+
+    return [[role(arg) for arg in launch_args] for launch_args in args]
 
 
 def test_a_replay_passes_what_the_direct_path_passes(kernel, monkeypatch):
@@ -51,35 +85,29 @@ def test_a_replay_passes_what_the_direct_path_passes(kernel, monkeypatch):
     assert kernel.compiles == 1 and len(replayed) == len(direct)
     # grid, stream and handles, then every parameter: the same tensors (the outputs are
     # each call's own, alike in shape), the same numbers and constexprs.
+    assert roles([replayed], dict(q=q, k=k, v=v, out=out)) == roles([direct], dict(q=q, k=k, v=v, out=out_direct))
     for got, want in zip(replayed, direct):
-        if isinstance(want, torch.Tensor):
-            if want is out_direct or want is lse_direct:
-                assert (got.shape, got.dtype, got.stride()) == (want.shape, want.dtype, want.stride())
-            else:
-                assert got is want
-        else:
+        if not isinstance(want, torch.Tensor):
             assert got == want and type(got) is type(want)
-    # The returned output is the one the kernel wrote.
-    assert [i for i, a in enumerate(replayed) if a is out] == [i for i, a in enumerate(direct) if a is out_direct]
 
 
 @pytest.mark.parametrize("change", ["strides", "alignment", "shape", "dtype", "causal", "scale", "window",
-                                    "softcap", "grad", "launch hooks"])
+                                    "softcap", "launch hooks", "q is k"])
 def test_a_change_that_can_alter_the_launch_takes_the_full_path(kernel, monkeypatch, change):
     full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
-    q, k, v = qkv()
+    q, k, v = qkv(nheads=2)
     options = dict(causal=True)
     flash_attn_func(q, k, v, **options)
-    flash_attn_func(*qkv(), **options)
+    flash_attn_func(*qkv(nheads=2), **options)
     assert len(full_calls) == 1  # the second call replayed
     if change == "strides":  # Transformers' [b, h, s, d] tensors seen through a transpose
-        q = torch.randn(2, 4, 48, 32, dtype=torch.float16).transpose(1, 2)
+        q = torch.randn(2, 2, 48, 32, dtype=torch.float16).transpose(1, 2)
     elif change == "alignment":  # one element in: q's pointer is not 16-byte aligned
-        q = torch.randn(2 * 48 * 4 * 32 + 1, dtype=torch.float16)[1:].view(2, 48, 4, 32)
+        q = torch.randn(2 * 48 * 2 * 32 + 1, dtype=torch.float16)[1:].view(2, 48, 2, 32)
     elif change == "shape":
-        q, k, v = qkv(seqlen=40)
+        q, k, v = qkv(seqlen=40, nheads=2)
     elif change == "dtype":
-        q, k, v = qkv(dtype=torch.bfloat16)
+        q, k, v = qkv(nheads=2, dtype=torch.bfloat16)
     elif change == "causal":
         options = dict(causal=False)
     elif change == "scale":
@@ -88,14 +116,25 @@ def test_a_change_that_can_alter_the_launch_takes_the_full_path(kernel, monkeypa
         options = dict(options, window_size=(8, 0))
     elif change == "softcap":
         options = dict(options, softcap=20.0)
-    elif change == "grad":
-        q = q.clone().requires_grad_()
+    elif change == "q is k":  # the same shapes and strides, but one tensor in two roles: not
+        k = q                 # recorded either, since a plan could not tell the roles apart
     else:
         hooks = types.SimpleNamespace(launch_enter_hook=types.SimpleNamespace(calls=[print]),
                                       launch_exit_hook=types.SimpleNamespace(calls=[]))
         monkeypatch.setattr(launch.triton, "knobs", types.SimpleNamespace(runtime=hooks))
-    flash_attn_func(q, k, v, **options)  # with grad: the autograd Function's forward
+    flash_attn_func(q, k, v, **options)
     assert len(full_calls) == 2
+    if change == "q is k":  # and the replay of the earlier class still passes k as k
+        q, k, v = qkv(nheads=2)
+        flash_attn_func(q, k, v, **options)
+        assert len(full_calls) == 2
+        assert kernel.log[-1][1][_position("K")] is k
+
+
+def _position(name):
+    # A parameter's position among the launcher's arguments: grid (3), stream, function,
+    # packed metadata and three hooks come first (launch.run_compiled).
+    return 9 + flash_fwd._attn_fwd_kernel.arg_names.index(name)
 
 
 def test_bad_input_is_still_refused_after_a_plan(kernel):
@@ -124,32 +163,146 @@ def test_an_unsettled_tuner_makes_no_plan(kernel, monkeypatch):
     assert len(full_calls) == 5
     # Recorded until the attempts run out, then marked as not replayable.
     assert len(recorded) == interface._PLAN_ATTEMPTS
-    assert list(interface._forward_plans.values()) == [interface._NO_PLAN]
+    assert list(interface._plans.values()) == [NO_PLAN]
 
 
-def test_a_class_that_settles_after_tuning_is_replayed(kernel, monkeypatch):
-    # The first call of a class tunes it (several launches: nothing to replay), the next
-    # one launches the settled choice once and makes the plan.
-    launches_first = []
-    launch_kernel = flash_fwd.launch_kernel
-
-    def tuning_first(*args, **kwargs):
-        if not launches_first:
-            launches_first.append(1)
-            launch_kernel(*args, **kwargs)  # a candidate timed
-        launch_kernel(*args, **kwargs)
-    monkeypatch.setattr(flash_fwd, "launch_kernel", tuning_first)
+def test_a_class_that_settles_after_tuning_is_replayed(kernel, monkeypatch, tmp_path):
+    # The first call of a class tunes it (every candidate timed: nothing to replay, and the
+    # timing launches are not recorded), the next one launches the settled choice once and
+    # makes the plan.
+    monkeypatch.setenv("MODELACCEL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("MODELACCEL_TUNING", raising=False)
+    monkeypatch.setattr(flash_fwd, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "cuda_available", lambda: False)
+    monkeypatch.setattr(launch.torch.cuda, "get_device_name", lambda device=None: "fake")
+    monkeypatch.setattr(launch.torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(flash_fwd._tuner, "choices", None)
+    monkeypatch.setattr(flash_fwd._tuner, "_settled", {})
+    timed = []
+    def fake_timing(fn, **kwargs):
+        timed.append(fn())
+        return float(len(timed))
+    monkeypatch.setattr(launch.triton.testing, "do_bench", fake_timing)
+    monkeypatch.setattr(launch, "_gpu_ms", fake_timing)
     full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
     for _ in range(4):
         flash_attn_func(*qkv(), causal=True)
-    assert len(full_calls) == 2 and len(interface._forward_plans) == 1
+    assert len(timed) > 2  # every candidate, then the finalists again
+    assert len(full_calls) == 2 and [type(plan).__name__ for plan in interface._plans.values()] == ["Plan"]
 
 
-def test_a_launch_with_descriptors_is_never_replayed(kernel, monkeypatch):
-    # A TMA launch passes descriptors that hold the call's tensors: marked, not recorded again.
+def test_a_tma_launch_is_replayed_with_descriptors_over_the_new_tensors(kernel, monkeypatch):
     monkeypatch.setattr(flash_fwd, "tma_usable", lambda *tensors: True)
     full_calls = count_calls(monkeypatch, interface, "flash_attn_forward")
+    flash_attn_func(*qkv(), causal=True)
+    q, k, v = qkv()
+    out = flash_attn_func(q, k, v, causal=True)
+    replayed = kernel.log[-1][1]
+    out_direct, _ = flash_fwd.flash_attn_forward(q, k, v, 32 ** -0.5, True)
+    direct = kernel.log[-1][1]
+    assert len(full_calls) == 1
+    got, want = roles([replayed], dict(q=q, k=k, v=v, out=out)), roles([direct], dict(q=q, k=k, v=v, out=out_direct))
+    assert got == want and sum(isinstance(r, tuple) and r[0] == "descriptor" for r in got[0]) == 4
+
+
+# ---------------------------------------------------------------------------------------
+# The backward pass of a training call
+
+_BACKWARD_KERNELS = {(flash_bwd, "_attn_bwd_dq_kernel"), (flash_bwd, "_attn_bwd_dkdv_kernel"),
+                     (flash_bwd, "_attn_bwd_delta_kernel")}
+
+# dK/dV launches the tuner may choose: the Triton kernels with dQ by its own kernel, with
+# dQ added by TMA reduces into a float32 accumulator, and the Gluon kernel per tile (dQ by
+# TMA reduces) and persistent with its host-dealt tile table.
+_DKDV_CHOICES = {"triton": (16, 16, 4, 2, False, False), "triton atomic tma": (16, 16, 4, 2, True, True),
+                 "gluon dq_tma": ("gluon_ws", 2, 64, False, 8, 1, False, False, True),
+                 "gluon scheduled": ("gluon_ws", 2, 32, True, 8, 1, True, True)}
+
+
+@pytest.fixture
+def backward_kernels(direct_path, monkeypatch):
+    """Every forward and backward kernel a stand-in logging into one list; those given a
+    float32 dQ accumulator fill it with _DQ_ACC_FILL, as if every key block had added."""
+    log = []
+
+    def fill_dq_acc(args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dtype == torch.float32 and arg.dim() == 4:
+                arg.fill_(_DQ_ACC_FILL)
+
+    kernels = _BACKWARD_KERNELS | {(flash_fwd, "_attn_fwd_kernel")}
+    gluon_bwd = launch.gluon_kernels("gluon_bwd")
+    if gluon_bwd is not None:
+        kernels |= {(gluon_bwd, "_attn_bwd_ws_kernel")}
+        monkeypatch.setattr(gluon_bwd, "_sm_count", lambda device_index: 3)
+        monkeypatch.setattr(gluon_bwd, "_schedules", {})
+    for module, name in kernels:
+        monkeypatch.setattr(module, name, FakeKernel(getattr(module, name).arg_names, fill_dq_acc, log))
+    return log
+
+
+def _route_backward(monkeypatch, choice):
+    # The tuned path as on a GPU (not the interpreter's fixed blocks), settled on `choice`.
+    monkeypatch.setattr(flash_bwd, "interpreting", lambda: False)
+    monkeypatch.setattr(flash_bwd, "tma_usable", lambda *tensors: True)
+    monkeypatch.setattr(flash_bwd._dq_tuner, "choose", lambda key, candidates, launch: (16, 16, 4, 2, False))
+    monkeypatch.setattr(flash_bwd._dkdv_tuner, "choose", lambda key, candidates, launch: choice)
+
+
+@pytest.mark.parametrize("path", list(_DKDV_CHOICES))
+def test_a_backward_replay_passes_what_the_full_path_passes(backward_kernels, monkeypatch, path):
+    if path.startswith("gluon") and launch.gluon_kernels("gluon_bwd") is None:
+        pytest.skip("this triton has no Gluon")
+    _route_backward(monkeypatch, _DKDV_CHOICES[path])
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_backward")
+    headdim = 64 if path.startswith("gluon") else 32
+    calls = []
+    for round in ("recorded", "replayed", "replayed", "full path"):
+        if round == "full path":  # the direct launches without a plan, as the reference
+            monkeypatch.setattr(interface, "_plans", _NoPlans())
+        q, k, v = qkv(headdim=headdim, grad=True)
+        dout = torch.randn_like(q)
+        out = flash_attn_func(q, k, v, causal=True)
+        start = len(backward_kernels)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+        assert all(entry[0] == "direct" for entry in backward_kernels[start:]) or round == "recorded"
+        launches = [entry[1] for entry in backward_kernels[start:]]
+        calls.append(roles(launches, dict(q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk, dv=dv)))
+        if path != "triton":  # dQ copied from the float32 accumulator the kernel filled
+            assert torch.equal(dq, torch.full_like(dq, _DQ_ACC_FILL))
+    assert len(full_calls) == 2  # recorded, replayed twice, then the full path
+    assert calls[1] == calls[3] and calls[2] == calls[3]
+    assert len(calls[3]) == 2  # the delta (or dQ) launch and the dK/dV one
+    if path == "gluon scheduled":  # the host-dealt table is passed itself, not a fresh buffer
+        table, = launch.gluon_kernels("gluon_bwd")._schedules.values()
+        assert any(arg is table for arg in backward_kernels[-1][1])
+
+
+class _NoPlans(dict):
+    """A plan table that marks every call as not replayable."""
+
+    def get(self, key, default=None):
+        return NO_PLAN
+
+
+def test_a_deterministic_backward_is_its_own_class(backward_kernels, monkeypatch):
+    _route_backward(monkeypatch, _DKDV_CHOICES["triton"])
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_backward")
+    for deterministic in (False, True, False, True):
+        q, k, v = qkv(grad=True)
+        out = flash_attn_func(q, k, v, causal=True, deterministic=deterministic)
+        torch.autograd.grad(out, (q, k, v), torch.randn_like(q))
+    assert len(full_calls) == 2
+
+
+def test_a_backward_with_copied_inputs_is_not_replayed(backward_kernels, monkeypatch):
+    # dout not contiguous: the backward copies it, and a replay would skip that copy.
+    _route_backward(monkeypatch, _DKDV_CHOICES["triton atomic tma"])
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_backward")
     for _ in range(3):
-        flash_attn_func(*qkv(), causal=True)
+        q, k, v = qkv(grad=True)
+        out = flash_attn_func(q, k, v, causal=True)
+        dout = torch.randn(2, 4, 48, 32, dtype=torch.float16).transpose(1, 2)
+        torch.autograd.grad(out, (q, k, v), dout)
     assert len(full_calls) == 3
-    assert list(interface._forward_plans.values()) == [interface._NO_PLAN]
+    assert NO_PLAN in interface._plans.values()

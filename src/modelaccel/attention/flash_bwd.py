@@ -24,8 +24,8 @@ import triton.language as tl
 
 from .flash_fwd import (LOG2E, _batch_head, _dot, _dropout_keep, _grid_position, _load_tile, _query_block,
                         _scores_log2, _store_tile, _tanh, config_candidates, launch_group)
-from .launch import (LaunchTuner, TensorDescriptor, cdiv, gluon_kernels, interpreting, launch_kernel, next_power_of_2,
-                     size_bucket, tma_usable)
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, copy_into, empty_buffer, gluon_kernels, interpreting,
+                     launch_kernel, next_power_of_2, size_bucket, tma_usable)
 
 
 @triton.jit
@@ -420,9 +420,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     dout = dout.contiguous()
     out = out.contiguous()
     if grads is None:
-        grads = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-                 torch.empty(k.shape, dtype=k.dtype, device=k.device),
-                 torch.empty(k.shape, dtype=v.dtype, device=v.device))
+        grads = (empty_buffer(q.shape, q.dtype, q.device), empty_buffer(k.shape, k.dtype, k.device),
+                 empty_buffer(k.shape, v.dtype, v.device))
     dq, dk, dv = grads
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -436,7 +435,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
     q4, k4, v4, o4, do4, dq4, dk4, dv4 = t4
     if q.numel() == 0 or k.numel() == 0 or batch == 0 or seqlen_q == 0 or seqlen_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty_like(lse)
+    delta = empty_buffer(lse.shape, lse.dtype, lse.device)
     left, right = window_size
     if causal:
         right = 0
@@ -478,7 +477,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
         if atomic:
             # dO's layout (contiguous, shaped like q), so the kernels reuse its strides; the
             # delta kernel zeroes it (a packed batch's rows past its last sequence: here).
-            dq_acc = (torch.zeros if varlen else torch.empty)(do4.shape, dtype=torch.float32, device=q.device)
+            dq_acc = torch.zeros(do4.shape, dtype=torch.float32, device=q.device) if varlen \
+                else empty_buffer(do4.shape, torch.float32, q.device)
             dq_target = dq_acc
             if use_tma:
                 dq_target = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, bm, 1, block_d])
@@ -494,7 +494,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal=False, wi
             *common_args), dict(BLOCK_M=bm, BLOCK_N=bn, ATOMIC_DQ=atomic, DQ_TMA=use_tma,
                                 LAUNCH_GROUP=launch_group(right), **flags, **extra))
         if atomic:
-            dq.copy_(dq_acc.view(dq.shape))
+            copy_into(dq, dq_acc.view(dq.shape))
 
     if interp or blocks is not None:
         dq_config, dkdv_config = ((*b, 4, 2)[:4] for b in (blocks or ((16, 16), (16, 16))))

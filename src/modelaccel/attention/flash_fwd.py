@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import (LaunchTuner, TensorDescriptor, cdiv, gluon_kernels, interpreting, launch_kernel, next_power_of_2,
-                     size_bucket, tma_usable)
+from .launch import (LaunchTuner, TensorDescriptor, cdiv, empty_buffer, gluon_kernels, interpreting, launch_kernel,
+                     next_power_of_2, size_bucket, tma_usable)
 
 LOG2E = 1.4426950408889634
 
@@ -448,9 +448,9 @@ def flash_attn_forward(q, k, v, softmax_scale, causal=False, window_size=(-1, -1
         lse_shape = (batch, nheads, seqlen_q)
         q4, k4, v4 = q, k, v
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = empty_buffer(q.shape, q.dtype, q.device)
     if lse is None:
-        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+        lse = empty_buffer(lse_shape, torch.float32, q.device)
     if q.numel() == 0 or batch == 0 or seqlen_q == 0:
         return out, lse
     if k.numel() == 0 or seqlen_k == 0:  # nothing to attend to: every row is empty

@@ -48,7 +48,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from .flash_bwd import _launch_delta
 from .flash_fwd import LOG2E
 from .gluon_fwd import _row_view, _sm_count, _shared_layout, _snake_order, _tile_position, _tma_load
-from .launch import cdiv, launch_kernel
+from .launch import cached_buffer, cdiv, copy_into, empty_buffer, launch_kernel
 
 if hasattr(tma, "async_atomic_add"):  # triton 3.9
     _tma_reduce_add = tma.async_atomic_add
@@ -678,8 +678,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         grads = (None, torch.empty(k.shape, dtype=k.dtype, device=k.device),
                  torch.empty(k.shape, dtype=v.dtype, device=v.device))
     dq, dk, dv = grads
-    dq_acc = torch.empty(q.shape, dtype=torch.float32, device=q.device)  # zeroed with delta
-    delta = torch.empty_like(lse)
+    dq_acc = empty_buffer(q.shape, torch.float32, q.device)  # zeroed with delta
+    delta = empty_buffer(lse.shape, lse.dtype, lse.device)
     _launch_delta(out, dout, delta, (lse.stride(0), lse.stride(1)), nheads, seqlen_q, dq_acc=dq_acc)
     block_q = block_q or Q_ROWS[headdim]
     tile = _shared_layout((block_q, headdim), q.dtype)
@@ -700,6 +700,8 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
             raise ValueError("scheduled=True deals the tiles of a persistent launch; pass persistent=True")
         schedule = _tile_schedule(batch, nheads_k, n_nblocks, seqlen_q, seqlen_k, nheads // nheads_k, block_q,
                                   causal, launch_group, grid[0], q.device)  # None: snake order, below
+        if schedule is not None:
+            cached_buffer(schedule)
     launch_kernel(_attn_bwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, do_desc, dk, dv, dq_acc, dq_desc, lse, delta, delta if schedule is None else schedule,
         dk.stride(0), dk.stride(1), dk.stride(2),
@@ -713,4 +715,4 @@ def flash_attn_backward_gluon_ws(dout, q, k, v, out, lse, softmax_scale, causal=
         maxnreg=_MAXNREG))
     if dq is None:
         return dq_acc.to(q.dtype), dk, dv
-    return dq.copy_(dq_acc), dk, dv
+    return copy_into(dq, dq_acc), dk, dv

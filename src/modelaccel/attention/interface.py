@@ -13,7 +13,8 @@ from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
 from .kv_append import append_kv
 from . import launch
-from .launch import interpreting, record_launches, run_compiled
+from .launch import interpreting, record_launches
+from .replay import NO_PLAN, make_plan
 from .reference import append_kv_ref, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
@@ -236,15 +237,20 @@ class FlashAttnFunc(torch.autograd.Function):
     """Eager training path, dense (cu_seqlens None) or varlen: a plain autograd.Function
     costs less host time per call than the custom ops' dispatch (~70 us forward, ~60 us
     backward on a CPU, with the launches stubbed out), which short training steps feel.
-    torch.compile traces the custom ops instead."""
+    torch.compile traces the custom ops instead. replay_key (_replay_key's, or None): both
+    passes replay an earlier call's launches where they repeat it (_replayed)."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                window_size, softcap, alibi_slopes, dropout_p, seed, deterministic):
-        varlen = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-                      max_seqlen_k=max_seqlen_k)
-        out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                      dropout_p, seed, **varlen)
+                window_size, softcap, alibi_slopes, dropout_p, seed, deterministic, replay_key=None):
+        ctx.replay_key = replay_key
+        if replay_key is not None:
+            out, lse = _replayed(replay_key, (q, k, v), lambda: flash_attn_forward(
+                q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, seed))
+        else:
+            out, lse = flash_attn_forward(q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                                          dropout_p, seed, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                          max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
         ctx.options = (softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k,
                        deterministic)
@@ -256,23 +262,32 @@ class FlashAttnFunc(torch.autograd.Function):
         q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         (softmax_scale, causal, window_size, softcap, dropout_p, seed, max_seqlen_q, max_seqlen_k,
          deterministic) = ctx.options
-        dq, dk, dv = flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap,
-                                         alibi_slopes, dropout_p, seed, cu_seqlens_q, cu_seqlens_k,
-                                         max_seqlen_q, max_seqlen_k, atomic_dq=False if deterministic else None)
-        return dq, dk, dv, *([None] * 12)
+
+        def backward_pass():
+            return flash_attn_backward(dout, q, k, v, out, lse, softmax_scale, causal, window_size, softcap,
+                                       alibi_slopes, dropout_p, seed, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                       max_seqlen_k, atomic_dq=False if deterministic else None)
+
+        if ctx.replay_key is not None and type(dout) is torch.Tensor and launch._no_launch_hooks():
+            # out and lse are the forward's own buffers: the forward's key fixes their layout.
+            key = (ctx.replay_key, deterministic, dout.stride(), dout.dtype, dout.data_ptr() % 16,
+                   ctx.replay_key[-1])
+            dq, dk, dv = _replayed(key, (dout, q, k, v, out, lse), backward_pass)
+        else:
+            dq, dk, dv = backward_pass()
+        return dq, dk, dv, *([None] * 13)
 
 
-# Inference calls of flash_attn_func that repeat a call already made (same shapes, strides,
-# 16-byte alignment, dtypes, devices and options) replay its launch: the compiled kernel's
-# launcher with the new tensors, skipping the checks, the tuner and the argument building
-# (~15 us of our Python a call on the CPU box, several times that on the GPU machine's host,
-# where a 512-token prefill layer is host-bound). A plan is made from one settled
-# launch_kernel call on the direct path whose tensors are q, k, v, out and lse and whose other
-# arguments are numbers; calls on other paths (TMA descriptors, the Gluon kernel, last dims
-# copied) are marked _NO_PLAN and keep the full path.
-_forward_plans = {}
-_NO_PLAN = ()
-_FORWARD_PLANS_MAX = 256
+# Calls that repeat a call already made (same shapes, strides, 16-byte alignment, dtypes,
+# device and options) replay its launches (replay.py): the compiled kernels' launchers with
+# the new tensors, skipping the checks, the tuners and the argument building (~15 us of our
+# Python a forward and ~40 a backward on the CPU box, several times that on the GPU
+# machine's host, where a 512-token prefill layer, a small backward pass or a training step
+# is host-bound). Dense calls without dropout or ALiBi only: flash_attn_func's inference
+# calls, and both passes of its training calls. Calls that cannot be replayed (Triton's own
+# launch path, a tensor copied on the way) are marked NO_PLAN and keep the full path.
+_plans = {}
+_PLANS_MAX = 256
 # Recording costs ~13 us a call on the CPU box: a class whose tuner never settles
 # (MODELACCEL_TUNING=off without a stored choice) stops being recorded after this many calls.
 _PLAN_ATTEMPTS = 3
@@ -280,50 +295,42 @@ _plan_attempts = {}
 _PLAIN_NUMBERS = (int, float, bool, type(None))
 
 
-def _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                      return_attn_probs):
-    """The replay key of an inference call, or None where no plan can apply."""
+def _replay_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
+    """The replay key of a flash_attn_func call, or None where no plan can apply."""
     if (not launch._fast_launch or alibi_slopes is not None or return_attn_probs or dropout_p != 0
             or type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
             or not _use_triton(q) or type(window_size) is not tuple or type(softmax_scale) not in _PLAIN_NUMBERS
             or type(softcap) not in _PLAIN_NUMBERS or type(causal) not in _PLAIN_NUMBERS
-            or _grad_needed(q, k, v) or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
+            or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
+            or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
         return None
+    q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
+    if q_ptr == k_ptr or q_ptr == v_ptr or k_ptr == v_ptr:  # one memory in two roles: a plan
+        return None  # made from such a call could not tell them apart
     return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            k.device, v.device, q.data_ptr() % 16, k.data_ptr() % 16, v.data_ptr() % 16, softmax_scale, causal,
-            window_size, softcap, type(dropout_p), triton.runtime.driver.active.get_current_device())
+            k.device, v.device, q_ptr % 16, k_ptr % 16, v_ptr % 16, softmax_scale, causal, window_size, softcap,
+            type(dropout_p), triton.runtime.driver.active.get_current_device())
 
 
-def _make_forward_plan(launches, q, k, v, out, lse, device):
-    """(compiled kernel, grid, tensor slots, the rest, lse shape, device) replaying the one
-    launch recorded on `device` (the key's current device), _NO_PLAN where it cannot be
-    replayed, or None where the call is not settled yet (no single launch on the direct
-    path: the tuner may still be timing)."""
-    if len(launches) != 1 or launches[0] is None:
-        return None
-    compiled, constexprs, grid, args = launches[0]
-    tensors = (q, k, v, out, lse)
-    slots = []
-    for arg in args:
-        if not isinstance(arg, torch.Tensor):
-            break
-        slot = next((i for i, t in enumerate(tensors) if arg is t), None)
-        if slot is None:
-            return _NO_PLAN
-        slots.append(slot)
-    rest = tuple(args[len(slots):])
-    if not all(type(arg) in _PLAIN_NUMBERS for arg in rest):
-        return _NO_PLAN
-    return compiled, tuple(grid), tuple(slots), rest + tuple(constexprs), tuple(lse.shape), device
-
-
-def _replay_forward(plan, q, k, v):
-    compiled, grid, slots, rest, lse_shape, device = plan
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    tensors = (q, k, v, out, lse)
-    run_compiled(compiled, grid, device, [tensors[i] for i in slots], rest)
-    return out
+def _replayed(key, inputs, call):
+    """call()'s tensors, from the plan recorded for `key` (its last entry: the device index)
+    where there is one; else call() itself, recorded so that a later call can replay it."""
+    plan = _plans.get(key)
+    if plan:
+        return plan.run(inputs)
+    if plan is NO_PLAN:
+        return call()
+    results, recording = record_launches(call)
+    plan = make_plan(recording, inputs, results, key[-1])
+    if plan is None:  # not settled yet
+        _plan_attempts[key] = attempts = _plan_attempts.get(key, 0) + 1
+        plan = NO_PLAN if attempts >= _PLAN_ATTEMPTS else None
+    if plan is not None:
+        if len(_plans) >= _PLANS_MAX:
+            _plans.clear()
+            _plan_attempts.clear()
+        _plans[key] = plan
+    return results
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -353,17 +360,20 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out [batch, seqlen_q, nheads, headdim] in q's dtype; with return_attn_probs,
         (out, softmax_lse [batch, nheads, seqlen_q] float32, keep mask bool
         [batch, nheads, seqlen_q, seqlen_k] if dropout_p > 0 else None).
-        Differentiable in q, k and v. On a GPU, an inference call (no gradient, no dropout,
-        ALiBi or attention probabilities) that repeats an earlier call's shapes, strides,
-        alignment, dtypes and options replays that call's kernel launch, for less host time
-        (MODELACCEL_FAST_LAUNCH=0 turns it off).
+        Differentiable in q, k and v. On a GPU, a call without dropout, ALiBi or attention
+        probabilities that repeats an earlier call's shapes, strides, alignment, dtypes and
+        options replays that call's kernel launches, in the forward and in its backward
+        pass, for less host time (MODELACCEL_FAST_LAUNCH=0 turns it off).
     """
-    plan_key = _forward_plan_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                                 return_attn_probs)
-    plan = _forward_plans.get(plan_key) if plan_key is not None else None
-    if plan:
-        return _replay_forward(plan, q, k, v)
-    q_in, k_in, v_in = q, k, v
+    replay_key = _replay_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                             return_attn_probs)
+    plan = _plans.get(replay_key) if replay_key is not None else None
+    if plan:  # a call of this key passed the checks below: they read nothing the key does not fix
+        if not _grad_needed(q, k, v):
+            return plan.run((q, k, v))[0]
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        return FlashAttnFunc.apply(q, k, v, None, None, None, None, scale, bool(causal), window_size, float(softcap),
+                                   None, 0.0, 0, bool(deterministic), replay_key)[0]
     _check_qkv(q, k, v, "[batch, seqlen, nheads, headdim]")
     _check_options(q, q.shape[0], dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     if softmax_scale is None:
@@ -380,24 +390,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                           bool(deterministic))
         elif _grad_needed(q, k, v):
             out, lse = FlashAttnFunc.apply(q, k, v, None, None, None, None, scale, causal, (left, right), softcap,
-                                           alibi_slopes, dropout_p, seed, bool(deterministic))
-        elif plan_key is None or plan is _NO_PLAN:
+                                           alibi_slopes, dropout_p, seed, bool(deterministic), replay_key)
+        elif replay_key is None:
             out, lse = flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
                                           seed)
         else:
-            (out, lse), launches = record_launches(
-                lambda: flash_attn_forward(q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p,
-                                           seed))
-            same_inputs = q is q_in and k is k_in and v is v_in  # no last dim was copied
-            plan = _make_forward_plan(launches, q, k, v, out, lse, plan_key[-1]) if same_inputs else _NO_PLAN
-            if plan is None:  # not settled yet
-                _plan_attempts[plan_key] = attempts = _plan_attempts.get(plan_key, 0) + 1
-                plan = _NO_PLAN if attempts >= _PLAN_ATTEMPTS else None
-            if plan is not None:
-                if len(_forward_plans) >= _FORWARD_PLANS_MAX:
-                    _forward_plans.clear()
-                    _plan_attempts.clear()
-                _forward_plans[plan_key] = plan
+            out, lse = _replayed(replay_key, (q, k, v), lambda: flash_attn_forward(
+                q, k, v, scale, causal, (left, right), softcap, alibi_slopes, dropout_p, seed))
         keep = dropout_keep_mask(batch, nheads, seqlen_q, k.shape[1], dropout_p, seed, q.device) \
             if return_attn_probs and dropout_p > 0 else None
     else:

@@ -247,24 +247,29 @@ class LaunchTuner:
                     return _gpu_ms(lambda: launch(config))
                 return triton.testing.do_bench(lambda: launch(config), warmup=5, rep=20)
 
-            timings = {}
-            for config in candidates:
-                try:
-                    timings[config] = time_one(config)
-                except triton.runtime.errors.OutOfResources:  # too much shared memory here
-                    continue
-                except CompilationError as exc:
-                    # A compiler that cannot build one candidate (a Gluon kernel on a triton
-                    # it was not written for, say) costs that candidate, not the call.
-                    warnings.warn(f"{self.name}: launch {config} does not compile here and is skipped: "
-                                  f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc!r}")
-                    continue
-            if not timings:
-                raise RuntimeError(f"no {self.name} kernel configuration fits this GPU for {key}")
-            self.choices[key] = _refine(timings, time_one)
+            self.choices[key] = _unrecorded(lambda: _refine(self._time_candidates(key, candidates, time_one),
+                                                            time_one))
             self._save()
         self._settled[raw_key] = self.choices[key]
         return self.choices[key]
+
+    def _time_candidates(self, key, candidates, time_one):
+        """{config: ms} of the candidates that build and fit on this GPU."""
+        timings = {}
+        for config in candidates:
+            try:
+                timings[config] = time_one(config)
+            except triton.runtime.errors.OutOfResources:  # too much shared memory here
+                continue
+            except CompilationError as exc:
+                # A compiler that cannot build one candidate (a Gluon kernel on a triton it
+                # was not written for, say) costs that candidate, not the call.
+                warnings.warn(f"{self.name}: launch {config} does not compile here and is skipped: "
+                              f"{str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else exc!r}")
+                continue
+        if not timings:
+            raise RuntimeError(f"no {self.name} kernel configuration fits this GPU for {key}")
+        return timings
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,22 +357,58 @@ def _no_launch_hooks():
 _recording = None  # the list record_launches is filling, else None
 
 
-def _record(launch):
+def _record(entry):
     if _recording is not None:
-        _recording.append(launch)
+        _recording.append(entry)
+
+
+def _unrecorded(fn):
+    """fn() outside any recording, which notes the call as not settled instead: a tuner's
+    timing launches are no part of the call (a replay would repeat every candidate)."""
+    global _recording
+    outer, _recording = _recording, None
+    try:
+        return fn()
+    finally:
+        _recording = outer
+        _record(None)
 
 
 def record_launches(fn):
-    """fn()'s result and what it launched: per launch_kernel call (compiled kernel,
-    constexprs, grid, args) where it went through the direct path, None where it did not
-    (Triton's own path, or a launch whose tuner had not settled), so a caller can tell a
-    call it may replay with run_compiled from one it may not."""
+    """fn()'s result and what it did that a replay must repeat (attention/replay.py), in
+    order: ("launch", compiled kernel, constexprs, grid, args) per launch_kernel call on the
+    direct path, ("empty", tensor) per empty_buffer, ("copy", dst, src) per copy_into and
+    ("cached", tensor) per cached_buffer; None for a launch on Triton's own path or one
+    whose tuner had not settled, so a caller can tell a call it may replay from one it may
+    not."""
     global _recording
     outer, _recording = _recording, []
     try:
         return fn(), _recording
     finally:
         _recording = outer
+
+
+def empty_buffer(shape, dtype, device):
+    """torch.empty for a launcher's output or scratch buffer. Only kernels (and copy_into)
+    may write it: a replay allocates it afresh and repeats only those."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    _record(("empty", buffer))
+    return buffer
+
+
+def copy_into(dst, src):
+    """dst.copy_(src), repeated by a replay; dst and src: tensors of the call (inputs,
+    empty_buffer buffers or views of them)."""
+    dst.copy_(src)
+    _record(("copy", dst, src))
+    return dst
+
+
+def cached_buffer(tensor):
+    """A tensor kept for later calls (a host-made table): a replay passes this very tensor."""
+    _record(("cached", tensor))
+    return tensor
 
 
 def run_compiled(compiled, grid, device, args, tail):
@@ -410,10 +451,10 @@ def launch_kernel(kernel, grid, args, kwargs):
             cache.clear()
         # The launcher takes every parameter in signature order, constexprs included.
         cache[key] = entry = (compiled, tuple(kwargs[name] for name in names))
-        _record((*entry, grid, args))
+        _record(("launch", *entry, grid, args))
         return
     compiled, constexprs = entry
-    _record((compiled, constexprs, grid, args))
+    _record(("launch", compiled, constexprs, grid, args))
     run_compiled(compiled, grid, device, args, constexprs)
 
 
