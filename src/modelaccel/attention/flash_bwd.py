@@ -350,7 +350,7 @@ _DQ_CONFIGS = {
 # the tuner chose the atomic strategy's (64, 128, 8, 3) with TMA reduces for every row of
 # the d128 causal benchmark before the Gluon backward joined the tuning; since its launch
 # groups (0ca08a7) the Gluon launch wins every row it is offered, and (64, 128, 8, 3)
-# with TMA reduces keeps (2, 48, 48, 1024), below _GLUON_BWD_MIN_FLOPS
+# with TMA reduces kept (2, 48, 48, 1024) while that row was below _GLUON_BWD_MIN_FLOPS
 # (results/attention_bwd_nvidia-h200_2026-12-02.json, 31600a5).
 _DKDV_CONFIGS = {
     64: [(64, 128, 8, 2), (64, 128, 8, 3), (64, 64, 4, 3)],
@@ -361,11 +361,15 @@ _DELTA_BLOCK_M = 64
 # The warp-specialized Gluon backward (gluon_bwd.py, Hopper only; atomic dQ) competes in
 # the dK/dV tuning for the calls the Gluon forward covers, from the forward's size on.
 # MODELACCEL_GLUON_BWD=0 leaves it out.
-# Below ~1e11 FLOPs (4 b h sq sk d) the backward's GPU time (~300 us on an H200) is near
-# the host's time per call, and the Gluon launch costs more host time (four descriptors):
-# on (2, 48, 48, 1024) it tuned level with Triton on the GPU but measured 343 against 292
-# us per call once the host fell behind (benchmarks/profile_host.py bwd).
-_GLUON_BWD_MIN_FLOPS = 1e11
+# Below ~3e10 FLOPs (4 b h sq sk d) the backward's GPU time is below the host's time per
+# call. From 3e10 to 1e11 it was not offered either while every call built its launch:
+# the Gluon launch costs more host time (five descriptors), and on (2, 48, 48, 1024) it
+# tuned level with Triton on the GPU but measured 343 against 292 us per call once the host
+# fell behind (benchmarks/profile_host.py bwd). Repeated training calls replay their
+# launches (interface._replayed), descriptors included, so it is offered there again: its
+# per-tile dq_tma launch ran that row at 246.6 TFLOPS, the tuned launcher (Triton there)
+# at 203.1 (results/tuning/gluon_bwd_dq_tma_swizzled_h200_58d073a.json).
+_GLUON_BWD_MIN_FLOPS = 3e10
 
 
 def _gluon_bwd_module():
