@@ -206,18 +206,21 @@ def test_repeated_training_calls_are_replayed_and_correct(launch, monkeypatch):
     monkeypatch.setattr(interface, "_plan_attempts", {})
     replays = count_calls(monkeypatch, replay.Plan, "run")
     full_backwards = count_calls(monkeypatch, interface, "flash_attn_backward")
-    for _ in range(3):
+    for round in range(3):
         q, k, v = (randn(2, 1024, h, 128, dtype=torch.bfloat16) for h in (16, 4, 4))
         dout = torch.randn_like(q)
         for shape in ((2, 1024, 16, 128), (2, 1024, 4, 128), (2, 16, 1024)):  # poison the blocks to come
             torch.empty(shape, dtype=torch.float32, device="cuda").fill_(float("nan"))
             torch.empty(shape, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        replayed, full = len(replays), len(full_backwards)
         out = modelaccel.flash_attn_func(qg, kg, vg, causal=True)
         grads = torch.autograd.grad(out, (qg, kg, vg), dout)
+        # The first call records; in a process whose first launch it is, the second may too.
+        if round == 2:
+            assert len(replays) == replayed + 2 and len(full_backwards) == full  # both passes replayed
         q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
         ref_out, ref_lse = attention_ref(q32, k32, v32, compute_dtype=torch.float32, causal=True)
         ref_grads = torch.autograd.grad(ref_out, (q32, k32, v32), dout.float())
         assert_attention_close(out, ref_lse, ref_out.detach(), ref_lse, q.dtype)  # no lse from flash_attn_func
         assert_grads_close(grads, ref_grads, q.dtype)
-    assert len(full_backwards) == 1 and len(replays) == 4  # two forwards and two backwards replayed
