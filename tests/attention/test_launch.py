@@ -86,3 +86,18 @@ def test_interpreter_uses_tritons_path():
     if not launch.interpreting():
         pytest.skip("the CPU suite runs under the Triton interpreter")
     assert not launch._fast_launch_supported()
+
+
+def test_a_recording_holds_only_its_own_threads_notes():
+    # Autograd runs a backward on its own thread: another thread's buffers and launches
+    # must not land in the notes a call is recording (a replay would repeat them).
+    import threading
+
+    def call():
+        other = threading.Thread(target=lambda: launch.empty_buffer((2,), torch.float32, "cpu"))
+        other.start()
+        other.join()
+        launch.empty_buffer((3,), torch.float32, "cpu")
+
+    _, notes = launch.record_launches(call)
+    assert [(kind, tuple(tensor.shape)) for kind, tensor in notes] == [("empty", (3,))]

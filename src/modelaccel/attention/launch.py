@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import statistics
+import threading
 import warnings
 
 import torch
@@ -354,23 +355,29 @@ def _no_launch_hooks():
     return not any(getattr(hook, "calls", hook) for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook))
 
 
-_recording = None  # the list record_launches is filling, else None
+class _Recording(threading.local):
+    # Per thread: a backward runs on autograd's device thread while another thread may be
+    # recording a forward, and one call's notes must not land in another's.
+    notes = None  # the list record_launches is filling, else None
+
+
+_recording = _Recording()
 
 
 def _record(entry):
-    if _recording is not None:
-        _recording.append(entry)
+    notes = _recording.notes
+    if notes is not None:
+        notes.append(entry)
 
 
 def _unrecorded(fn):
     """fn() outside any recording, which notes the call as not settled instead: a tuner's
     timing launches are no part of the call (a replay would repeat every candidate)."""
-    global _recording
-    outer, _recording = _recording, None
+    outer, _recording.notes = _recording.notes, None
     try:
         return fn()
     finally:
-        _recording = outer
+        _recording.notes = outer
         _record(None)
 
 
@@ -380,13 +387,12 @@ def record_launches(fn):
     direct path, ("empty", tensor) per empty_buffer, ("copy", dst, src) per copy_into and
     ("cached", tensor) per cached_buffer; None for a launch on Triton's own path or one
     whose tuner had not settled, so a caller can tell a call it may replay from one it may
-    not."""
-    global _recording
-    outer, _recording = _recording, []
+    not. Notes are kept per thread."""
+    outer, _recording.notes = _recording.notes, []
     try:
-        return fn(), _recording
+        return fn(), _recording.notes
     finally:
-        _recording = outer
+        _recording.notes = outer
 
 
 def empty_buffer(shape, dtype, device):
