@@ -33,7 +33,7 @@ class Plan:
 
     def __init__(self, buffers, steps, results, device):
         self.buffers = buffers  # (shape, dtype) of each allocated buffer, in order
-        self.steps = steps
+        self.steps = steps  # ("launch", ...) and ("copy", dst slot, src slot, src view shape)
         self.results = results  # slots of the call's results
         self.device = device  # the device index whose stream the launches go to
 
@@ -44,11 +44,12 @@ class Plan:
         tensors = list(inputs)
         for shape, dtype in self.buffers:
             tensors.append(torch.empty(shape, dtype=dtype, device=device))
-        for compiled, grid, template, tensor_args, descriptor_args, tail in self.steps:
-            if compiled is None:  # a copy: grid holds (dst slot, src slot, src view shape)
-                dst, src, shape = grid
-                tensors[dst].copy_(tensors[src].view(shape))
+        for step in self.steps:
+            if step[0] == "copy":
+                _, dst, src, src_shape = step
+                tensors[dst].copy_(tensors[src].view(src_shape))
                 continue
+            _, compiled, grid, template, tensor_args, descriptor_args, tail = step
             args = list(template)
             for position, slot in tensor_args:
                 args[position] = tensors[slot]
@@ -103,7 +104,7 @@ def make_plan(recording, inputs, results, device):
             dst_slot, src_slot = by_id.get(id(dst)), memory_slot(src)
             if dst_slot is None or src_slot is None or not src.is_contiguous():
                 return NO_PLAN
-            steps.append((None, (dst_slot, src_slot, tuple(src.shape)), None, None, None, None))
+            steps.append(("copy", dst_slot, src_slot, tuple(src.shape)))
         else:
             step = _launch_step(entry, by_id, memory_slot, cached)
             if step is None:
@@ -139,4 +140,5 @@ def _launch_step(entry, by_id, memory_slot, cached):
         else:
             return None
         template[position] = None  # no reference to the recorded call's tensors is kept
-    return compiled, tuple(grid), tuple(template), tuple(tensor_args), tuple(descriptor_args), tuple(constexprs)
+    return ("launch", compiled, tuple(grid), tuple(template), tuple(tensor_args), tuple(descriptor_args),
+            tuple(constexprs))
