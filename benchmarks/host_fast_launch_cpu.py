@@ -25,7 +25,7 @@ import triton  # noqa: E402
 
 import modelaccel  # noqa: E402
 from modelaccel.attention import decode, flash_bwd, flash_fwd, interface, launch  # noqa: E402
-from modelaccel.attention.replay import NO_PLAN  # noqa: E402
+from modelaccel.testing import NoPlans  # noqa: E402
 
 
 class _Compiled:
@@ -52,13 +52,6 @@ class _Driver:
     @staticmethod
     def get_current_stream(device):
         return 0
-
-
-class _NoPlans(dict):
-    """A plan table that marks every call as not replayable."""
-
-    def get(self, key, default=None):
-        return NO_PLAN
 
 
 def per_call_us(fn, n=2000):
@@ -117,7 +110,7 @@ def main():
     # marked as not replayable, show the full path. The backward's graph is made under each.
     for plans in ("replayed", "full path"):
         if plans == "full path":
-            interface._plans = _NoPlans()
+            interface._plans = NoPlans()
         out = modelaccel.flash_attn_func(qg, kg, vg, causal=True)
         calls["training forward"] = lambda: modelaccel.flash_attn_func(qg, kg, vg, causal=True)
         calls["backward through autograd"] = lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)

@@ -4,6 +4,8 @@ import math
 
 import torch
 
+from .attention.replay import NO_PLAN
+
 # Bounds for fp16/bf16 attention against a float64 (or float32) reference. The kernel rounds
 # the softmax probabilities to the input dtype before the second matmul and rounds the
 # output once more; bf16 keeps 8 mantissa bits, fp16 11.
@@ -177,3 +179,11 @@ class FakeKernel:
                 self.on_launch(args)
             return FakeCompiled(self.log, self.on_launch)
         return run
+
+
+class NoPlans(dict):
+    """A replay plan table (attention.interface._plans) that marks every call as not
+    replayable, so calls take the full path (tests, benchmarks)."""
+
+    def get(self, key, default=None):
+        return NO_PLAN

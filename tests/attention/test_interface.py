@@ -16,7 +16,7 @@ import torch
 from modelaccel import flash_attn_func
 from modelaccel.attention import flash_bwd, flash_fwd, interface, launch
 from modelaccel.attention.replay import NO_PLAN
-from modelaccel.testing import FakeKernel, count_calls
+from modelaccel.testing import FakeKernel, NoPlans, count_calls
 
 _DQ_ACC_FILL = 0.25  # what the stand-in dK/dV kernels add into a float32 dQ accumulator
 
@@ -259,7 +259,7 @@ def test_a_backward_replay_passes_what_the_full_path_passes(backward_kernels, mo
     calls = []
     for round in ("recorded", "replayed", "replayed", "full path"):
         if round == "full path":  # the direct launches without a plan, as the reference
-            monkeypatch.setattr(interface, "_plans", _NoPlans())
+            monkeypatch.setattr(interface, "_plans", NoPlans())
         q, k, v = qkv(headdim=headdim, grad=True)
         dout = torch.randn_like(q)
         out = flash_attn_func(q, k, v, causal=True)
@@ -276,13 +276,6 @@ def test_a_backward_replay_passes_what_the_full_path_passes(backward_kernels, mo
     if path == "gluon scheduled":  # the host-dealt table is passed itself, not a fresh buffer
         table, = launch.gluon_kernels("gluon_bwd")._schedules.values()
         assert any(arg is table for arg in backward_kernels[-1][1])
-
-
-class _NoPlans(dict):
-    """A plan table that marks every call as not replayable."""
-
-    def get(self, key, default=None):
-        return NO_PLAN
 
 
 def test_a_deterministic_backward_is_its_own_class(backward_kernels, monkeypatch):

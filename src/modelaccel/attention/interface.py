@@ -13,7 +13,7 @@ from .flash_bwd import flash_attn_backward
 from .flash_fwd import dropout_keep_mask, flash_attn_forward
 from .kv_append import append_kv
 from . import launch
-from .launch import interpreting, record_launches
+from .launch import _SCALAR_TYPES, interpreting, record_launches
 from .replay import NO_PLAN, make_plan
 from .reference import append_kv_ref, attention_ref, kvcache_attention_ref, varlen_attention_ref
 
@@ -270,8 +270,7 @@ class FlashAttnFunc(torch.autograd.Function):
 
         if ctx.replay_key is not None and type(dout) is torch.Tensor and launch._no_launch_hooks():
             # out and lse are the forward's own buffers: the forward's key fixes their layout.
-            key = (ctx.replay_key, deterministic, dout.stride(), dout.dtype, dout.data_ptr() % 16,
-                   ctx.replay_key[-1])
+            key = (ctx.replay_key, deterministic, dout.stride(), dout.dtype, dout.data_ptr() % 16)
             dq, dk, dv = _replayed(key, (dout, q, k, v, out, lse), backward_pass)
         else:
             dq, dk, dv = backward_pass()
@@ -292,15 +291,14 @@ _PLANS_MAX = 256
 # (MODELACCEL_TUNING=off without a stored choice) stops being recorded after this many calls.
 _PLAN_ATTEMPTS = 3
 _plan_attempts = {}
-_PLAIN_NUMBERS = (int, float, bool, type(None))
 
 
 def _replay_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs):
     """The replay key of a flash_attn_func call, or None where no plan can apply."""
     if (not launch._fast_launch or alibi_slopes is not None or return_attn_probs or dropout_p != 0
             or type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
-            or not _use_triton(q) or type(window_size) is not tuple or type(softmax_scale) not in _PLAIN_NUMBERS
-            or type(softcap) not in _PLAIN_NUMBERS or type(causal) not in _PLAIN_NUMBERS
+            or not _use_triton(q) or type(window_size) is not tuple or type(softmax_scale) not in _SCALAR_TYPES
+            or type(softcap) not in _SCALAR_TYPES or type(causal) not in _SCALAR_TYPES
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
             or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
         return None
@@ -313,7 +311,7 @@ def _replay_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
 
 
 def _replayed(key, inputs, call):
-    """call()'s tensors, from the plan recorded for `key` (its last entry: the device index)
+    """call()'s tensors, from the plan recorded for `key` (which fixes the current device)
     where there is one; else call() itself, recorded so that a later call can replay it."""
     plan = _plans.get(key)
     if plan:
@@ -321,7 +319,7 @@ def _replayed(key, inputs, call):
     if plan is NO_PLAN:
         return call()
     results, recording = record_launches(call)
-    plan = make_plan(recording, inputs, results, key[-1])
+    plan = make_plan(recording, inputs, results)
     if plan is None:  # not settled yet
         _plan_attempts[key] = attempts = _plan_attempts.get(key, 0) + 1
         plan = NO_PLAN if attempts >= _PLAN_ATTEMPTS else None

@@ -18,11 +18,11 @@ be skipped silently.
 """
 
 import torch
+import triton
 
-from .launch import _DESCRIPTOR_TYPES, run_compiled
+from .launch import _DESCRIPTOR_TYPES, _SCALAR_TYPES, run_compiled
 
 NO_PLAN = ()  # a call that cannot be replayed; falsy, unlike a Plan
-_PLAIN_NUMBERS = (int, float, bool, type(None))
 
 
 class Plan:
@@ -64,11 +64,12 @@ class Plan:
         return [tensors[slot] for slot in self.results]
 
 
-def make_plan(recording, inputs, results, device):
+def make_plan(recording, inputs, results):
     """The Plan that replays `recording` (launch.record_launches' notes of a call over
-    `inputs`, which returned the tensors `results`) on `device` (an index); NO_PLAN where
-    the call cannot be replayed; None where it may become replayable (a tuner still timing,
-    no launch yet, or tensors of the call that share memory, so their roles are ambiguous)."""
+    `inputs`, which returned the tensors `results`) on the current device, where it was
+    recorded (callers key plans by it); NO_PLAN where the call cannot be replayed; None
+    where it may become replayable (a tuner still timing, no launch yet, or tensors of the
+    call that share memory, so their roles are ambiguous)."""
     if not recording or None in recording or not any(entry[0] == "launch" for entry in recording):
         return None
     by_id = {}  # id(tensor) -> slot
@@ -113,7 +114,7 @@ def make_plan(recording, inputs, results, device):
     result_slots = [by_id.get(id(tensor)) for tensor in results]
     if None in result_slots:
         return NO_PLAN
-    return Plan(tuple(buffers), tuple(steps), tuple(result_slots), device)
+    return Plan(tuple(buffers), tuple(steps), tuple(result_slots), triton.runtime.driver.active.get_current_device())
 
 
 def _launch_step(entry, by_id, memory_slot, cached):
@@ -122,7 +123,7 @@ def _launch_step(entry, by_id, memory_slot, cached):
     template = list(args)
     tensor_args, descriptor_args = [], []
     for position, arg in enumerate(args):
-        if type(arg) in _PLAIN_NUMBERS:
+        if type(arg) in _SCALAR_TYPES:
             continue
         if isinstance(arg, torch.Tensor):
             slot = by_id.get(id(arg))
