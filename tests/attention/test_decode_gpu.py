@@ -42,11 +42,33 @@ def test_every_launch_candidate(config, page_size):
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
 
 
+@pytest.mark.parametrize("config", _DECODE_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_unfilled_cache_rows_are_never_used(config):
+    """Contiguous launches load each split's first key tile before cache_seqlens: NaN and inf
+    in the rows past each sequence must not reach the output."""
+    gen = torch.Generator().manual_seed(2)
+    k_cache, v_cache, _ = make_cache(3, 16384, 8, 128, torch.bfloat16, "cuda", gen)
+    seqlens = torch.tensor([9000, 16384, 37], dtype=torch.int32, device="cuda")
+    for b, n in enumerate(seqlens.tolist()):
+        k_cache[b, n:] = float("nan")
+        v_cache[b, n:] = float("inf")
+    q = torch.randn(3, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+    out, lse = decode_attention(q, k_cache, v_cache, seqlens, 128 ** -0.5, config=config)
+    ref_out, ref_lse = reference(q, k_cache, v_cache, seqlens)
+    assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+@pytest.mark.parametrize("keep_counters", [False, True], ids=["zeroed", "kept"])
 @pytest.mark.parametrize("num_splits", [1, 5, 66, 128])
 @pytest.mark.parametrize("page_size", [None, 256], ids=["contiguous", "page256"])
-def test_fused_split_merge_eager_and_graph(num_splits, page_size):
+def test_fused_split_merge_eager_and_graph(num_splits, page_size, keep_counters, monkeypatch):
     """The fused launch (last program of each kv head merges the splits) at real sizes, many
-    times over (an ordering bug shows as an occasional wrong row), and under graph replay."""
+    times over (an ordering bug shows as an occasional wrong row), and under graph replay,
+    with counters zeroed per call or kept between calls (each launch leaves them zero)."""
+    from modelaccel.attention import decode
+
+    monkeypatch.setattr(decode, "_KEEP_COUNTERS", keep_counters)
+    monkeypatch.setattr(decode, "_counters", {})
     gen = torch.Generator().manual_seed(num_splits)
     k_cache, v_cache, table = make_cache(3, 16384, 8, 128, torch.bfloat16, "cuda", gen, page_size)
     q = torch.randn(3, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
