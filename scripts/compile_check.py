@@ -39,7 +39,10 @@ ATTENTION = dict(BLOCK_D=128, HEADDIM=128, HAS_LEFT=False, HAS_RIGHT=True, HAS_S
                  HAS_DROPOUT=True, IS_VARLEN=True, UPCAST_DOT=False)
 DECODE = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_D=128, HEADDIM=128, PAGED=True, PAGE_SIZE=16, SAME_KV_STRIDES=True,
               HAS_BATCH_IDX=False, HAS_LEFTPAD=True, HAS_LEFT=False, HAS_RIGHT=True, HAS_SOFTCAP=True,
-              HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4, MERGE_SPLITS=4, USE_PDL=True, EARLY_TILE=False)
+              HAS_ALIBI=True, UPCAST_DOT=False, MERGE_ROWS=4, MERGE_SPLITS=4, USE_PDL=True)
+DECODE_PTRS = dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32", BLOCK_TABLE="i32",
+                   CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32", CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16",
+                   LSE="fp32", COUNTER="i32")
 # (kernel, pointer types by argument, constexprs, num_warps, num_stages)
 CASES = [
     (flash_fwd._attn_fwd_kernel, dict(Q="bf16", K="bf16", V="bf16", O="bf16", LSE="fp32", ALIBI="fp32", CU_Q="i32",
@@ -64,16 +67,9 @@ CASES = [
     # Packed batches zero their dQ accumulator with torch.zeros, dense ones in this kernel.
     *[(flash_bwd._attn_bwd_delta_kernel, dict(O="bf16", DO="bf16", DELTA="fp32", DQ_ACC="fp32", CU_Q="i32"),
        dict(BLOCK_M=64, BLOCK_D=128, HEADDIM=128, IS_VARLEN=not zero, ZERO_DQ=zero), 4, 2) for zero in (False, True)],
-    *[(decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
-                                         BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
-                                         CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
+    *[(decode._decode_split_kernel, DECODE_PTRS,
        # The unfused case reads the block table in its loop, the fused one before it.
        dict(DECODE, FUSED=fused, SPLIT_PAGES=16 * fused), 4, 3) for fused in (False, True)],
-    # A contiguous cache loads each split's first key tile before cache_seqlens.
-    (decode._decode_split_kernel, dict(Q="bf16", K="bf16", V="bf16", O_PART="fp32", LSE_PART="fp32",
-                                       BLOCK_TABLE="i32", CACHE_SEQLENS="i32", CACHE_BATCH_IDX="i32",
-                                       CACHE_LEFTPAD="i32", ALIBI="fp32", O="bf16", LSE="fp32", COUNTER="i32"),
-     dict(DECODE, PAGED=False, PAGE_SIZE=1, HAS_LEFTPAD=False, FUSED=True, SPLIT_PAGES=0, EARLY_TILE=True), 4, 3),
     (decode._decode_combine_kernel, dict(O_PART="fp32", LSE_PART="fp32", O="bf16", LSE="fp32"),
      dict(BLOCK_S=64, BLOCK_D=128, HEADDIM=128, USE_PDL=True), 4, 2),
     (kv_append._append_kv_kernel, dict(Q="bf16", Q_OUT="bf16", K_NEW="bf16", V_NEW="bf16", K_CACHE="bf16",
@@ -156,10 +152,10 @@ def candidate_cases():
                                                            DQ_TMA=tma, LAUNCH_GROUP=0),
                 warps, stages)
     plain_decode = dict(DECODE, PAGED=False, PAGE_SIZE=1, HAS_LEFTPAD=False, HAS_SOFTCAP=False, HAS_ALIBI=False,
-                        FUSED=False, SPLIT_PAGES=0, EARLY_TILE=True)
+                        FUSED=False, SPLIT_PAGES=0)
     for bn, warps, stages, fused in sorted(set(c[:3] + (bool(c[5:]),) for c in decode._DECODE_CONFIGS)):
         yield "decode" + (" fused" if fused else ""), (
-            decode._decode_split_kernel, CASES[8][1], dict(plain_decode, BLOCK_N=bn, FUSED=fused), warps, stages)
+            decode._decode_split_kernel, DECODE_PTRS, dict(plain_decode, BLOCK_N=bn, FUSED=fused), warps, stages)
 
 
 def print_candidate_usage():

@@ -10,8 +10,7 @@
 # backward, Triton and Gluon launches), alloc (profile_host.py alloc: torch.empty's host
 # time), gluon_order (benchmarks/gluon_launch_order.py: the
 # Gluon kernels' launch groups), paged_probe (benchmarks/decode_paged_probe.py: paged
-# against contiguous decoding, pages in order and scattered), overhead_probe
-# (benchmarks/decode_overhead_probe.py: a small-batch decoding step's time beyond its reads) and dq_tma (the GPU tests of the
+# against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
 # (the dealt dq_tma launch, its atomic twin and the per-tile dq_tma launch timed five times
@@ -73,7 +72,6 @@ for part in $parts; do
                    "$out/gluon_bwd_dealt_probe.json" gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64G8K1T --rounds=5 \
                    --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
-    overhead_probe) run overhead_probe python3 benchmarks/decode_overhead_probe.py "$out/decode_overhead_probe.json" ;;
     gluon_order) run gluon_order python3 benchmarks/gluon_launch_order.py "$out/gluon_launch_order.json" ;;
     gluon_bwd) run gluon_bwd_tests env MODELACCEL_TUNING=off python3 -m pytest -q -m gpu -p no:cacheprovider -x \
                  tests/attention/test_gluon_bwd_gpu.py

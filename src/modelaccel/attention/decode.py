@@ -32,34 +32,13 @@ def _kv_head_rows(hk, GROUP, SEQLEN_Q, HEADDIM, ROWS: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _fold_keys(q, k, v, acc, m_i, l_i, pos_q, offs_n, n_ok, seqlen_k, diag, window_left, window_right, qk_scale,
-               softcap_scale, alibi_slope, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-               HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """Fold one key tile (k, v [BLOCK_N, BLOCK_D] at key positions offs_n; keys where n_ok
-    is false are hidden, whatever k and v hold there) into the running (acc, max, sum)."""
-    qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
-    s = _scores_log2(qk, pos_q[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
-                     qk_scale, softcap_scale, 0.0, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
-    if HAS_ALIBI:
-        s -= alibi_slope * tl.abs((pos_q[:, None] + diag - offs_n[None, :]).to(tl.float32))
-    s = tl.where(n_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_use[:, None])
-    alpha = tl.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, CACHE_BATCH_IDX, CACHE_LEFTPAD,
                          ALIBI, O, LSE, COUNTER,
                          stride_qb, stride_qs, stride_qh,
                          stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_alibi_b, stride_ob, stride_os, stride_oh,
-                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, MAX_PAGES, MAX_KEYS, SPLIT_LEN, NSPLITS,
+                         NHEADS, NHEADS_K, GROUP, SEQLEN_Q, MAX_PAGES, SPLIT_LEN, NSPLITS,
                          window_left, window_right, qk_scale, softcap_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                          HEADDIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -67,7 +46,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
                          HAS_LEFTPAD: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                          HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, FUSED: tl.constexpr,
                          UPCAST_DOT: tl.constexpr, SPLIT_PAGES: tl.constexpr, MERGE_ROWS: tl.constexpr,
-                         MERGE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr, EARLY_TILE: tl.constexpr):
+                         MERGE_SPLITS: tl.constexpr, USE_PDL: tl.constexpr):
     """Partial attention of keys [split * SPLIT_LEN, (split + 1) * SPLIT_LEN) for one kv head.
 
     Row r of the tile is query position r // GROUP of head hk * GROUP + r % GROUP. Writes
@@ -87,13 +66,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
     memory latencies in a row where the contiguous cache has two.
     FUSED: no combine kernel follows. With one split the program writes O and LSE itself;
     with more, the last program of a kv head to finish (an atomic count per (batch, kv
-    head) in COUNTER, zero when the launch starts) merges the splits into O and LSE and sets
-    the count back to zero.
-    EARLY_TILE (contiguous cache, no cache_batch_idx, leftpad or left window: every split
-    starts at split * SPLIT_LEN of row b): the split's first key tile is loaded before
-    cache_seqlens, bounded by the cache's length MAX_KEYS alone, and masked once the length
-    arrives, so the first K/V loads do not wait a memory latency for it. Rows past the
-    sequence may hold anything (an unfilled cache): their scores and V rows are masked.
+    head) in COUNTER, zeroed by the caller) merges the splits into O and LSE.
     """
     if USE_PDL:
         # The combine kernel may launch now; it waits for this grid's end before reading.
@@ -106,15 +79,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         first_page = split * SPLIT_LEN // PAGE_SIZE
         page_ids = first_page + tl.arange(0, SPLIT_PAGES)
         split_pages = tl.load(BLOCK_TABLE + b.to(tl.int64) * stride_bt + page_ids, mask=page_ids < MAX_PAGES, other=0)
-    if EARLY_TILE:
-        offs_n0 = split * SPLIT_LEN + tl.arange(0, BLOCK_N)
-        in_split0 = offs_n0 < tl.minimum((split + 1) * SPLIT_LEN, MAX_KEYS)
-        d0 = tl.arange(0, BLOCK_D)
-        mask0 = in_split0[:, None] & (d0 < HEADDIM)[None, :]
-        k0 = tl.load(K + b.to(tl.int64) * stride_kb + offs_n0.to(tl.int64)[:, None] * stride_ks + hk * stride_kh
-                     + d0[None, :], mask=mask0, other=0.0)
-        v0 = tl.load(V + b.to(tl.int64) * stride_vb + offs_n0.to(tl.int64)[:, None] * stride_vs + hk * stride_vh
-                     + d0[None, :], mask=mask0, other=0.0)
     seqlen_k = tl.load(CACHE_SEQLENS + b)
     cache_b = b
     if HAS_BATCH_IDX:
@@ -146,14 +110,7 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
         start = tl.maximum(start, split * SPLIT_LEN)
     if HAS_RIGHT:
         end = tl.minimum(end, SEQLEN_Q - 1 + diag + window_right + 1)
-    loop_start = start
-    if EARLY_TILE:
-        n_ok0 = in_split0 & (offs_n0 < last_key)
-        acc, m_i, l_i = _fold_keys(q, k0, tl.where(n_ok0[:, None], v0, 0.0), acc, m_i, l_i, pos_q, offs_n0, n_ok0,
-                                   seqlen_k, diag, window_left, window_right, qk_scale, softcap_scale, alibi_slope,
-                                   HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, UPCAST_DOT)
-        loop_start = start + BLOCK_N
-    for start_n in tl.range(loop_start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = (offs_n < last_key) & (offs_n >= first_key)
         if PAGED:
@@ -173,10 +130,20 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
             v_offs = v_rows[:, None] + hk * stride_vh + offs_d[None, :]
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(K + k_offs, mask=kv_mask, other=0.0)
+        qk = _dot(q, tl.trans(k), None, UPCAST_DOT)
+        s = _scores_log2(qk, pos_q[:, None], offs_n[None, :], seqlen_k, diag, window_left, window_right,
+                         qk_scale, softcap_scale, 0.0, True, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, False)
+        if HAS_ALIBI:
+            s -= alibi_slope * tl.abs((pos_q[:, None] + diag - offs_n[None, :]).to(tl.float32))
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + v_offs, mask=kv_mask, other=0.0)
-        acc, m_i, l_i = _fold_keys(q, k, v, acc, m_i, l_i, pos_q, offs_n, n_ok, seqlen_k, diag, window_left,
-                                   window_right, qk_scale, softcap_scale, alibi_slope, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, HAS_ALIBI, UPCAST_DOT)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT)
+        m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -204,8 +171,6 @@ def _decode_split_kernel(Q, K, V, O_PART, LSE_PART, BLOCK_TABLE, CACHE_SEQLENS, 
             if done == NSPLITS - 1:
                 _merge_splits(O_PART, LSE_PART, O, LSE, b, hk, batch, NSPLITS, nheads_q, GROUP, SEQLEN_Q, HEADDIM,
                               stride_ob, stride_os, stride_oh, MERGE_ROWS, MERGE_SPLITS, BLOCK_D)
-                # Every split has counted: zero again for the next launch.
-                tl.store(COUNTER + pid_bhk, 0)
     else:
         tl.store(o_ptrs, acc / l_safe[:, None], mask=tile_ok)
         tl.store(lse_part_ptrs, lse, mask=row_ok)
@@ -330,26 +295,6 @@ _SPLIT_PAGES_MAX = 1024
 _MERGE_VALUES_MAX = 2048
 
 
-# Probe switches (benchmarks/decode_overhead_probe.py): the split's first key tile loaded
-# before cache_seqlens (EARLY_TILE), and the fused merge's counts kept between launches
-# (the last program zeroes them) instead of a zeroed buffer per call.
-_EARLY_FIRST_TILE = True
-_KEEP_COUNTERS = False
-_counters = {}
-
-
-def _split_counter(size, device):
-    """Zeroed int32 counts for the fused merge. Kept (per device; a probe) with
-    _KEEP_COUNTERS: each launch leaves them zero again, so no memset precedes the kernel."""
-    if not _KEEP_COUNTERS:
-        return torch.zeros(size, dtype=torch.int32, device=device)
-    key = (device.type, device.index)
-    counter = _counters.get(key)
-    if counter is None or counter.numel() < size:
-        counter = _counters[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
-    return counter
-
-
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
     """Splits that give at most `programs_per_sm` programs per SM, each with at least
     `min_blocks` key blocks. Rounded down: 17 splits of 8 heads is 136 programs on 132 SMs,
@@ -395,8 +340,6 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     interp = interpreting()
     pdl_usable = not interp and q.is_cuda and capability(q.device.index)[0] >= 9
     placeholder = cache_seqlens
-    early_tile = (_EARLY_FIRST_TILE and not paged and cache_batch_idx is None and cache_leftpad is None
-                  and left < 0)
 
     def launch(config):
         bn, warps, stages, per_sm, min_blocks, *fused = config
@@ -415,7 +358,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
                                                        dtype=torch.float32, device=q.device)
         # A fresh zeroed count per call (a memset, captured with the rest in a CUDA graph):
         # a buffer kept between calls would be shared by streams and by graphs.
-        counter = _split_counter(batch * nheads_k, q.device) if fused and splits > 1 else placeholder
+        counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
+            if fused and splits > 1 else placeholder
         merge_splits = max(1, min(next_power_of_2(splits), _MERGE_VALUES_MAX // (merge_rows * block_d)))
         split_pages = next_power_of_2(split_len // page_size + 2) if paged else 0
         if split_pages > _SPLIT_PAGES_MAX:
@@ -439,7 +383,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             block_table.stride(0) if paged else 0,
             alibi_slopes.stride(0) if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
             out.stride(0), out.stride(1), out.stride(2),
-            nheads, nheads_k, group, seqlen_q, block_table.shape[1] if paged else 0, max_keys, split_len, splits,
+            nheads, nheads_k, group, seqlen_q, block_table.shape[1] if paged else 0, split_len, splits,
             left, right, softmax_scale * LOG2E if softcap <= 0 else softcap * LOG2E,
             softmax_scale / softcap if softcap > 0 else 1.0), dict(
             BLOCK_M=block_m, BLOCK_N=bn, BLOCK_D=block_d, HEADDIM=headdim, PAGED=paged, PAGE_SIZE=page_size,
@@ -447,8 +391,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             HAS_BATCH_IDX=cache_batch_idx is not None, HAS_LEFTPAD=cache_leftpad is not None,
             HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HAS_SOFTCAP=softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
-            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl,
-            EARLY_TILE=early_tile, **extra))
+            SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl, **extra))
         if not fused:
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
