@@ -6,8 +6,8 @@ the compiled kernel's launcher. Here the interpreter is off, the fast path is fo
 driver is a stand-in (device 0, stream 0) and every lookup finds a compiled kernel whose
 launcher does nothing: what is timed is all of our Python on the way to Triton's C launcher
 (plus the two output allocations), which the GPU machine's host runs several times slower.
-flash_attn_func's calls are timed twice: replayed (a repeated call's launches,
-interface._plans) and on the full path; so is a training call's backward through autograd
+flash_attn_func's and flash_attn_with_kvcache's calls are timed twice: replayed (a
+repeated call's launches, interface._plans) and on the full path; so is a training call's backward through autograd
 (the dK/dV tuner settled on its first candidate: the dQ and the dK/dV launches).
 Usage: python benchmarks/host_fast_launch_cpu.py [--profile]   (us per call, best of 3)
 """
@@ -87,7 +87,7 @@ def main():
     # ([b, h, s, d] seen through a transpose).
     q, k, v = (torch.randn(1, h, 512, 128, dtype=torch.bfloat16).transpose(1, 2) for h in (32, 8, 8))
     lens = torch.tensor([300], dtype=torch.int32)
-    cache = torch.randn(1, 1024, 8, 128, dtype=torch.bfloat16)
+    cache, cache_v = (torch.randn(1, 1024, 8, 128, dtype=torch.bfloat16) for _ in range(2))
     q1 = torch.randn(1, 1, 32, 128, dtype=torch.bfloat16)
     from modelaccel.integrations.transformers import attention_forward
 
@@ -96,6 +96,7 @@ def main():
         training = False
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # as Transformers passes them: [b, h, s, d]
+    kd, vd = (torch.randn(1, 8, 300, 128, dtype=torch.bfloat16) for _ in range(2))  # a dynamic cache's at one step
     # A backward of the 48-head benchmark row's kind, at a size whose CPU allocations cost
     # nothing: torch's autograd engine and our Function's backward.
     qg, kg, vg = (torch.randn(2, 16, 48, 128, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -105,6 +106,11 @@ def main():
         "prefill flash_attn_func": lambda: modelaccel.flash_attn_func(q, k, v, causal=True),
         "prefill Transformers layer": lambda: attention_forward(Layer(), qt, kt, vt, None, scaling=128 ** -0.5),
         "decode_attention": lambda: decode.decode_attention(q1, cache, cache, lens, 128 ** -0.5, True),
+        "flash_attn_with_kvcache": lambda: modelaccel.flash_attn_with_kvcache(q1, cache, cache_v, cache_seqlens=lens,
+                                                                              causal=True),
+        # At one length: a dynamic cache grows a token a step, and each length is its own class.
+        "decode Transformers layer": lambda: attention_forward(Layer(), q1.transpose(1, 2), kd, vd, None,
+                                                               scaling=128 ** -0.5),
     }
     # flash_attn_func replays a repeated call (interface._plans); the same calls again, each
     # marked as not replayable, show the full path. The backward's graph is made under each.
@@ -118,7 +124,8 @@ def main():
             if plans == "full path" and name in ("prefill flash_attn_forward", "decode_attention"):
                 continue  # no replay on these paths
             tag = f"  ({plans})" if name.startswith(("prefill flash_attn_func", "prefill Transformers", "training",
-                                                     "backward")) else ""
+                                                     "backward", "flash_attn_with_kvcache", "decode Transformers")) \
+                else ""
             print(f"{name:28s} {per_call_us(fn):7.1f} us{tag}", flush=True)
     if "--profile" in sys.argv[1:]:
         prof = cProfile.Profile()

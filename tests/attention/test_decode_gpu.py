@@ -6,7 +6,7 @@ import torch
 import modelaccel
 from modelaccel.attention.decode import _DECODE_CONFIGS, decode_attention
 from modelaccel.attention.reference import apply_rotary, kvcache_attention_ref
-from modelaccel.testing import assert_attention_close, random_kv_cache as make_cache
+from modelaccel.testing import assert_attention_close, count_calls, random_kv_cache as make_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -155,3 +155,53 @@ def test_decoding_steps_with_append_and_rotary_replay_in_a_graph():
         for name in caches:
             lens[name] += 1
     assert torch.equal(caches["graph"][0], caches["eager"][0]) and torch.equal(caches["graph"][1], caches["eager"][1])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "page16", "int seqlens"])
+def test_repeated_decoding_steps_are_replayed_and_correct(layout, monkeypatch):
+    """Decoding steps of one shape replay an earlier step's launches (interface._plans): each
+    still matches the reference on fresh caches and lengths (outputs start as NaN in the
+    allocator's reused blocks), eagerly and captured in a CUDA graph."""
+    from modelaccel.attention import decode, interface, replay
+
+    choose = decode._tuner.choose
+    monkeypatch.setattr(decode._tuner, "_settled", dict(decode._tuner._settled))
+
+    def settled_on_first(key, candidates, launch):  # as a tuned class is
+        decode._tuner._settled.setdefault(key, candidates[0])
+        return choose(key, candidates, launch)
+    monkeypatch.setattr(decode._tuner, "choose", settled_on_first)
+    monkeypatch.setattr(interface, "_plans", {})
+    monkeypatch.setattr(interface, "_plan_attempts", {})
+    replays = count_calls(monkeypatch, replay.Plan, "run")
+    page = 16 if layout == "page16" else None
+
+    def step(seed):
+        gen = torch.Generator().manual_seed(seed)
+        k_cache, v_cache, table = make_cache(2, 4096, 8, 128, torch.bfloat16, "cuda", gen, page)
+        q = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16)
+        seqlens = 3000 + seed if layout == "int seqlens" else \
+            torch.randint(1, 4097, (2,), generator=gen, dtype=torch.int32).cuda()
+        return q, k_cache, v_cache, table, seqlens
+
+    def check(out, lse, q, k_cache, v_cache, table, seqlens):
+        lengths = torch.full((2,), seqlens, dtype=torch.int32) if isinstance(seqlens, int) else seqlens
+        ref_out, ref_lse = reference(q, k_cache, v_cache, lengths.cuda(), block_table=table)
+        assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+    for seed in range(4):
+        inputs = step(seed)
+        q, k_cache, v_cache, table, seqlens = inputs
+        torch.empty(2, 1, 32, 128, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))  # poison a block
+        out, lse = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                                      return_softmax_lse=True)
+        check(out, lse, *inputs)
+    assert len(replays) >= 2  # the first call (two, in a process whose first launch this is): the full path
+    q, k_cache, v_cache, table, seqlens = inputs = step(7)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = modelaccel.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, block_table=table,
+                                                      return_softmax_lse=True)
+    out.fill_(float("nan"))
+    graph.replay()
+    check(out, lse, *inputs)

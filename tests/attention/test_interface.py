@@ -299,3 +299,138 @@ def test_a_backward_with_copied_inputs_is_not_replayed(backward_kernels, monkeyp
         torch.autograd.grad(out, (q, k, v), dout)
     assert len(full_calls) == 3
     assert NO_PLAN in interface._plans.values()
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding steps: flash_attn_with_kvcache without new tokens
+
+
+@pytest.fixture
+def decode_kernels(direct_path, monkeypatch):
+    """The split and combine kernels, stand-ins logging into one list; the split one fills
+    its partial outputs (float32) with ones, as if it had run."""
+    from modelaccel.attention import decode
+
+    log = []
+
+    def fill_partials(args):
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dtype == torch.float32 and arg.dim() >= 4:
+                arg.fill_(1.0)
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", FakeKernel(decode._decode_split_kernel.arg_names,
+                                                                   fill_partials, log))
+    monkeypatch.setattr(decode, "_decode_combine_kernel", FakeKernel(decode._decode_combine_kernel.arg_names,
+                                                                     log=log))
+    return log
+
+
+def decoding_step(layout, capacity=64, batch=2):
+    """Fresh inputs of one decoding step: (q, k_cache, v_cache, options) with the cache
+    contiguous or paged, and cache_seqlens an int or a tensor."""
+    q = torch.randn(batch, 1, 4, 32, dtype=torch.float16)
+    if layout.startswith("paged"):
+        k_cache, v_cache = (torch.randn(batch * capacity // 16, 16, 2, 32, dtype=torch.float16) for _ in range(2))
+        table = torch.randperm(batch * capacity // 16, dtype=torch.int32).view(batch, -1)
+        options = dict(block_table=table, cache_seqlens=torch.tensor([capacity, 23], dtype=torch.int32))
+    else:
+        k_cache, v_cache = (torch.randn(batch + 1, capacity, 2, 32, dtype=torch.float16) for _ in range(2))
+        options = dict(cache_seqlens=40 if layout == "int seqlens" else torch.tensor([capacity, 7], dtype=torch.int32))
+        if layout == "batch idx and leftpad":
+            options.update(cache_batch_idx=torch.tensor([2, 0], dtype=torch.int32),
+                           cache_leftpad=torch.tensor([3, 0], dtype=torch.int32))
+    return q, k_cache, v_cache, options
+
+
+@pytest.mark.parametrize("layout", ["int seqlens", "tensor seqlens", "batch idx and leftpad", "paged"])
+def test_a_decoding_replay_passes_what_the_full_path_passes(decode_kernels, monkeypatch, layout):
+    full_calls = count_calls(monkeypatch, interface, "decode_attention")
+    calls = []
+    for round in ("recorded", "replayed", "replayed", "full path"):
+        if round == "full path":
+            monkeypatch.setattr(interface, "_plans", NoPlans())
+        q, k_cache, v_cache, options = decoding_step(layout)
+        start = len(decode_kernels)
+        out, lse = interface.flash_attn_with_kvcache(q, k_cache, v_cache, causal=True, return_softmax_lse=True,
+                                                     **options)
+        assert round == "recorded" or [entry[0] for entry in decode_kernels[start:]] == ["direct", "direct"]
+        named = dict(q=q, k_cache=k_cache, v_cache=v_cache, out=out, lse=lse,
+                     **{name: t for name, t in options.items() if isinstance(t, torch.Tensor)})
+        calls.append(roles([entry[-1] for entry in decode_kernels[start:]], named))
+    assert len(full_calls) == 2  # recorded, replayed twice, then the full path
+    assert calls[1] == calls[3] and calls[2] == calls[3]
+
+
+def test_a_decoding_replay_still_checks_the_cache_values(decode_kernels, monkeypatch):
+    full_calls = count_calls(monkeypatch, interface, "decode_attention")
+    q, k_cache, v_cache, options = decoding_step("tensor seqlens")
+    for _ in range(2):
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, **options)
+    assert len(full_calls) == 1
+    lengths = options["cache_seqlens"]
+    lengths += 60  # in place, past the 64-row capacity
+    with pytest.raises(ValueError, match="cache length"):
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, **options)
+    with pytest.raises(ValueError, match="cache length"):
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=65)
+    table = torch.full((2, 4), 99, dtype=torch.int32)  # past the pool of 8 pages
+    q, k_cache, v_cache, options = decoding_step("paged")
+    for _ in range(2):
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, **options)
+    with pytest.raises(ValueError, match="outside the pool"):
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=options["cache_seqlens"],
+                                          block_table=table)
+    assert len(full_calls) == 2
+
+
+@pytest.mark.parametrize("change", ["capacity", "cache strides", "int to tensor seqlens", "causal", "num_splits",
+                                    "k_cache is v_cache", "new tokens"])
+def test_a_decoding_change_that_can_alter_the_launch_takes_the_full_path(decode_kernels, monkeypatch, change):
+    full_calls = count_calls(monkeypatch, interface, "decode_attention")
+    for _ in range(2):
+        q, k_cache, v_cache, options = decoding_step("int seqlens")
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, causal=True, **options)
+    assert len(full_calls) == 1
+    q, k_cache, v_cache, options = decoding_step("int seqlens")
+    extra = dict(causal=True)
+    if change == "capacity":
+        q, k_cache, v_cache, options = decoding_step("int seqlens", capacity=80)
+    elif change == "cache strides":  # [b, h, s, d] caches seen through a transpose, as Transformers keeps them
+        k_cache, v_cache = (torch.randn(3, 2, 64, 32, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    elif change == "int to tensor seqlens":
+        options = dict(cache_seqlens=torch.tensor([40, 40], dtype=torch.int32))
+    elif change == "causal":
+        extra = dict(causal=False)
+    elif change == "num_splits":
+        extra = dict(extra, num_splits=2)
+    elif change == "k_cache is v_cache":
+        v_cache = k_cache
+    else:
+        new = torch.randn(2, 1, 2, 32, dtype=torch.float16)
+        extra = dict(extra, k=new, v=new.clone())
+    interface.flash_attn_with_kvcache(q, k_cache, v_cache, **options, **extra)
+    assert len(full_calls) == 2
+
+
+def test_a_fused_decoding_replay_zeroes_a_fresh_counter_each_call(direct_path, monkeypatch):
+    """The fused launch (the last split program merges) counts finished splits in a zeroed
+    int32 buffer: a replay must hand each launch a fresh zeroed one, not the last call's."""
+    from modelaccel.attention import decode
+
+    seen = []
+
+    def count_splits(args):  # the stand-in kernel reads the counter, then counts into it
+        counters = [a for a in args if isinstance(a, torch.Tensor) and a.dtype == torch.int32 and a.shape == (4,)]
+        seen.append(counters[0].tolist())
+        counters[0] += 3
+
+    monkeypatch.setattr(decode, "_decode_split_kernel", FakeKernel(decode._decode_split_kernel.arg_names,
+                                                                   count_splits))
+    monkeypatch.setattr(decode, "interpreting", lambda: False)
+    monkeypatch.setattr(decode._tuner, "choose", lambda key, candidates, launch: (16, 4, 3, 2, 4, True))
+    full_calls = count_calls(monkeypatch, interface, "decode_attention")
+    for _ in range(3):
+        q, k_cache, v_cache, options = decoding_step("tensor seqlens")
+        interface.flash_attn_with_kvcache(q, k_cache, v_cache, num_splits=3, **options)
+    assert len(full_calls) == 1 and len(seen) == 3
+    assert seen == [[0, 0, 0, 0]] * 3

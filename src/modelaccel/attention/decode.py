@@ -18,7 +18,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .flash_fwd import LOG2E, _dot, _scores_log2
-from .launch import LaunchTuner, capability, cdiv, interpreting, launch_kernel, next_power_of_2, size_bucket
+from .launch import (LaunchTuner, capability, cdiv, empty_buffer, interpreting, launch_kernel, next_power_of_2,
+                     size_bucket, zeroed_buffer)
 
 
 @triton.jit
@@ -335,8 +336,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
     block_d = max(next_power_of_2(headdim), 16)
     merge_rows = next_power_of_2(group * seqlen_q)
     block_m = max(merge_rows, 16)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, nheads, seqlen_q, dtype=torch.float32, device=q.device)
+    # empty_buffer / zeroed_buffer: a repeated call may replay these launches (interface._plans).
+    out = empty_buffer(q.shape, q.dtype, q.device)
+    lse = empty_buffer((batch, nheads, seqlen_q), torch.float32, q.device)
     interp = interpreting()
     pdl_usable = not interp and q.is_cuda and capability(q.device.index)[0] >= 9
     placeholder = cache_seqlens
@@ -352,14 +354,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
         splits = cdiv(max_keys, split_len)
         merged_here = fused and splits == 1
         # With one fused split nothing is merged: the partial buffers are never touched.
-        o_part = out if merged_here else torch.empty(splits, batch, seqlen_q, nheads, headdim,
-                                                     dtype=torch.float32, device=q.device)
-        lse_part = lse if merged_here else torch.empty(splits, batch, nheads, seqlen_q,
-                                                       dtype=torch.float32, device=q.device)
+        o_part = out if merged_here else empty_buffer((splits, batch, seqlen_q, nheads, headdim), torch.float32,
+                                                      q.device)
+        lse_part = lse if merged_here else empty_buffer((splits, batch, nheads, seqlen_q), torch.float32, q.device)
         # A fresh zeroed count per call (a memset, captured with the rest in a CUDA graph):
         # a buffer kept between calls would be shared by streams and by graphs.
-        counter = torch.zeros(batch * nheads_k, dtype=torch.int32, device=q.device) \
-            if fused and splits > 1 else placeholder
+        counter = zeroed_buffer((batch * nheads_k,), torch.int32, q.device) if fused and splits > 1 else placeholder
         merge_splits = max(1, min(next_power_of_2(splits), _MERGE_VALUES_MAX // (merge_rows * block_d)))
         split_pages = next_power_of_2(split_len // page_size + 2) if paged else 0
         if split_pages > _SPLIT_PAGES_MAX:

@@ -499,19 +499,8 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
             raise ValueError(f"page size (k_cache.shape[1]) must be a power of two >= 16, got {page}")
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with a paged cache (block_table)")
-        capacity = block_table.shape[1] * page
-    else:
-        if k_cache.shape[0] < batch and cache_batch_idx is None:
-            raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}")
-        capacity = k_cache.shape[1]
-    lengths = None  # known on the host only when given as an int: then nothing is read back
-    if isinstance(cache_seqlens, numbers.Integral):
-        lengths = [int(cache_seqlens)] * batch
-        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
-    elif cache_seqlens is None:
-        lengths = [capacity if k is None else 0] * batch
-        cache_seqlens = torch.full((batch,), lengths[0], dtype=torch.int32, device=q.device)
-    _int32_vector("cache_seqlens", cache_seqlens, batch, q.device)
+    elif k_cache.shape[0] < batch and cache_batch_idx is None:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}")
     if cache_batch_idx is not None:
         _int32_vector("cache_batch_idx", cache_batch_idx, batch, q.device)
     if cache_leftpad is not None:
@@ -536,6 +525,25 @@ def _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cac
                              f"{tuple(rotary_cos.shape)} and {tuple(rotary_sin.shape)}")
         if (2 * rotary_cos.shape[1]) % 16 or 2 * rotary_cos.shape[1] > headdim:
             raise ValueError(f"rotary_dim (2 * {rotary_cos.shape[1]}) must be a multiple of 16 and <= headdim {headdim}")
+    return _checked_cache_seqlens(q, k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+                                  k is not None, new)
+
+
+def _checked_cache_seqlens(q, k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, rotary_cos,
+                           appending, new):
+    """cache_seqlens as an int32 [batch] tensor, after the checks of the cache's values
+    (_check_cache_values) where this call's values have not passed them before: the part of
+    _check_kvcache_inputs a replayed call repeats, since the key fixes everything else."""
+    batch, seqlen_q = q.shape[:2]
+    capacity = block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+    lengths = None  # known on the host only when given as an int: then nothing is read back
+    if isinstance(cache_seqlens, numbers.Integral):
+        lengths = [int(cache_seqlens)] * batch
+        cache_seqlens = torch.full((batch,), int(cache_seqlens), dtype=torch.int32, device=q.device)
+    elif cache_seqlens is None:
+        lengths = [0 if appending else capacity] * batch
+        cache_seqlens = torch.full((batch,), lengths[0], dtype=torch.int32, device=q.device)
+    _int32_vector("cache_seqlens", cache_seqlens, batch, q.device)
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return cache_seqlens
     value_tensors = (None if lengths is not None else cache_seqlens, cache_leftpad, cache_batch_idx, block_table)
@@ -584,6 +592,38 @@ def _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens
             raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position {last}")
 
 
+def _tensor_key(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+
+def _kvcache_replay_key(q, k_cache, v_cache, k, rotary_cos, cache_seqlens, cache_batch_idx, cache_leftpad,
+                        block_table, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits):
+    """The replay key of a flash_attn_with_kvcache call that appends nothing (a decoding step
+    over a filled cache), or None where no plan can apply. The inputs of its plan are q,
+    k_cache, v_cache, cache_seqlens as a tensor, then whichever of block_table,
+    cache_batch_idx and cache_leftpad it has (_kvcache_inputs)."""
+    tables = (block_table, cache_batch_idx, cache_leftpad)
+    if (not launch._fast_launch or k is not None or rotary_cos is not None or alibi_slopes is not None
+            or type(q) is not torch.Tensor or type(k_cache) is not torch.Tensor or type(v_cache) is not torch.Tensor
+            or any(t is not None and type(t) is not torch.Tensor for t in tables)
+            or type(cache_seqlens) not in (int, torch.Tensor) or not _use_triton(q) or q.stride(-1) != 1
+            or type(window_size) is not tuple
+            or any(type(x) not in _SCALAR_TYPES for x in (softmax_scale, causal, softcap, num_splits))
+            or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
+        return None
+    tensors = [t for t in (q, k_cache, v_cache, cache_seqlens, *tables) if type(t) is torch.Tensor]
+    if len({t.data_ptr() for t in tensors}) < len(tensors):  # one memory in two roles
+        return None
+    return ("kvcache", _tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache),
+            type(cache_seqlens) is int or _tensor_key(cache_seqlens), *(_tensor_key(t) for t in tables),
+            softmax_scale, causal, window_size, softcap, num_splits, triton.runtime.driver.active.get_current_device())
+
+
+def _kvcache_inputs(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, cache_leftpad):
+    return (q, k_cache, v_cache, cache_seqlens, *(t for t in (block_table, cache_batch_idx, cache_leftpad)
+                                                   if t is not None))
+
+
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
                             softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
@@ -610,8 +650,20 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         Other arguments as flash_attn_func (masks aligned bottom-right per sequence).
     Returns:
         out [batch, seqlen_q, nheads, headdim]; with return_softmax_lse also lse
-        [batch, nheads, seqlen_q] float32.
+        [batch, nheads, seqlen_q] float32. On a GPU, a call that appends nothing and repeats
+        an earlier call's shapes, strides, alignment, dtypes and options replays that call's
+        kernel launches, for less host time; the checks of the cache's values still run.
     """
+    replay_key = _kvcache_replay_key(q, k_cache, v_cache, k, rotary_cos, cache_seqlens, cache_batch_idx,
+                                     cache_leftpad, block_table, softmax_scale, causal, window_size, softcap,
+                                     alibi_slopes, num_splits)
+    plan = _plans.get(replay_key) if replay_key is not None else None
+    if plan:  # a call of this key passed the checks that read no device values
+        cache_seqlens = _checked_cache_seqlens(q, k_cache, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                                               None, False, 0)
+        out, lse = plan.run(_kvcache_inputs(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx,
+                                            cache_leftpad))
+        return (out, lse) if return_softmax_lse else out
     cache_seqlens = _check_kvcache_inputs(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens,
                                           cache_batch_idx, cache_leftpad, block_table)
     _check_options(q, q.shape[0], 0.0, softmax_scale, window_size, softcap, alibi_slopes)
@@ -630,7 +682,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                    alibi_slopes=alibi_slopes, block_table=block_table, cache_batch_idx=cache_batch_idx,
                    cache_leftpad=cache_leftpad)
     q = _last_dim_contiguous(q)
-    if _use_triton(q):
+    if _use_triton(q) and replay_key is not None:
+        inputs = _kvcache_inputs(q, k_cache, v_cache, cache_seqlens, block_table, cache_batch_idx, cache_leftpad)
+        out, lse = _replayed(replay_key, inputs, lambda: decode_attention(
+            q, k_cache, v_cache, cache_seqlens, float(softmax_scale), num_splits=num_splits, **options))
+    elif _use_triton(q):
         out, lse = decode_attention(q, k_cache, v_cache, cache_seqlens, float(softmax_scale), num_splits=num_splits,
                                     **options)
     else:

@@ -384,7 +384,8 @@ def _unrecorded(fn):
 def record_launches(fn):
     """fn()'s result and what it did that a replay must repeat (attention/replay.py), in
     order: ("launch", compiled kernel, constexprs, grid, args) per launch_kernel call on the
-    direct path, ("empty", tensor) per empty_buffer, ("copy", dst, src) per copy_into and
+    direct path, ("empty", tensor) per empty_buffer, ("zeros", tensor) per zeroed_buffer,
+    ("copy", dst, src) per copy_into and
     ("cached", tensor) per cached_buffer; None for a launch on Triton's own path or one
     whose tuner had not settled, so a caller can tell a call it may replay from one it may
     not. Notes are kept per thread."""
@@ -400,6 +401,13 @@ def empty_buffer(shape, dtype, device):
     may write it: a replay allocates it afresh and repeats only those."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
     _record(("empty", buffer))
+    return buffer
+
+
+def zeroed_buffer(shape, dtype, device):
+    """torch.zeros for a launcher's scratch buffer (counters); a replay zeroes a fresh one."""
+    buffer = torch.zeros(shape, dtype=dtype, device=device)
+    _record(("zeros", buffer))
     return buffer
 
 

@@ -10,7 +10,7 @@ launch.record_launches notes what a call did; make_plan turns the notes into a P
 run() allocates the call's buffers afresh and repeats its launches and copies with the new
 tensors in the same argument positions. A plan is made only from what can be resolved: every
 tensor a launch or copy touched must be an input of the call, a buffer it allocated with
-launch.empty_buffer (written only by its kernels and copies), a view of one of those
+launch.empty_buffer or launch.zeroed_buffer (written only by its kernels and copies), a view of one of those
 (descriptor bases and copy sources, matched by data pointer and dtype), or a
 launch.cached_buffer table. Anything else (a copy made by .contiguous(), a torch.zeros, a
 launch on Triton's own path) makes the call unreplayable, so an unnoticed torch op cannot
@@ -32,7 +32,7 @@ class Plan:
     __slots__ = ("buffers", "steps", "results", "device")
 
     def __init__(self, buffers, steps, results, device):
-        self.buffers = buffers  # (shape, dtype) of each allocated buffer, in order
+        self.buffers = buffers  # (shape, dtype, zeroed) of each allocated buffer, in order
         self.steps = steps  # ("launch", ...) and ("copy", dst slot, src slot, src view shape)
         self.results = results  # slots of the call's results
         self.device = device  # the device index whose stream the launches go to
@@ -42,8 +42,8 @@ class Plan:
         dtypes as the recorded call's, on the same device)."""
         device = inputs[0].device
         tensors = list(inputs)
-        for shape, dtype in self.buffers:
-            tensors.append(torch.empty(shape, dtype=dtype, device=device))
+        for shape, dtype, zeroed in self.buffers:
+            tensors.append((torch.zeros if zeroed else torch.empty)(shape, dtype=dtype, device=device))
         for step in self.steps:
             if step[0] == "copy":
                 _, dst, src, src_shape = step
@@ -93,11 +93,11 @@ def make_plan(recording, inputs, results):
     steps = []
     for entry in recording:
         kind = entry[0]
-        if kind == "empty":
+        if kind in ("empty", "zeros"):
             tensor = entry[1]
             if not tensor.is_contiguous() or not add(tensor, len(inputs) + len(buffers)):
                 return None
-            buffers.append((tuple(tensor.shape), tensor.dtype))
+            buffers.append((tuple(tensor.shape), tensor.dtype, kind == "zeros"))
         elif kind == "cached":
             cached[id(entry[1])] = entry[1]
         elif kind == "copy":
