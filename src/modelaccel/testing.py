@@ -34,6 +34,25 @@ def count_calls(monkeypatch, module, name):
     return calls
 
 
+def fresh_replays(monkeypatch, tuner):
+    """For GPU tests of replays: `tuner` (a LaunchTuner) settles each class on its first
+    candidate, as a tuned class is (MODELACCEL_TUNING=off alone leaves classes unsettled,
+    and those are not replayed); no replay plans exist yet. Returns a list that gets one
+    entry per replayed call (Plan.run)."""
+    from .attention import interface, replay
+
+    choose = tuner.choose
+    monkeypatch.setattr(tuner, "_settled", dict(tuner._settled))
+
+    def settled_on_first(key, candidates, launch):
+        tuner._settled.setdefault(key, candidates[0])
+        return choose(key, candidates, launch)
+    monkeypatch.setattr(tuner, "choose", settled_on_first)
+    monkeypatch.setattr(interface, "_plans", {})
+    monkeypatch.setattr(interface, "_plan_attempts", {})
+    return count_calls(monkeypatch, replay.Plan, "run")
+
+
 def route_tuner_to(monkeypatch, tuner, candidate, module, launcher):
     """Make `tuner` (a LaunchTuner) choose `candidate` for every class that offers it, and
     count the calls of module.<launcher> (the candidate's kernel launcher). Returns (offered,

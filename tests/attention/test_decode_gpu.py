@@ -6,7 +6,7 @@ import torch
 import modelaccel
 from modelaccel.attention.decode import _DECODE_CONFIGS, decode_attention
 from modelaccel.attention.reference import apply_rotary, kvcache_attention_ref
-from modelaccel.testing import assert_attention_close, count_calls, random_kv_cache as make_cache
+from modelaccel.testing import assert_attention_close, fresh_replays, random_kv_cache as make_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -162,18 +162,9 @@ def test_repeated_decoding_steps_are_replayed_and_correct(layout, monkeypatch):
     """Decoding steps of one shape replay an earlier step's launches (interface._plans): each
     still matches the reference on fresh caches and lengths (outputs start as NaN in the
     allocator's reused blocks), eagerly and captured in a CUDA graph."""
-    from modelaccel.attention import decode, interface, replay
+    from modelaccel.attention import decode
 
-    choose = decode._tuner.choose
-    monkeypatch.setattr(decode._tuner, "_settled", dict(decode._tuner._settled))
-
-    def settled_on_first(key, candidates, launch):  # as a tuned class is
-        decode._tuner._settled.setdefault(key, candidates[0])
-        return choose(key, candidates, launch)
-    monkeypatch.setattr(decode._tuner, "choose", settled_on_first)
-    monkeypatch.setattr(interface, "_plans", {})
-    monkeypatch.setattr(interface, "_plan_attempts", {})
-    replays = count_calls(monkeypatch, replay.Plan, "run")
+    replays = fresh_replays(monkeypatch, decode._tuner)
     page = 16 if layout == "page16" else None
 
     def step(seed):

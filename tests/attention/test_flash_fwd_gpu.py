@@ -10,7 +10,7 @@ import torch
 import modelaccel
 from modelaccel.attention.flash_fwd import _GPU_CONFIGS, flash_attn_forward
 from modelaccel.attention.reference import attention_ref
-from modelaccel.testing import assert_attention_close, count_calls
+from modelaccel.testing import assert_attention_close, fresh_replays
 
 pytestmark = pytest.mark.gpu
 
@@ -141,20 +141,9 @@ def test_repeated_inference_calls_are_replayed_and_correct(layout, monkeypatch):
     """The later calls of a class replay an earlier one's launch (interface._plans):
     each still matches the reference on its own fresh inputs, with outputs that start as NaN
     in the caching allocator's reused blocks."""
-    from modelaccel.attention import flash_fwd, interface, replay
+    from modelaccel.attention import flash_fwd
 
-    # Settled on the first candidate, as a tuned class is (MODELACCEL_TUNING=off alone
-    # leaves classes unsettled, and those are not replayed).
-    choose = flash_fwd._tuner.choose
-    monkeypatch.setattr(flash_fwd._tuner, "_settled", dict(flash_fwd._tuner._settled))
-
-    def settled_on_first(key, candidates, launch):
-        flash_fwd._tuner._settled.setdefault(key, candidates[0])
-        return choose(key, candidates, launch)
-    monkeypatch.setattr(flash_fwd._tuner, "choose", settled_on_first)
-    monkeypatch.setattr(interface, "_plans", {})
-    monkeypatch.setattr(interface, "_plan_attempts", {})
-    replays = count_calls(monkeypatch, replay.Plan, "run")
+    replays = fresh_replays(monkeypatch, flash_fwd._tuner)
     for _ in range(4):
         if layout == "bshd":
             q, k, v = (randn(1, 512, h, 128, dtype=torch.bfloat16) for h in (32, 8, 8))
