@@ -300,14 +300,21 @@ def _replay_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
             or not _use_triton(q) or type(window_size) is not tuple or type(softmax_scale) not in _SCALAR_TYPES
             or type(softcap) not in _SCALAR_TYPES or type(causal) not in _SCALAR_TYPES
             or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1
-            or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
+            or torch.compiler.is_compiling() or not launch._no_launch_hooks() or _shared_memory((q, k, v))):
         return None
-    q_ptr, k_ptr, v_ptr = q.data_ptr(), k.data_ptr(), v.data_ptr()
-    if q_ptr == k_ptr or q_ptr == v_ptr or k_ptr == v_ptr:  # one memory in two roles: a plan
-        return None  # made from such a call could not tell them apart
-    return (q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-            k.device, v.device, q_ptr % 16, k_ptr % 16, v_ptr % 16, softmax_scale, causal, window_size, softcap,
+    return (_tensor_key(q), _tensor_key(k), _tensor_key(v), softmax_scale, causal, window_size, softcap,
             type(dropout_p), triton.runtime.driver.active.get_current_device())
+
+
+def _tensor_key(t):
+    """What of a tensor a replay key fixes (None for an absent one)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
+
+
+def _shared_memory(tensors):
+    """Whether two of a call's tensors start at one address: a plan made from such a call
+    could not tell their roles apart."""
+    return len({t.data_ptr() for t in tensors}) < len(tensors)
 
 
 def _replayed(key, inputs, call):
@@ -592,10 +599,6 @@ def _check_cache_values(lengths, new, seqlen_q, capacity, k_cache, cache_seqlens
             raise ValueError(f"rotary_cos has {rotary_cos.shape[0]} positions; the tokens reach position {last}")
 
 
-def _tensor_key(t):
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16)
-
-
 def _kvcache_replay_key(q, k_cache, v_cache, k, rotary_cos, cache_seqlens, cache_batch_idx, cache_leftpad,
                         block_table, softmax_scale, causal, window_size, softcap, alibi_slopes, num_splits):
     """The replay key of a flash_attn_with_kvcache call that appends nothing (a decoding step
@@ -609,10 +612,8 @@ def _kvcache_replay_key(q, k_cache, v_cache, k, rotary_cos, cache_seqlens, cache
             or type(cache_seqlens) not in (int, torch.Tensor) or not _use_triton(q) or q.stride(-1) != 1
             or type(window_size) is not tuple
             or any(type(x) not in _SCALAR_TYPES for x in (softmax_scale, causal, softcap, num_splits))
-            or torch.compiler.is_compiling() or not launch._no_launch_hooks()):
-        return None
-    tensors = [t for t in (q, k_cache, v_cache, cache_seqlens, *tables) if type(t) is torch.Tensor]
-    if len({t.data_ptr() for t in tensors}) < len(tensors):  # one memory in two roles
+            or torch.compiler.is_compiling() or not launch._no_launch_hooks()
+            or _shared_memory([t for t in (q, k_cache, v_cache, cache_seqlens, *tables) if type(t) is torch.Tensor])):
         return None
     return ("kvcache", _tensor_key(q), _tensor_key(k_cache), _tensor_key(v_cache),
             type(cache_seqlens) is int or _tensor_key(cache_seqlens), *(_tensor_key(t) for t in tables),
