@@ -294,6 +294,9 @@ _SPLIT_PAGES_MAX = 1024
 # unfused (scripts/compile_check.py --candidates, triton 3.6), too many for 3-4 programs per
 # SM; with 2048, 96-139 against 80-128 (results/tuning/candidate_resources_triton36.txt).
 _MERGE_VALUES_MAX = 2048
+# Warps of a combine program (one (batch, query position, head) row; probed by
+# benchmarks/decode_tail_probe.py).
+_COMBINE_WARPS = 4
 
 
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
@@ -397,7 +400,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
                 out.stride(0), out.stride(1), out.stride(2)),
                 dict(BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim, USE_PDL=pdl,
-                     **({"launch_pdl": True} if pdl else {})))
+                     **({"launch_pdl": True} if pdl else {}), **({} if interp else {"num_warps": _COMBINE_WARPS})))
 
     if config is None:
         if interp or block_n is not None:

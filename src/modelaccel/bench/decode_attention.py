@@ -64,6 +64,14 @@ REP_MS = 100
 # Calls on a side stream before capture: the launch tuner and Triton's compilation must
 # happen there, never inside the capture.
 GRAPH_WARMUP_CALLS = 3
+# The layered graph (time_graph_layers): a model's decoding step is one graph of every
+# layer's call, each over its own cache, so the replay's own start (~2.9 us for an empty
+# kernel on the H200, results/tuning/decode_overhead_probe_h200_438b96a.log) is paid once a
+# step, not once a call. Enough layers that their caches together are ~10x the L2, so no
+# layer finds its K/V there: at least LAYER_GRAPH_BYTES of K+V, MIN_LAYERS to MAX_LAYERS.
+LAYER_GRAPH_BYTES = 512 * 2**20
+MIN_LAYERS = 4
+MAX_LAYERS = 32
 # Read-bandwidth probe: a sum over this many GiB of bf16, far more than L2.
 READ_BW_GIB = 4
 SEED = 0
@@ -99,6 +107,11 @@ def kv_bytes(batch, cache_len, nheads_k=NHEADS_K, headdim=HEADDIM, bytes_per_ele
     bytes_per_elem (2 for bf16/fp16) x 2 tensors. A paged cache reads the same bytes: the
     benchmark's cache lengths are whole numbers of pages."""
     return batch * cache_len * nheads_k * headdim * bytes_per_elem * 2
+
+
+def graph_layers(nbytes):
+    """Layers of the layered graph for a step reading `nbytes` of K+V per layer."""
+    return min(MAX_LAYERS, max(MIN_LAYERS, -(-LAYER_GRAPH_BYTES // nbytes)))
 
 
 def tbps(nbytes, ms):
@@ -231,24 +244,34 @@ def time_plain(fn):
 
 
 def time_graph(fn):
-    """Median ms of one replay of a CUDA graph holding one fn() call.
+    """Median ms of one replay of a CUDA graph holding one fn() call (time_graph_layers
+    with one layer)."""
+    return time_graph_layers(lambda i: fn, 1)
 
-    fn runs GRAPH_WARMUP_CALLS times on a side stream first (compilation, launch tuning,
-    cuBLAS/cuDNN workspace set-up must not be captured), then once under capture.
+
+def time_graph_layers(make_fn, layers):
+    """Median ms per call of one replay of a CUDA graph holding `layers` calls, the i-th
+    being make_fn(i)() (each over its own inputs, as each layer of a model reads its own
+    cache), divided by `layers`.
+
+    Every call runs GRAPH_WARMUP_CALLS times on a side stream first (compilation, launch
+    tuning, cuBLAS/cuDNN workspace set-up must not be captured), then once under capture.
     """
+    fns = [make_fn(i) for i in range(layers)]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(GRAPH_WARMUP_CALLS):
-            fn()
+            for fn in fns:
+                fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = fn()  # noqa: F841 - the graph's output must stay allocated while it replays
+        outs = [fn() for fn in fns]  # noqa: F841 - the outputs must stay allocated while it replays
     torch.cuda.synchronize()
-    ms = bench_ms(graph.replay)
-    del graph, out
+    ms = bench_ms(graph.replay) / layers
+    del graph, outs
     return ms
 
 
