@@ -12,10 +12,14 @@ Each row is one (batch, cache_len) shape. modelaccel runs on a contiguous cache
 [batch, cache_len, HK, D] and on paged caches (`PAGE_SIZES`) holding the same logical
 content in pages placed by a random permutation (`make_block_table`). The peers, SDPA's
 FLASH_ATTENTION and CUDNN_ATTENTION backends with enable_gqa, run on the same K/V laid out
-as [batch, HK, cache_len, D]. Every provider is timed twice: plain launches (the call
-itself, so host time shows where it exceeds GPU time) and CUDA graph replay (how decoding
-runs in serving stacks; only GPU time). modelaccel's outputs are checked against a float32
-reference before anything is timed; a variant that mismatches is not timed.
+as [batch, HK, cache_len, D]. Every provider is timed three ways: plain launches (the call
+itself, so host time shows where it exceeds GPU time), replay of a CUDA graph holding the
+one call, and replay of a CUDA graph holding `graph_layers` calls, each over its own copy of
+the cache, as a model's decoding step is one graph of every layer's call (time per call;
+only GPU time). The targets are read on the layered graph ("layers"): a one-call graph also
+pays the replay's own start, which a step pays once for all its layers. modelaccel's
+outputs are checked against a float32 reference before anything is timed; a variant that
+mismatches is not timed.
 
 `run_benchmark` returns plain dicts and lists that serialise to JSON as they are;
 `write_results` writes JSON, markdown and a PNG. Run as a module (`python -m
@@ -51,7 +55,9 @@ SUITES = {"default": SHAPES, "quick": QUICK_SHAPES}
 PAGE_SIZES = (16, 256)
 
 PEERS = ("flash", "cudnn")
-TIMINGS = ("plain", "graph")
+TIMINGS = ("plain", "graph", "layers")
+# The timing the targets are read on (see the module docstring).
+TARGET_TIMING = "layers"
 
 # Where rows run: CUDA for real numbers; the tests point it at the CPU with stub timers.
 DEVICE = "cuda"
@@ -77,18 +83,18 @@ READ_BW_GIB = 4
 SEED = 0
 
 # Targets from issue 4.
-TARGET_READ_FRACTION = 0.80  # of measured read bandwidth, under graph replay ...
+TARGET_READ_FRACTION = 0.80  # of measured read bandwidth, under graph replay (TARGET_TIMING) ...
 TARGET_MIN_KV_BYTES = 64 * 2**20  # ... on rows with at least 64 MiB of K+V
 TARGET_CUDNN_SHAPE = (1, 4096)  # modelaccel >= 2x cuDNN here, under graph replay
 TARGET_CUDNN_RATIO = 2.0
 TARGET_PAGED_SLOWDOWN = 1.10  # paged time <= 1.1x contiguous time, under graph replay
 TARGETS = ("read_bw", "vs_cudnn", "paged")
 TARGET_TITLES = {
-    "read_bw": f">= {TARGET_READ_FRACTION:.0%} of measured read bandwidth (contiguous, graph replay, "
+    "read_bw": f">= {TARGET_READ_FRACTION:.0%} of measured read bandwidth (contiguous, layered graph replay, "
                f"rows with K+V >= {TARGET_MIN_KV_BYTES // 2**20} MiB)",
     "vs_cudnn": f">= {TARGET_CUDNN_RATIO:g}x cuDNN at (batch, cache_len) = {TARGET_CUDNN_SHAPE} (contiguous, "
-                "graph replay)",
-    "paged": f"paged time <= {TARGET_PAGED_SLOWDOWN:g}x contiguous, every page size (graph replay)",
+                "layered graph replay)",
+    "paged": f"paged time <= {TARGET_PAGED_SLOWDOWN:g}x contiguous, every page size (layered graph replay)",
 }
 
 
@@ -219,6 +225,12 @@ def _modelaccel_call(q, k, v, cache_seqlens, block_table=None):
     return lambda: fn(q, k, v, cache_seqlens=cache_seqlens, block_table=block_table, causal=True)
 
 
+def per_layer(call, *tensors):
+    """make(i) for the timers: call(*tensors) for layer 0, call(*copies) for layer i > 0
+    (tensors cloned, so each layer reads its own memory)."""
+    return lambda i: call(*(tensors if i == 0 else [t.clone() for t in tensors]))
+
+
 def _sdpa_call(backend, q, k_t, v_t):
     """Zero-argument SDPA call and a zero-argument factory of the context pinning `backend`
     (a fresh context per use: sdpa_kernel's can be entered only once); output [b, 1, hq, d].
@@ -231,6 +243,11 @@ def _sdpa_call(backend, q, k_t, v_t):
     q_t = q.transpose(1, 2)  # [b, hq, 1, d]; a view, same storage as modelaccel's q
     return ((lambda: F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=True).transpose(1, 2)),
             (lambda: sdpa_kernel(backend)))
+
+
+def _sdpa_layer_call(backend, q, k_t, v_t):
+    """_sdpa_call's call alone (per_layer's shape)."""
+    return _sdpa_call(backend, q, k_t, v_t)[0]
 
 
 def bench_ms(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
@@ -275,7 +292,10 @@ def time_graph_layers(make_fn, layers):
     return ms
 
 
-TIMERS = {"plain": lambda fn: time_plain(fn), "graph": lambda fn: time_graph(fn)}
+# timing -> timer(make, layers), make(i) giving the zero-argument call over layer i's inputs
+# (looked up at call time: the tests substitute the timers).
+TIMERS = {"plain": lambda make, layers: time_plain(make(0)), "graph": lambda make, layers: time_graph(make(0)),
+          "layers": lambda make, layers: time_graph_layers(make, layers)}
 
 
 def _first_line(text):
@@ -325,8 +345,9 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
     a time (freed before the next). Every variant's output is checked against
     `decode_reference` first ("checks"); a modelaccel variant that mismatches or raises is
     not timed, a peer that mismatches is timed and its check recorded. Returns a JSON-ready
-    dict: shape, kv_bytes, checks, ms and tbps per variant per timing ("plain", "graph"; None
-    where there is no number) and errors[variant][timing] with the reason for each None.
+    dict: shape, kv_bytes, layers (of the layered graph), checks, ms and tbps per variant per
+    timing (TIMINGS; None where there is no number) and errors[variant][timing] with the
+    reason for each None.
     `annotate_row` adds the bandwidth fractions, cuDNN ratios and targets.
     """
     from torch.nn.attention import SDPBackend
@@ -334,14 +355,16 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
     q, k_cache, v_cache, cache_seqlens = make_inputs(batch, cache_len, nheads_q, nheads_k, headdim, dtype)
     nbytes = kv_bytes(batch, cache_len, nheads_k, headdim, k_cache.element_size())
     variants = variant_names(page_sizes)
+    layers = graph_layers(nbytes)
     row = {"batch": batch, "cache_len": cache_len, "nheads_q": nheads_q, "nheads_k": nheads_k, "headdim": headdim,
-           "dtype": dtype, "kv_bytes": nbytes, "checks": {},
+           "dtype": dtype, "kv_bytes": nbytes, "layers": layers, "checks": {},
            "ms": {v: dict.fromkeys(TIMINGS) for v in variants},
            "tbps": {v: dict.fromkeys(TIMINGS) for v in variants}, "errors": {}}
     ref = decode_reference(q, k_cache, v_cache, cache_seqlens)
 
-    def measure(variant, fn, ctx=None, timed=True, not_timed_reason=None):
-        out, reason = _attempt(fn, ctx)
+    def measure(variant, make, ctx=None):
+        """make(i): the zero-argument call over layer i's inputs (per_layer); make(0) is checked."""
+        out, reason = _attempt(lambda: make(0)(), ctx)
         if out is None:
             row["checks"][variant] = {"status": "error", "max_abs_err": None, "rel_err": None, "detail": reason}
         else:
@@ -358,7 +381,7 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
                 reason = f"not timed: {check['status']} ({check['detail'] or 'output differs from the reference'})"
                 ms = None
             else:
-                ms, reason = _attempt(lambda: TIMERS[timing](fn), ctx)
+                ms, reason = _attempt(lambda: TIMERS[timing](make, layers), ctx)
             row["ms"][variant][timing] = ms
             row["tbps"][variant][timing] = tbps(nbytes, ms)
             if reason is not None:
@@ -368,16 +391,17 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
     if api_fn is None:
         # No API to call (not landed, import error): every modelaccel variant gets the reason.
         for variant in layout_names(page_sizes):
-            measure(variant, lambda: _raise(ImportError(f"flash_attn_with_kvcache unavailable: {api_reason}")))
+            measure(variant, lambda i: lambda: _raise(ImportError(f"flash_attn_with_kvcache unavailable: {api_reason}")))
     else:
-        measure("modelaccel", api_fn)
+        measure("modelaccel", per_layer(lambda q, k, v: _modelaccel_call(q, k, v, cache_seqlens), q, k_cache, v_cache))
         for page_size in page_sizes:
             k_pages, v_pages, block_table = build_paged_cache(k_cache, v_cache, page_size)
             # Our own bookkeeping, not the kernel's: the pages must hold the same logical cache.
             if not torch.equal(paged_to_contiguous(k_pages, block_table, cache_len), k_cache):
                 raise AssertionError(f"paged cache (page {page_size}) does not match the contiguous one")
             measure(f"modelaccel_paged{page_size}",
-                    _modelaccel_call(q, k_pages, v_pages, cache_seqlens, block_table=block_table))
+                    per_layer(lambda q, k, v: _modelaccel_call(q, k, v, cache_seqlens, block_table=block_table),
+                              q, k_pages, v_pages))
             del k_pages, v_pages, block_table
 
     # SDPA takes [batch, nheads_k, cache_len, headdim]. The transposed copy is made once,
@@ -386,8 +410,8 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
     # they are spared the copy modelaccel's flash-attn layout would have cost them).
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
     for peer, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        fn, ctx = _sdpa_call(backend, q, k_t, v_t)
-        measure(peer, fn, ctx)
+        measure(peer, per_layer(lambda q, k, v, backend=backend: _sdpa_layer_call(backend, q, k, v), q, k_t, v_t),
+                _sdpa_call(backend, q, k_t, v_t)[1])
     del q, k_cache, v_cache, k_t, v_t, ref
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
@@ -414,7 +438,7 @@ def _target(applies, value, passed, detail):
 
 
 def evaluate_targets(row, read_bw_tbps):
-    """The issue's three targets for one row (all on graph-replay times):
+    """The issue's three targets for one row (all on TARGET_TIMING's times):
 
     - "read_bw": rows with kv_bytes >= TARGET_MIN_KV_BYTES; modelaccel contiguous TB/s
       >= TARGET_READ_FRACTION of read_bw_tbps. (Paged layouts are held to the contiguous
@@ -427,26 +451,27 @@ def evaluate_targets(row, read_bw_tbps):
     that applies but lacks a number fails: no number is not a pass.
     """
     tb, ms = row["tbps"], row["ms"]
-    mine = tb["modelaccel"]["graph"]
+    t = TARGET_TIMING
+    mine = tb["modelaccel"][t]
     targets = {}
 
     applies = row["kv_bytes"] >= TARGET_MIN_KV_BYTES
     frac = None if mine is None or not read_bw_tbps else mine / read_bw_tbps
     targets["read_bw"] = _target(applies, frac, frac is not None and frac >= TARGET_READ_FRACTION,
-                                 "no modelaccel graph time" if frac is None else f"{frac:.1%} of {read_bw_tbps:.2f} TB/s")
+                                 f"no modelaccel {t} time" if frac is None else f"{frac:.1%} of {read_bw_tbps:.2f} TB/s")
 
     applies = (row["batch"], row["cache_len"]) == TARGET_CUDNN_SHAPE
-    theirs = tb["cudnn"]["graph"]
+    theirs = tb["cudnn"][t]
     ratio = mine / theirs if mine and theirs else None
     targets["vs_cudnn"] = _target(applies, ratio, ratio is not None and ratio >= TARGET_CUDNN_RATIO,
-                                  "no modelaccel or cuDNN graph time" if ratio is None else f"{ratio:.2f}x cuDNN")
+                                  f"no modelaccel or cuDNN {t} time" if ratio is None else f"{ratio:.2f}x cuDNN")
 
     paged = [v for v in ms if v.startswith("modelaccel_paged")]
-    contiguous = ms["modelaccel"]["graph"]
-    slowdowns = {v: ms[v]["graph"] / contiguous for v in paged if contiguous and ms[v]["graph"]}
+    contiguous = ms["modelaccel"][t]
+    slowdowns = {v: ms[v][t] / contiguous for v in paged if contiguous and ms[v][t]}
     worst = max(slowdowns.values()) if len(slowdowns) == len(paged) and paged else None
     detail = (", ".join(f"{v.removeprefix('modelaccel_')} {s:.2f}x" for v, s in slowdowns.items())
-              if worst is not None else "missing contiguous or paged graph time")
+              if worst is not None else f"missing contiguous or paged {t} time")
     targets["paged"] = _target(bool(paged), worst, worst is not None and worst <= TARGET_PAGED_SLOWDOWN, detail)
     return targets
 
@@ -521,11 +546,12 @@ def run_benchmark(shapes=SHAPES, page_sizes=PAGE_SIZES, read_gib=READ_BW_GIB, lo
 
 _SHORT = {"modelaccel": "ma", "flash": "flash", "cudnn": "cudnn"}
 _W = 9  # fits the longest label, ma-p256/g
+_TIMING_SUFFIX = {"plain": "", "graph": "/g", "layers": "/L"}
 
 
 def _short(variant, timing):
     name = _SHORT.get(variant) or "ma-p" + variant.removeprefix("modelaccel_paged")
-    return name + ("/g" if timing == "graph" else "")
+    return name + _TIMING_SUFFIX[timing]
 
 
 def _num(value, fmt="{:.2f}"):
@@ -548,17 +574,17 @@ def _check_summary(row):
 def format_header(page_sizes=PAGE_SIZES):
     """Console header matching `format_row`."""
     cols = " ".join(f"{_short(v, t):>{_W}}" for v in variant_names(page_sizes) for t in TIMINGS)
-    return (f"{'BATCH':>5} {'CACHE':>6} {'KV MiB':>7} | {cols} (TB/s) | {'%bw ma/g':>8} {'vs cu/g':>7} | "
+    return (f"{'BATCH':>5} {'CACHE':>6} {'KV MiB':>7} | {cols} (TB/s) | {'%bw ma/L':>8} {'vs cu/L':>7} | "
             f"{'read_bw':>7} {'vs_cudnn':>8} {'paged':>7} | check")
 
 
 def format_row(row):
-    """One console line: shape, TB/s per variant and timing, modelaccel's graph-replay
+    """One console line: shape, TB/s per variant and timing, modelaccel's TARGET_TIMING
     fraction of read bandwidth and ratio to cuDNN (once annotated), targets, checks."""
     variants = list(row["tbps"])
     cols = " ".join(f"{_num(row['tbps'][v][t]):>{_W}}" for v in variants for t in TIMINGS)
-    frac = row.get("fraction_of_read_bw", {}).get("modelaccel", {}).get("graph")
-    ratio = row.get("vs_cudnn", {}).get("modelaccel", {}).get("graph")
+    frac = row.get("fraction_of_read_bw", {}).get("modelaccel", {}).get(TARGET_TIMING)
+    ratio = row.get("vs_cudnn", {}).get("modelaccel", {}).get(TARGET_TIMING)
     targets = row.get("targets")
     tcols = (" ".join(f"{_target_text(targets[n]):>{w}}" for n, w in zip(TARGETS, (7, 8, 7))) if targets
              else " " * 24)
@@ -592,27 +618,29 @@ def format_markdown(result):
               f"{p.get('nheads_k', NHEADS_K)} KV heads, head dim {p.get('headdim', HEADDIM)}, one query token, "
               "cache_seqlens = cache length. TB/s = K+V bytes (batch x cache_len x HK x D x 2 bytes x 2) / time. "
               "plain: the call launched directly (host time included where it is longer); graph: replay of a CUDA "
-              "graph holding one call. modelaccel_pagedN: paged cache, N tokens a page, pages placed by a random "
+              "graph holding one call; layers: replay of a CUDA graph holding LAYERS calls, each over its own copy "
+              "of the cache (a decoding step's graph of every layer), time per call. The targets are read on "
+              "layers. modelaccel_pagedN: paged cache, N tokens a page, pages placed by a random "
               "permutation. flash/cudnn: SDPA backends with enable_gqa on the cache laid out [b, HK, L, D] outside "
               "the timing. '-': no number (reasons below).", ""]
     lines += format_summary(result)
 
-    header = ["BATCH", "CACHE_LEN", "K+V MiB"] + [f"{v} {t}" for v in variants for t in TIMINGS]
+    header = ["BATCH", "CACHE_LEN", "K+V MiB", "LAYERS"] + [f"{v} {t}" for v in variants for t in TIMINGS]
     lines += ["", "## Throughput (TB/s)", "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
     for row in rows:
-        cells = [str(row["batch"]), str(row["cache_len"]), f"{row['kv_bytes'] / 2**20:.0f}"]
+        cells = [str(row["batch"]), str(row["cache_len"]), f"{row['kv_bytes'] / 2**20:.0f}", str(row.get("layers"))]
         cells += [_num(row["tbps"][v][t]) for v in variants for t in TIMINGS]
         lines.append("| " + " | ".join(cells) + " |")
 
     layouts = [v for v in variants if v.startswith("modelaccel")]
-    header = (["BATCH", "CACHE_LEN"] + [f"{v} graph / read bw" for v in layouts]
+    header = (["BATCH", "CACHE_LEN"] + [f"{v} {t} / read bw" for v in layouts for t in ("graph", "layers")]
               + [f"{v} vs cudnn {t}" for v in ("modelaccel", "flash") for t in TIMINGS]
               + [f"target {n}" for n in TARGETS])
     lines += ["", "## Against measured read bandwidth and cuDNN", "", "| " + " | ".join(header) + " |",
               "|" + "---:|" * len(header)]
     for row in rows:
         cells = [str(row["batch"]), str(row["cache_len"])]
-        cells += [_num(row["fraction_of_read_bw"][v]["graph"], "{:.1%}") for v in layouts]
+        cells += [_num(row["fraction_of_read_bw"][v][t], "{:.1%}") for v in layouts for t in ("graph", "layers")]
         cells += [_num(row["vs_cudnn"][v][t], "{:.2f}x") for v in ("modelaccel", "flash") for t in TIMINGS]
         cells += [f"{_target_text(row['targets'][n])} ({row['targets'][n]['detail']})"
                   if row["targets"][n]["applies"] else "n/a" for n in TARGETS]
@@ -633,7 +661,7 @@ def format_markdown(result):
 
 
 def plot_results(result, path):
-    """Bars of TB/s per variant per shape, graph replay and plain launches in two panels, with
+    """Bars of TB/s per variant per shape, one panel per timing (TIMINGS, the targets' first), with
     the measured read bandwidth and the 80% target as lines. Returns path, or None (reason
     printed) without matplotlib: a missing plot must not cost the run its results."""
     plt = report.pyplot()
@@ -642,9 +670,10 @@ def plot_results(result, path):
 
     variants, rows = result["variants"], result["rows"]
     bw = result["read_bandwidth"]["tbps"]
-    fig, axes = plt.subplots(2, 1, figsize=(13, 9), squeeze=False)
+    timings = [TARGET_TIMING] + [t for t in TIMINGS if t != TARGET_TIMING]
+    fig, axes = plt.subplots(len(timings), 1, figsize=(13, 4.5 * len(timings)), squeeze=False)
     width = 0.8 / len(variants)
-    for ax, timing in zip(axes[:, 0], ("graph", "plain")):
+    for ax, timing in zip(axes[:, 0], timings):
         for i, v in enumerate(variants):
             heights = [row["tbps"][v][timing] or 0.0 for row in rows]
             ax.bar([x + (i - (len(variants) - 1) / 2) * width for x in range(len(rows))], heights, width, label=v)
@@ -655,7 +684,8 @@ def plot_results(result, path):
         ax.set_xticklabels([f"{r['batch']}x{r['cache_len']}\n{r['kv_bytes'] / 2**20:.0f} MiB" for r in rows],
                            fontsize=8)
         ax.set_ylabel("K+V TB/s")
-        ax.set_title("CUDA graph replay" if timing == "graph" else "plain launches")
+        ax.set_title({"layers": "CUDA graph of a step's layers, per call", "graph": "CUDA graph of one call",
+                      "plain": "plain launches"}[timing])
         ax.legend(fontsize=7, ncol=2)
     axes[-1, 0].set_xlabel("batch x cache length, K+V bytes (missing bars: no number, see the markdown report)")
     return report.save_figure(fig, f"Decoding attention, {result['metadata']['device_name']}", path)
