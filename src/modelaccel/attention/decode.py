@@ -294,9 +294,22 @@ _SPLIT_PAGES_MAX = 1024
 # unfused (scripts/compile_check.py --candidates, triton 3.6), too many for 3-4 programs per
 # SM; with 2048, 96-139 against 80-128 (results/tuning/candidate_resources_triton36.txt).
 _MERGE_VALUES_MAX = 2048
-# Warps of a combine program (one (batch, query position, head) row; probed by
-# benchmarks/decode_tail_probe.py).
-_COMBINE_WARPS = 4
+# Warps of a combine program (one (batch, query position, head) row): None for
+# combine_warps' rule; a number overrides it (benchmarks/decode_tail_probe.py).
+_COMBINE_WARPS = None
+
+
+def combine_warps(block_s, block_d):
+    """Warps of a combine program merging block_s splits of block_d values: one warp up to
+    4096 floats (128 a thread), then one more per 4096, at most 4.
+
+    The combine is pure latency after the split kernel: one warp needs no cross-warp
+    reduction through shared memory and barriers. Under graph replay on the H200
+    (results/tuning/decode_tail_probe_h200_3989b30.*) one warp took 1.3 us off (1, 32768)'s
+    step at 16 splits (40.16 -> 38.88 us) and 0.6 us off (1, 4096) and (8, 4096); at 33
+    splits (8192 floats) two warps were fastest (39.87 against 40.14 at 4 and 40.42 at 1).
+    """
+    return max(1, min(4, block_s * block_d // 4096))
 
 
 def choose_num_splits(batch, nheads_k, max_keys, device, block_n=64, programs_per_sm=2, min_blocks=4):
@@ -396,11 +409,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             HAS_ALIBI=alibi_slopes is not None, FUSED=fused, UPCAST_DOT=interp and q.dtype == torch.bfloat16,
             SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl, **extra))
         if not fused:
+            block_s = max(next_power_of_2(splits), 2)
+            combine_w = _COMBINE_WARPS or combine_warps(block_s, block_d)
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
                 out.stride(0), out.stride(1), out.stride(2)),
-                dict(BLOCK_S=max(next_power_of_2(splits), 2), BLOCK_D=block_d, HEADDIM=headdim, USE_PDL=pdl,
-                     **({"launch_pdl": True} if pdl else {}), **({} if interp else {"num_warps": _COMBINE_WARPS})))
+                dict(BLOCK_S=block_s, BLOCK_D=block_d, HEADDIM=headdim, USE_PDL=pdl,
+                     **({"launch_pdl": True} if pdl else {}), **({} if interp else {"num_warps": combine_w})))
 
     if config is None:
         if interp or block_n is not None:
