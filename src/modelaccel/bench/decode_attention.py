@@ -509,7 +509,9 @@ def collect_metadata():
 
     meta = attention_metadata()
     meta["timing"] = {"warmup_ms": WARMUP_MS, "rep_ms": REP_MS, "return_mode": "median",
-                      "l2_flush": "read of 256 MB before each call", "graph_warmup_calls": GRAPH_WARMUP_CALLS}
+                      "l2_flush": "read of 256 MB before each call", "graph_warmup_calls": GRAPH_WARMUP_CALLS,
+                      "layered_graph": {"min_bytes": LAYER_GRAPH_BYTES, "min_layers": MIN_LAYERS,
+                                        "max_layers": MAX_LAYERS}}
     meta["problem"] = {"dtype": DTYPE, "nheads_q": NHEADS_Q, "nheads_k": NHEADS_K, "headdim": HEADDIM,
                        "seqlen_q": 1, "page_sizes": list(PAGE_SIZES)}
     return meta
