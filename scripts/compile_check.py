@@ -170,7 +170,8 @@ def print_candidate_usage():
               flush=True)
 
 
-def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16):
+def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16,
+                         q_after_first_kv=None):
     """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -179,7 +180,8 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
 
     kernel = gluon_fwd._attn_fwd_ws_kernel
     constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-                      LAUNCH_GROUP=launch_group)
+                      LAUNCH_GROUP=launch_group,
+                      Q_AFTER_FIRST_KV=gluon_fwd.Q_AFTER_FIRST_KV if q_after_first_kv is None else q_after_first_kv)
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
                    for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}

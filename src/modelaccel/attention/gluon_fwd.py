@@ -145,11 +145,14 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
                  NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                  V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
     """Per tile of this program: Q for both warpgroups (each half once its warpgroup is done
     with the last tile's), then K and V block by block into the ring, which runs on across
     tiles (ring position `it`). A slot's K is refilled once both warpgroups have their
     scores from it, its V once both have the P V product: K runs up to a block ahead of V.
+    Q_AFTER_FIRST_KV: the tile's first K and V are asked for before its Q, which waits for
+    both warpgroups to finish the last tile's scores; K and V need only a free ring slot, so
+    in a persistent program they load under the last tile's final block instead of after it.
     (wg is unused: the workers' signatures must match.)"""
     it = 0
     local = 0
@@ -157,10 +160,8 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
             i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
             K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
-        for half in gl.static_range(2):  # not `i`: that is the tile loop's position
-            mbarrier.wait(q_free.index(half), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
-            mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [q_row0 + half * _WS_ROWS, q_col], q_bars.index(half), q_smem.index(half))
+        if not Q_AFTER_FIRST_KV:
+            _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local)
         for j in range(n_blocks):
             g = it + j
             slot = g % STAGES
@@ -171,8 +172,21 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
             mbarrier.wait(v_empty.index(slot), phase)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
             _tma_load(v_desc, [v_row0 + j * BLOCK_N, v_col], v_ready.index(slot), v_smem.index(slot))
+            if Q_AFTER_FIRST_KV:
+                if j == 0:
+                    _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local)
         it += n_blocks
         local += 1
+
+
+@gluon.jit
+def _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local):
+    """The producer's Q loads of a program's local-th tile, each half once its warpgroup
+    has freed the slot."""
+    for half in gl.static_range(2):
+        mbarrier.wait(q_free.index(half), (local & 1) ^ 1)  # a fresh mbarrier reads as phase 1 done
+        mbarrier.expect(q_bars.index(half), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [q_row0 + half * _WS_ROWS, q_col], q_bars.index(half), q_smem.index(half))
 
 
 @gluon.jit
@@ -181,7 +195,7 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
                 NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                 V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                LAUNCH_GROUP: gl.constexpr):
+                LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
     """Per tile of this program, query rows start_m + 64 wg ... + 63 against every key
     block: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j under the second,
     the ring's slots released as their K or V is consumed, and this warpgroup's Q slot
@@ -278,7 +292,7 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, BLOCK_N: gl.constexpr,
                         HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
     """Tiles of 128 query rows of one (batch, head): nbh = batch * nheads batch-heads of
     n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
     the tiles sharing a kv head run together; causal runs the longest first). Program p
@@ -318,17 +332,17 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP)),
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
         (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP)),
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
         (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                         v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D,
-                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP)),
+                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
     ],
                        [4, 1], [_WS_CONSUMER_REGS, 24])
 
@@ -359,6 +373,8 @@ GLUON_WS_CONFIGS += [c + (True, 8) for c in [(128, 2, True), (128, 3, True)]]
 # order (geomean; 4: 5.3%, 16: 4.2%, 32: 2.4%), up to 21% at (8, 16, 16, 2048) and 8% at
 # Llama-3-8B's (8, 32, 8, 8192), and the backward 8.5% (1.02-1.17x on every row).
 LAUNCH_GROUP = 8
+# The producer asks for a tile's first K/V before its Q (_ws_producer); False: Q first.
+Q_AFTER_FIRST_KV = True
 # As flash_fwd.flash_attn_forward's tuner sees them.
 GLUON_WS_CANDIDATES = [("gluon_ws", *c) for c in GLUON_WS_CONFIGS]
 
@@ -422,7 +438,7 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
         softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(
         BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
         LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group,
-        num_warps=4, maxnreg=_WS_MAXNREG))
+        Q_AFTER_FIRST_KV=Q_AFTER_FIRST_KV, num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
 
