@@ -72,7 +72,8 @@ def main():
             for config in GLUON_WS_CONFIGS:
                 bn, stages, pingpong, *persistent = config
                 name = (f"ws{bn}x{stages}{'pp' if pingpong else ''}{'per' if persistent and persistent[0] else ''}"
-                        f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}")
+                        f"{f'G{persistent[1]}' if len(persistent) > 1 else ''}"
+                        f"{'kv' if len(persistent) > 2 and persistent[2] else ''}")
                 candidates[name] = (lambda config=config:
                                     flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, causal, *config)[0])
             for name, call in candidates.items():

@@ -1,5 +1,5 @@
-"""The Gluon forward's producer asking for a tile's first K/V before its Q
-(gluon_fwd.Q_AFTER_FIRST_KV) against Q first, in interleaved rounds.
+"""The Gluon forward's producer asking for a tile's first K/V before its Q (kv_first,
+the kernel's Q_AFTER_FIRST_KV) against Q first, in interleaved rounds.
 
 Q of a program's next tile waits until both warpgroups have finished the current tile's
 scores; with Q first, the next tile's first K and V wait behind it, so their latency lands
@@ -43,8 +43,8 @@ def main():
                 outs = []
                 for order in (False, True):
                     def call(config=config, order=order):
-                        gluon_fwd.Q_AFTER_FIRST_KV = order
-                        return gluon_fwd.flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, True, *config)[0]
+                        return gluon_fwd.flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, True, *config,
+                                                                     kv_first=order)[0]
                     calls[f"{name}, {'kv first' if order else 'q first'}"] = call
                     outs.append(call().clone())
                 row["identical"][name] = bool(torch.equal(*outs))
@@ -59,7 +59,6 @@ def main():
                 fn, ctx = _provider_call("cudnn", q, k, v, True)
                 with ctx:
                     row["tflops"].setdefault("cudnn", []).append(tflops(flops, _gpu_ms(fn)))
-        gluon_fwd.Q_AFTER_FIRST_KV = True
         result["rows"].append(row)
         print(f"{(batch, hq, hk, n)} identical {row['identical']} max err vs cuDNN {err:.3g}", flush=True)
         for name, values in row["tflops"].items():

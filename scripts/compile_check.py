@@ -171,7 +171,7 @@ def print_candidate_usage():
 
 
 def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16,
-                         q_after_first_kv=None):
+                         q_after_first_kv=False):
     """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -181,7 +181,7 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
     kernel = gluon_fwd._attn_fwd_ws_kernel
     constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
                       LAUNCH_GROUP=launch_group,
-                      Q_AFTER_FIRST_KV=gluon_fwd.Q_AFTER_FIRST_KV if q_after_first_kv is None else q_after_first_kv)
+                      Q_AFTER_FIRST_KV=q_after_first_kv)
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
                    for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}
@@ -259,7 +259,8 @@ def print_gluon_usage():
 
     print("gluon warp-specialized fwd (BLOCK_N, STAGES, PINGPONG), d128 bf16 causal: registers, stack, shared, "
           "setmaxnreg")
-    for config in sorted(set(c[:3] for c in GLUON_WS_CONFIGS)):  # persistence is the grid's, not the kernel's
+    # Persistence is the grid's, not the kernel's; the producer's order is the kernel's.
+    for config in sorted(set(c[:3] for c in GLUON_WS_CONFIGS)) + [(128, 2, True, 128, True, 8, True)]:
         try:
             compiled = compile_gluon_ws_fwd(*config)
         except Exception:  # noqa: BLE001 - report each configuration

@@ -152,7 +152,8 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
     scores from it, its V once both have the P V product: K runs up to a block ahead of V.
     Q_AFTER_FIRST_KV: the tile's first K and V are asked for before its Q, which waits for
     both warpgroups to finish the last tile's scores; K and V need only a free ring slot, so
-    in a persistent program they load under the last tile's final block instead of after it.
+    in a persistent program they load under the last tile's final block instead of after it
+    (flash_attn_forward_gluon_ws's kv_first says where that pays).
     (wg is unused: the workers' signatures must match.)"""
     it = 0
     local = 0
@@ -353,7 +354,7 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
 _WS_CONSUMER_REGS: gl.constexpr = gl.constexpr(240)
 _WS_MAXNREG = 168
 
-# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT[, LAUNCH_GROUP]]). Shared memory at head dim 128:
+# (BLOCK_N, STAGES, PINGPONG[, PERSISTENT[, LAUNCH_GROUP[, KV_FIRST]]]). Shared memory at head dim 128:
 # 32 KB of Q + 64 KB per stage.
 # On the H200 (benchmarks/results/gluon_fwd_*) 128-key blocks won every row; 64-key blocks
 # (4 or 3 stages) were 5-15% slower and are not candidates. Turn-taking gained 0-3% at
@@ -373,8 +374,13 @@ GLUON_WS_CONFIGS += [c + (True, 8) for c in [(128, 2, True), (128, 3, True)]]
 # order (geomean; 4: 5.3%, 16: 4.2%, 32: 2.4%), up to 21% at (8, 16, 16, 2048) and 8% at
 # Llama-3-8B's (8, 32, 8, 8192), and the backward 8.5% (1.02-1.17x on every row).
 LAUNCH_GROUP = 8
-# The producer asks for a tile's first K/V before its Q (_ws_producer); False: Q first.
-Q_AFTER_FIRST_KV = True
+# A sixth field True: the producer asks for each tile's first K/V before its Q (kv_first).
+# On the H200 (benchmarks/gluon_producer_order.py, results/tuning/gluon_producer_order_h200_
+# fd01c14.*, 7 causal d128 rows, 3 rounds, GPU time) that took the persistent launches in
+# groups of 8 up 2-9% on 6 of 7 rows ((8, 32, 8, 512) 256.3 -> 261.5 TFLOPS, (8, 32, 8, 2048)
+# 496.1 -> 515.3), snake order -2.3% to +2.2% (a candidate both ways), and the per-tile
+# launch 1-4% down (its one tile needs Q first).
+GLUON_WS_CONFIGS += [(128, 2, True, True, 0, True)]
 # As flash_fwd.flash_attn_forward's tuner sees them.
 GLUON_WS_CANDIDATES = [("gluon_ws", *c) for c in GLUON_WS_CONFIGS]
 
@@ -399,7 +405,7 @@ def _row_view(t):
 
 
 def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
-                                persistent=False, launch_group=None, out=None, lse=None):
+                                persistent=False, launch_group=None, kv_first=None, out=None, lse=None):
     """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
     lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
     flash_fwd.flash_attn_forward returns them.
@@ -413,7 +419,9 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     tile. launch_group: batch-heads whose tiles run together (_fwd_tile); default
     LAUNCH_GROUP, 0 for persistent launches (grid order: under a causal mask every tile in
     decreasing length, which the snake order deals out evenly; launch groups cycle through
-    the lengths group by group, and a static deal of them left programs 2x apart)."""
+    the lengths group by group, and a static deal of them left programs 2x apart).
+    kv_first: each tile's first K/V asked for before its Q (_ws_producer's Q_AFTER_FIRST_KV);
+    default: for persistent launches in launch groups, where it measured faster."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -431,14 +439,15 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     n_mblocks = cdiv(seqlen_q, 2 * WS_ROWS)
     n_tiles = batch * nheads * n_mblocks
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
+    group = (0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group
+    kv_first = persistent and group > 0 if kv_first is None else kv_first
     # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
     launch_kernel(_attn_fwd_ws_kernel, grid, (
         q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
         nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
         softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(
         BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-        LAUNCH_GROUP=(0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group,
-        Q_AFTER_FIRST_KV=Q_AFTER_FIRST_KV, num_warps=4, maxnreg=_WS_MAXNREG))
+        LAUNCH_GROUP=group, Q_AFTER_FIRST_KV=bool(kv_first), num_warps=4, maxnreg=_WS_MAXNREG))
     return out, lse
 
 
