@@ -9,7 +9,8 @@ launcher does nothing: what is timed is all of our Python on the way to Triton's
 flash_attn_func's and flash_attn_with_kvcache's calls are timed twice: replayed (a
 repeated call's launches, interface._plans) and on the full path; so is a training call's backward through autograd
 (the dK/dV tuner settled on its first candidate: the dQ and the dK/dV launches).
-Usage: python benchmarks/host_fast_launch_cpu.py [--profile]   (us per call, best of 3)
+Usage: python benchmarks/host_fast_launch_cpu.py [--profile [CALL]]   (us per call, best of 3;
+--profile: cProfile of CALL's full path, default "prefill Transformers layer")
 """
 
 import cProfile
@@ -127,9 +128,11 @@ def main():
                                                      "backward", "flash_attn_with_kvcache", "decode Transformers")) \
                 else ""
             print(f"{name:28s} {per_call_us(fn):7.1f} us{tag}", flush=True)
-    if "--profile" in sys.argv[1:]:
+    if "--profile" in sys.argv[1:]:  # the full path (the loop's last setting) of one call
+        args = sys.argv[sys.argv.index("--profile") + 1:]
+        name = args[0] if args else "prefill Transformers layer"
         prof = cProfile.Profile()
-        prof.runcall(lambda: [calls["prefill Transformers layer"]() for _ in range(2000)])
+        prof.runcall(lambda: [calls[name]() for _ in range(2000)])
         pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
