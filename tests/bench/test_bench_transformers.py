@@ -25,12 +25,18 @@ def make_result(train_layers=32, note=""):
                      errors={"eager": "OOM: CUDA out of memory. Tried to allocate 64.00 GiB"})]
     train = [make_row("train", seqlen=4096, layers=train_layers,
                       ms={"modelaccel": 400.0, "sdpa": 380.0, "eager": 700.0})]
+    generate = bench._empty_row("generate", 1, 512, 32, PROVIDERS)
+    del generate["check"]
+    generate.update(cache="dynamic", new_tokens=32, ms={"modelaccel": 30.0, "sdpa": 25.0, "eager": None},
+                    generate_ms={}, tokens_match_sdpa={"modelaccel": 32, "sdpa": 32, "eager": None},
+                    errors={"eager": "RuntimeError: boom"})
     result = {"metadata": {"device_name": "NVIDIA H100 80GB HBM3", "date": "2026-12-01T10:00:00+00:00",
                            "torch": "2.11", "transformers": "5.17"},
               "suite": "default", "providers": PROVIDERS,
               "model": {"shape": "Llama-3-8B", "config": dict(bench.LLAMA3_8B), "dtype": "bf16",
                         "weights": "random (seeded)", "params": 8_030_261_248},
-              "ttft": ttft, "train": {"layers": train_layers, "note": note, "attempts": [], "rows": train}}
+              "ttft": ttft, "train": {"layers": train_layers, "note": note, "attempts": [], "rows": train},
+              "generate": [generate]}
     result["targets"] = {"ttft": bench.summarize_targets(ttft), "train": bench.summarize_targets(train)}
     result["targets"]["ok"] = bool(result["targets"]["ttft"]["ok"]) and bool(result["targets"]["train"]["ok"])
     return result
@@ -96,8 +102,19 @@ def test_markdown_and_json_files(tmp_path):
         assert (tmp_path / paths["png"].split("/")[-1]).stat().st_size > 0
 
 
+def test_generate_rows_in_the_reports():
+    result = make_result()
+    md = bench.format_markdown(result)
+    assert "## generate: ms per decoding step (no target)" in md
+    assert "| dynamic | 32 | 30.00 | 25.00 | error | 1.200 | 32/33 | - |" in md
+    assert "- generate (dynamic cache) eager: RuntimeError: boom" in md
+    text = "\n".join(bench.format_summary(result))
+    assert "modelaccel 30.00 ms" in text and "ma/sdpa 1.200" in text and "modelaccel 32/33" in text
+
+
 def test_check_failures_ignore_oom_but_not_errors_or_mismatches():
     result = make_result()
+    result["generate"] = []
     assert bench.check_failures(result) == []
     result["ttft"][0]["errors"]["modelaccel"] = "OOM: out of memory"
     assert bench.check_failures(result) == []
@@ -130,6 +147,28 @@ def test_rows_on_a_tiny_cpu_model_with_a_stub_timer():
                                 log=lambda _: None, timing=once)
     assert train["ms"] == {"sdpa": 1.0, "eager": 1.0} and train["check"]["eager"]["rel_err"] < 1e-4
     assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+@pytest.mark.parametrize("cache", bench.GENERATE_CACHES)
+def test_generate_row_times_a_decoding_step(cache):
+    transformers = pytest.importorskip("transformers")
+    model = bench.build_model(transformers.LlamaConfig(**bench.SMOKE_CONFIG), device="cpu", dtype=torch.float32)
+    model.eval()
+    calls = []
+
+    def tokens_clock(fn):  # "ms" = tokens generated: (5 - 1) / 4 new tokens = 1.0 ms a step
+        out = fn()
+        calls.append(out.shape)
+        return float(out.shape[1])
+
+    row = bench.run_generate_row(model, cache, batch=1, prompt=8, new_tokens=4, providers=["sdpa", "eager"],
+                                 clock=tokens_clock, device="cpu", log=lambda _: None,
+                                 timing=dict(warmup=0, min_reps=1, max_reps=1))
+    assert row["kind"] == "generate" and row["cache"] == cache and row["errors"] == {}
+    assert row["ms"] == {"sdpa": 1.0, "eager": 1.0}
+    assert row["generate_ms"]["sdpa"] == {"1": 1.0, "5": 5.0}
+    assert row["tokens_match_sdpa"] == {"sdpa": 5, "eager": 5}  # fp32: eager's greedy tokens are SDPA's
+    assert sorted(calls) == [(1, 1), (1, 1), (1, 5), (1, 5)]
 
 
 def test_cli_arguments_and_help(capsys):

@@ -24,6 +24,12 @@ materializes the scores and runs out at long prompts); memory is freed between r
 Before timing, each provider's last-position logits are compared with SDPA's (relative
 error, a sanity check: random weights, bf16).
 
+Also, with no target (issue 5 sets none; users of `generate` still see it): greedy
+`generate` of GENERATE_NEW_TOKENS tokens after a GENERATE_PROMPT-token prompt at batch 1,
+with the dynamic and the static cache, timed as generate(1 + n tokens) - generate(1 token)
+over n: the time of a decoding step, prefill left out. How many of each provider's tokens
+equal SDPA's is recorded (random bf16 weights: a close logit may flip a greedy choice).
+
 Targets (issue 5): modelaccel's time <= SDPA's at every size, and < SDPA's at >= 2048
 tokens, for TTFT and the training step. A target without both numbers fails.
 
@@ -52,6 +58,10 @@ BATCHES = (1, 8)
 TRAIN_SEQLEN = 4096
 TRAIN_BATCH = 1
 TRAIN_FALLBACK_LAYERS = 8
+# generate rows (no target): prompt tokens, decoding steps timed, caches.
+GENERATE_PROMPT = 512
+GENERATE_NEW_TOKENS = 32
+GENERATE_CACHES = ("dynamic", "static")
 # suite -> (TTFT (batch, prompt) rows, training layer counts to try in order)
 SUITES = {
     "default": ([(b, n) for b in BATCHES for n in PROMPT_LENS], (LLAMA3_8B["num_hidden_layers"], TRAIN_FALLBACK_LAYERS)),
@@ -319,6 +329,51 @@ def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, clock=cuda_clock, de
     return row
 
 
+def run_generate_row(model, cache="dynamic", batch=1, prompt=GENERATE_PROMPT, new_tokens=GENERATE_NEW_TOKENS,
+                     providers=PROVIDERS, clock=cuda_clock, device=None, log=print, timing=None):
+    """Greedy generate's decoding step for every provider (see the module doc): row["ms"] is
+    ms per decoding step, (generate(1 + new_tokens) - generate(1)) / new_tokens, from the
+    medians of both timed as run_ttft_row times; row["generate_ms"] has both medians and
+    row["tokens_match_sdpa"] how many of the 1 + new_tokens generated tokens equal SDPA's."""
+    device = device or DEVICE
+    row = _empty_row("generate", batch, prompt, model.config.num_hidden_layers, providers)
+    row.update(cache=cache, new_tokens=new_tokens, generate_ms={}, tokens_match_sdpa={})
+    del row["check"]
+    ids = make_ids(batch, prompt, model.config.vocab_size, device)
+    options = {} if cache == "dynamic" else {"cache_implementation": cache}
+
+    def generate(n):
+        def run():
+            with torch.inference_mode():
+                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0, **options)[:, prompt:]
+        return run
+
+    tokens = {}
+    for provider in providers:
+        out = _first_call(row, model, provider, generate(1 + new_tokens), device, log)
+        if out is not None:
+            tokens[provider] = out.cpu()
+    medians = {}
+    for n in (1, 1 + new_tokens):
+        timed = _empty_row("generate", batch, prompt, row["layers"], providers)
+        _time_providers(timed, model, list(tokens), generate(n), clock, timing, log)
+        row["errors"].update(timed["errors"])
+        for p, ms in timed["ms"].items():
+            if ms is not None:
+                medians.setdefault(p, {})[n] = ms
+    for p, by_n in medians.items():
+        row["generate_ms"][p] = {str(n): ms for n, ms in by_n.items()}
+        if len(by_n) == 2 and p not in row["errors"]:
+            row["ms"][p] = (by_n[1 + new_tokens] - by_n[1]) / new_tokens
+    ref = tokens.get(BASELINE)
+    for p, t in tokens.items():
+        row["tokens_match_sdpa"][p] = None if ref is None else int((t == ref).all(0).sum())
+    del ids
+    free_memory()
+    return row
+
+
 def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVIDERS, clock=cuda_clock, device=None,
                   log=print, timing=None):
     """Training step (forward with labels + backward into parameter grads) of every provider,
@@ -394,9 +449,9 @@ def check_failures(result):
     """Lines naming every modelaccel failure that is not a target miss: a logits/loss
     mismatch against SDPA, or an error other than running out of memory."""
     bad = []
-    for row in result["ttft"] + result["train"]["rows"]:
+    for row in result["ttft"] + result["train"]["rows"] + result.get("generate", []):
         where = f"{row['kind']} (batch {row['batch']}, seqlen {row['seqlen']})"
-        check = row["check"].get("modelaccel")
+        check = row.get("check", {}).get("modelaccel")
         if check and check["status"] != "ok":
             bad.append(f"{where}: rel err {check['rel_err']:.2e} against sdpa")
         err = row["errors"].get("modelaccel")
@@ -448,6 +503,13 @@ def run_benchmark(suite="default", providers=PROVIDERS, log=print):
         row = annotate(run_ttft_row(model, batch, seqlen, providers, log=log))
         log(format_row(row, providers))
         result["ttft"].append(row)
+
+    log(f"== generate: ms per decoding step after a {GENERATE_PROMPT}-token prompt (no target)")
+    result["generate"] = []
+    for cache in GENERATE_CACHES if suite == "default" else GENERATE_CACHES[:1]:
+        row = run_generate_row(model, cache, providers=providers, log=log)
+        log(format_generate_row(row, providers))
+        result["generate"].append(row)
 
     train = {"layers": None, "note": "", "attempts": [], "rows": []}
     for i, layers in enumerate(train_layers):
@@ -516,6 +578,18 @@ def format_row(row, providers):
     return " ".join(cells) + f" | {_ratio_text(ratio(row)):>8} | {target}"
 
 
+def format_generate_row(row, providers):
+    """One console line of a generate row: ms per decoding step per provider, ma/sdpa, and
+    how many new tokens each provider shares with SDPA."""
+    cells = [f"{row['cache']:>8} cache", f"b{row['batch']} x {row['seqlen']}"]
+    cells += [f"{p} {row['ms'][p]:.2f} ms" if row["ms"].get(p) is not None else f"{p} {_ms_text(row, p)}"
+              for p in providers]
+    r = ratio(row)
+    match = ", ".join(f"{p} {n}/{1 + row['new_tokens']}" for p, n in row["tokens_match_sdpa"].items()
+                      if p != BASELINE and n is not None)
+    return "  ".join(cells) + f" | ma/sdpa {_ratio_text(r)} | tokens equal to sdpa's: {match or '-'}"
+
+
 def format_summary(result):
     """Console lines: the table, missing numbers, the training note and the targets."""
     providers = result["providers"]
@@ -524,6 +598,9 @@ def format_summary(result):
              format_header(providers)]
     lines += [format_row(r, providers) for r in rows]
     lines.append("ma/sdpa: modelaccel's time over SDPA's (below 1: modelaccel is faster)")
+    if result.get("generate"):
+        lines.append("generate, ms per decoding step (no target):")
+        lines += ["  " + format_generate_row(r, providers) for r in result["generate"]]
     if result["train"]["note"]:
         lines.append("note: " + result["train"]["note"])
     for r in rows:
@@ -571,6 +648,23 @@ def format_markdown(result):
     for attempt in result["train"]["attempts"]:
         notes.append(f"- training step with {attempt['layers']} layers: " +
                      "; ".join(f"{p}: {why}" for p, why in attempt["errors"].items()))
+    if result.get("generate"):
+        lines += ["", "## generate: ms per decoding step (no target)", "",
+                  f"Greedy `generate` at batch 1 after a {GENERATE_PROMPT}-token prompt: (generate of 1 + n new "
+                  "tokens - generate of 1) / n, medians, so the prefill is left out. Tokens: how many of the 1 + n "
+                  "generated tokens equal SDPA's (random bf16 weights: close logits may flip a greedy choice).",
+                  ""]
+        header = ["cache", "new tokens"] + [f"{p} ms/step" for p in providers] + ["ma/sdpa"]
+        header += [f"{p} tokens = sdpa's" for p in providers if p != BASELINE]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+        for r in result["generate"]:
+            cells = [r["cache"], str(r["new_tokens"])]
+            cells += [f"{r['ms'][p]:.2f}" if r["ms"].get(p) is not None else _ms_text(r, p) for p in providers]
+            cells.append(_ratio_text(ratio(r)))
+            matches = [r["tokens_match_sdpa"].get(p) for p in providers if p != BASELINE]
+            cells += [f"{n}/{1 + r['new_tokens']}" if n is not None else "-" for n in matches]
+            lines.append("| " + " | ".join(cells) + " |")
+            notes += [f"- generate ({r['cache']} cache) {p}: {why}" for p, why in r["errors"].items()]
     if notes:
         lines += ["", "Missing numbers:", ""] + notes
     t = result["targets"]
@@ -640,8 +734,9 @@ SMOKE_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, 
 
 
 def smoke_main():
-    """Tiny Llama (fp32 weights; modelaccel computes attention in bf16) on CPU: one TTFT row and
-    one training row through every provider; fails if modelaccel errs or disagrees with SDPA.
+    """Tiny Llama (fp32 weights; modelaccel computes attention in bf16) on CPU: one TTFT row,
+    one training row and one generate row through every provider; fails if modelaccel errs
+    or disagrees with SDPA.
     Run in a process with TRITON_INTERPRET=1 so the kernels run in the Triton interpreter."""
     from transformers import LlamaConfig
 
@@ -663,6 +758,12 @@ def smoke_main():
         print(f"  {row['kind']}: modelaccel vs sdpa {detail}: {'PASS' if ok else 'FAIL'}")
         for p, why in row["errors"].items():
             print(f"  {p}: {why}")
+    generate = run_generate_row(model, "dynamic", batch=1, prompt=8, new_tokens=2, clock=wall_clock, device="cpu",
+                                timing=once)
+    print(format_generate_row(generate, PROVIDERS))
+    ok = "modelaccel" not in generate["errors"] and generate["ms"]["modelaccel"] is not None
+    failed |= not ok
+    print(f"  generate: modelaccel {'ran' if ok else 'failed: ' + generate['errors'].get('modelaccel', 'no time')}")
     print(f"smoke test {'FAILED' if failed else 'passed'} in {time.perf_counter() - t0:.1f} s")
     return 1 if failed else 0
 
