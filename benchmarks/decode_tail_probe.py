@@ -7,7 +7,8 @@ both ways (`time_graph` and `time_graph_layers`, each layer over its own copy of
   - empty: one program storing one number;
   - read: a kernel that only streams K and V (decode_floor.py's), at its two best launches;
   - cudnn: SDPA's CUDNN_ATTENTION backend, as in the benchmark;
-  - the split launches with the combine kernel at 1, 2, 4 and 8 warps (decode._COMBINE_WARPS);
+  - the split launches with the combine kernel at 1, 2, 4 and 8 warps (decode.combine_warps
+    replaced by a constant);
   - the fused launches (the last program of a kv head merges) with _MERGE_VALUES_MAX 2048,
     8192 and 16384 floats (all splits of a 1-per-SM launch in one load at 8192).
 Every modelaccel output is compared with the first launch's.
@@ -19,15 +20,14 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
 from decode_floor import _read_sum_kernel, _store_one_kernel  # noqa: E402
 
 from modelaccel.attention import decode  # noqa: E402
-from modelaccel.bench.decode_attention import (graph_layers, kv_bytes, make_inputs, measure_read_bandwidth,  # noqa: E402
-                                               tbps, time_graph, time_graph_layers)
+from modelaccel.bench.decode_attention import (_sdpa_call, graph_layers, kv_bytes, make_inputs,  # noqa: E402
+                                               measure_read_bandwidth, tbps, time_graph, time_graph_layers)
 
 SHAPES = [(1, 4096), (1, 32768), (8, 4096), (1, 131072)]
 ROUNDS = 2
@@ -54,20 +54,20 @@ def variants(batch, cache_len):
             return lambda: _read_sum_kernel[(programs,)](k, v, out, n, BLOCK=block, STAGES=stages, num_warps=warps)
         yield f"read p{programs} b{block} w{warps} s{stages}", {}, read
 
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     transposed = {}
 
     def cudnn(i):
         if i not in transposed:
             q, k, v = inputs(i)
-            transposed[i] = (q.transpose(1, 2), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
-        q_t, k_t, v_t = transposed[i]
+            transposed[i] = (q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous())
+        call, context = _sdpa_call(SDPBackend.CUDNN_ATTENTION, *transposed[i])
 
-        def call():
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(q_t, k_t, v_t, enable_gqa=True)
-        return call
+        def pinned():
+            with context():
+                return call()
+        return pinned
     yield "cudnn", {}, cudnn
 
     def ours(config):
@@ -77,7 +77,8 @@ def variants(batch, cache_len):
         return make
     for config in UNFUSED:
         for warps in (1, 2, 4, 8):
-            yield "x".join(map(str, config)) + f" combine w{warps}", {"_COMBINE_WARPS": warps}, ours(config)
+            yield ("x".join(map(str, config)) + f" combine w{warps}",
+                   {"combine_warps": lambda block_s, block_d, warps=warps: warps}, ours(config))
     for config in FUSED:
         for values in (2048, 8192, 16384):
             yield "fused " + "x".join(map(str, config[:5])) + f" merge {values}", {"_MERGE_VALUES_MAX": values}, \
@@ -90,7 +91,7 @@ def main():
               "commit": os.environ.get("MODELACCEL_COMMIT", "unknown"),
               "read_bw": measure_read_bandwidth(), "rows": []}
     print(f"read bandwidth {result['read_bw']['tbps']:.2f} TB/s", flush=True)
-    defaults = {"_COMBINE_WARPS": decode._COMBINE_WARPS, "_MERGE_VALUES_MAX": decode._MERGE_VALUES_MAX}
+    defaults = {"combine_warps": decode.combine_warps, "_MERGE_VALUES_MAX": decode._MERGE_VALUES_MAX}
     for batch, cache_len in shapes:
         nbytes = kv_bytes(batch, cache_len)
         layers = graph_layers(nbytes)

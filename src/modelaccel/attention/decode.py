@@ -294,11 +294,6 @@ _SPLIT_PAGES_MAX = 1024
 # unfused (scripts/compile_check.py --candidates, triton 3.6), too many for 3-4 programs per
 # SM; with 2048, 96-139 against 80-128 (results/tuning/candidate_resources_triton36.txt).
 _MERGE_VALUES_MAX = 2048
-# Warps of a combine program (one (batch, query position, head) row): None for
-# combine_warps' rule; a number overrides it (benchmarks/decode_tail_probe.py).
-_COMBINE_WARPS = None
-
-
 def combine_warps(block_s, block_d):
     """Warps of a combine program merging block_s splits of block_d values: one warp up to
     4096 floats (128 a thread), then one more per 4096, at most 4.
@@ -410,7 +405,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, softmax_scale, causal=F
             SPLIT_PAGES=split_pages, MERGE_ROWS=merge_rows, MERGE_SPLITS=merge_splits, USE_PDL=pdl, **extra))
         if not fused:
             block_s = max(next_power_of_2(splits), 2)
-            combine_w = _COMBINE_WARPS or combine_warps(block_s, block_d)
+            combine_w = combine_warps(block_s, block_d)
             launch_kernel(_decode_combine_kernel, (batch * seqlen_q * nheads,), (
                 o_part, lse_part, out, lse, splits, batch, nheads, seqlen_q,
                 out.stride(0), out.stride(1), out.stride(2)),

@@ -245,11 +245,6 @@ def _sdpa_call(backend, q, k_t, v_t):
             (lambda: sdpa_kernel(backend)))
 
 
-def _sdpa_layer_call(backend, q, k_t, v_t):
-    """_sdpa_call's call alone (per_layer's shape)."""
-    return _sdpa_call(backend, q, k_t, v_t)[0]
-
-
 def bench_ms(fn, warmup_ms=WARMUP_MS, rep_ms=REP_MS):
     """Median ms of fn() with L2 emptied by a read before every call (launch.read_flush_ms)."""
     return read_flush_ms(fn, warmup_ms, rep_ms, keep_buffer=True)
@@ -410,7 +405,7 @@ def run_row(batch, cache_len, nheads_q=NHEADS_Q, nheads_k=NHEADS_K, headdim=HEAD
     # they are spared the copy modelaccel's flash-attn layout would have cost them).
     k_t, v_t = k_cache.transpose(1, 2).contiguous(), v_cache.transpose(1, 2).contiguous()
     for peer, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        measure(peer, per_layer(lambda q, k, v, backend=backend: _sdpa_layer_call(backend, q, k, v), q, k_t, v_t),
+        measure(peer, per_layer(lambda q, k, v, backend=backend: _sdpa_call(backend, q, k, v)[0], q, k_t, v_t),
                 _sdpa_call(backend, q, k_t, v_t)[1])
     del q, k_cache, v_cache, k_t, v_t, ref
     if DEVICE == "cuda":
