@@ -171,7 +171,7 @@ def print_candidate_usage():
 
 
 def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16,
-                         q_after_first_kv=False):
+                         q_after_first_kv=False, trace=False):
     """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -181,12 +181,15 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
     kernel = gluon_fwd._attn_fwd_ws_kernel
     constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
                       LAUNCH_GROUP=launch_group,
-                      Q_AFTER_FIRST_KV=q_after_first_kv)
+                      Q_AFTER_FIRST_KV=q_after_first_kv, TRACE=trace)
+    if not trace:
+        constexprs["trace"] = None
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
                    for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
-                 {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32"}.get(name, "i32") for name in kernel.arg_names}
+                 {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "trace": "*i64"}.get(name, "i32")
+                 for name in kernel.arg_names}
     source = GluonASTSource(fn=kernel, signature=signature,
                             constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
     return triton.compile(source, target=HOPPER, options={"num_warps": 4, "maxnreg": gluon_fwd._WS_MAXNREG})
@@ -260,7 +263,8 @@ def print_gluon_usage():
     print("gluon warp-specialized fwd (BLOCK_N, STAGES, PINGPONG), d128 bf16 causal: registers, stack, shared, "
           "setmaxnreg")
     # Persistence is the grid's, not the kernel's; the producer's order is the kernel's.
-    for config in sorted(set(c[:3] for c in GLUON_WS_CONFIGS)) + [(128, 2, True, 128, True, 8, True)]:
+    for config in sorted(set(c[:3] for c in GLUON_WS_CONFIGS)) + [(128, 2, True, 128, True, 8, True),
+                                                                   (128, 2, True, 128, True, 8, True, True)]:
         try:
             compiled = compile_gluon_ws_fwd(*config)
         except Exception:  # noqa: BLE001 - report each configuration

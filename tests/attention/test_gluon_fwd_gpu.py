@@ -85,3 +85,41 @@ def test_gluon_forward_launch_groups_write_every_block(launch_group, causal, per
                                      compute_dtype=torch.float32)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert_attention_close(out, lse, ref_out, ref_lse, q.dtype)
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_traced_forward_fills_its_trace_and_matches_the_untraced_one(persistent, monkeypatch):
+    # Persistent launches get 5 programs (up to 16 tiles each are traced).
+    monkeypatch.setattr(gluon_fwd, "_sm_count", lambda device_index: 5)
+    batch, seqlen, nheads, nheads_k, headdim = 2, 700, 4, 2, 128
+    q, k, v = random_qkv(batch, seqlen, seqlen, nheads, nheads_k, headdim, torch.bfloat16, "cuda", seed=11)
+    config = (128, 2, True, True, 8) if persistent else (128, 2, True)
+    out, lse = flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, True, *config)
+    n_mblocks = -(-seqlen // 128)
+    tiles = batch * nheads * n_mblocks
+    programs = 5 if persistent else tiles
+    trace = torch.full((gluon_fwd.trace_size(programs),), -1, dtype=torch.int64, device="cuda")
+    traced_out, traced_lse = flash_attn_forward_gluon_ws(q, k, v, headdim ** -0.5, True, *config, trace=trace)
+    assert torch.equal(out, traced_out) and torch.equal(lse, traced_lse)
+    trace = trace.view(programs, 3, gluon_fwd.TRACE_TILES, gluon_fwd.TRACE_EVENTS).cpu()
+    # Program p runs tiles p, p + programs, ...: the first TRACE_TILES of them are traced.
+    lengths = {0: [], 1: []}
+    for p in range(programs):
+        ran = len(range(p, tiles, programs))
+        assert ran <= gluon_fwd.TRACE_TILES
+        for wg in (0, 1):
+            events = trace[p, wg, :ran]
+            assert (events[:, :7] >= 0).all() and (events[:, 9] > 0).all()
+            assert (events[:, :7].diff(dim=1) >= 0).all(), "consumer events out of order"
+            assert (trace[p, wg, ran:, :7] == -1).all()
+            lengths[wg] += events[:, 8].tolist()
+        assert (trace[p, 2, :ran, :4] >= 0).all()
+    # Causal, 128-row tiles: each (batch, head) runs tiles of 1 ... n_mblocks key blocks.
+    for wg in (0, 1):
+        assert sorted(lengths[wg]) == sorted(list(range(1, n_mblocks + 1)) * (batch * nheads))
+
+
+def test_trace_of_the_wrong_size_is_refused():
+    q, k, v = random_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, "cuda", seed=1)
+    with pytest.raises(ValueError, match="int64 CUDA tensor"):
+        flash_attn_forward_gluon_ws(q, k, v, 128 ** -0.5, True, trace=torch.zeros(8, dtype=torch.int64, device="cuda"))

@@ -116,6 +116,45 @@ def _online_softmax(s, m_i, l_i, offs_m, start_m, start_n, offs_n0, qk_scale, SE
 
 
 
+# The trace (flash_attn_forward_gluon_ws's trace, benchmarks/gluon_fwd_timeline.py): per
+# program, per partition (consumer warpgroups 0 and 1, then the producer), per tile of the
+# program's first TRACE_TILES, TRACE_EVENTS slots: clock64 readings (SM cycles) at fixed
+# points, the consumers' key blocks of the tile (event 8) and globaltimer at its end (9).
+TRACE_TILES = 16
+TRACE_EVENTS = 10
+_TRACE_TILES: gl.constexpr = gl.constexpr(TRACE_TILES)
+_TRACE_EVENTS: gl.constexpr = gl.constexpr(TRACE_EVENTS)
+
+
+@gluon.jit
+def _trace_store(trace, part, local, event, value, anchor, TRACE: gl.constexpr):
+    """With TRACE, value (a tensor shaped as anchor) into the trace slot (this program,
+    partition part, its local-th tile, event); anchor is any int32 arange of the partition,
+    whose element 0 stores. Nothing at all without TRACE."""
+    if TRACE:
+        slot = ((gl.program_id(0) * 3 + part) * _TRACE_TILES + local) * _TRACE_EVENTS + event
+        gl.store(trace + slot + anchor * 0, value, mask=(anchor == 0) & (local < _TRACE_TILES))
+
+
+@gluon.jit
+def _stamp(trace, part, local, event, anchor, TRACE: gl.constexpr):
+    """_trace_store of the SM's cycle counter (clock64), read in anchor's layout."""
+    if TRACE:
+        clock = gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l,r", [anchor], dtype=gl.int64, is_pure=False,
+                                          pack=1)
+        _trace_store(trace, part, local, event, clock, anchor, TRACE)
+
+
+@gluon.jit
+def _stamp_ns(trace, part, local, event, anchor, TRACE: gl.constexpr):
+    """_trace_store of the GPU's nanosecond timer (globaltimer), which puts the cycle counts
+    of different programs on one clock."""
+    if TRACE:
+        ns = gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [anchor], dtype=gl.int64, is_pure=False,
+                                       pack=1)
+        _trace_store(trace, part, local, event, ns, anchor, TRACE)
+
+
 # Every partition takes the same arguments (Gluon requires it of the workers; the default
 # partition follows suit so that one body serves both consumers).
 WS_ROWS = 64  # query rows per consumer warpgroup (wgmma's M); host side
@@ -145,7 +184,7 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
                  NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                  V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
     """Per tile of this program: Q for both warpgroups (each half once its warpgroup is done
     with the last tile's), then K and V block by block into the ring, which runs on across
     tiles (ring position `it`). A slot's K is refilled once both warpgroups have their
@@ -155,14 +194,17 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
     in a persistent program they load under the last tile's final block instead of after it
     (flash_attn_forward_gluon_ws's kv_first says where that pays).
     (wg is unused: the workers' signatures must match.)"""
+    anchor = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     it = 0
     local = 0
     for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        _stamp(trace, 2, local, 0, anchor, TRACE)
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
             i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
             K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
         if not Q_AFTER_FIRST_KV:
             _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local)
+            _stamp(trace, 2, local, 2, anchor, TRACE)
         for j in range(n_blocks):
             g = it + j
             slot = g % STAGES
@@ -170,12 +212,16 @@ def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_sme
             mbarrier.wait(k_empty.index(slot), phase)
             mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
             _tma_load(k_desc, [k_row0 + j * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
+            if j == 0:
+                _stamp(trace, 2, local, 1, anchor, TRACE)
             mbarrier.wait(v_empty.index(slot), phase)
             mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
             _tma_load(v_desc, [v_row0 + j * BLOCK_N, v_col], v_ready.index(slot), v_smem.index(slot))
             if Q_AFTER_FIRST_KV:
                 if j == 0:
                     _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local)
+                    _stamp(trace, 2, local, 2, anchor, TRACE)
+        _stamp(trace, 2, local, 3, anchor, TRACE)
         it += n_blocks
         local += 1
 
@@ -196,7 +242,7 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
                 NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                 V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
+                LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
     """Per tile of this program, query rows start_m + 64 wg ... + 63 against every key
     block: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j under the second,
     the ring's slots released as their K or V is consumed, and this warpgroup's Q slot
@@ -220,13 +266,17 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
     it = 0
     sec = 0
     local = 0
+    _stamp(trace, wg, 0, 7, offs_n0, TRACE)
     for i in range(gl.program_id(0), n_tiles, gl.num_programs(0)):
+        _stamp(trace, wg, local, 0, offs_n0, TRACE)
         b, h, start_m, n_blocks, q_row0, q_col, k_row0, k_col, v_row0, v_col = _fwd_tile(
             i, n_tiles, nbh, n_mblocks, NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B,
             K_ROWS_H, K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, BLOCK_N, CAUSAL, LAUNCH_GROUP)
         row0 = start_m + wg * _WS_ROWS
         offs_m = row0 + gl.arange(0, _WS_ROWS, layout=rows_s)
         mbarrier.wait(q_bars.index(wg), local & 1)
+        _stamp(trace, wg, local, 1, offs_n0, TRACE)
+        _trace_store(trace, wg, local, 8, (offs_n0 * 0 + n_blocks).to(gl.int64), offs_n0, TRACE)
 
         # Section 0: the scores of block 0 alone.
         first = it % STAGES
@@ -236,12 +286,14 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
         _ws_pass_turn(turn_bars, wg, PINGPONG)
         s = warpgroup_mma_wait(num_outstanding=0, deps=[s_token])
         mbarrier.arrive(k_empty.index(first), count=1)
+        _stamp(trace, wg, local, 2, offs_n0, TRACE)
         m_i = gl.full([_WS_ROWS], float("-inf"), gl.float32, layout=rows_s)
         l_i = gl.zeros([_WS_ROWS], gl.float32, layout=rows_s)
         p_f32, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, offs_m, row0, 0, offs_n0, qk_scale, SEQLEN_K, diag,
                                                  _WS_ROWS, BLOCK_N, CAUSAL)
         p = gl.convert_layout(p_f32.to(dtype), p_layout)
         acc = gl.zeros([_WS_ROWS, HEAD_D], gl.float32, layout=o_layout)
+        _stamp(trace, wg, local, 3, offs_n0, TRACE)
 
         for j in range(1, n_blocks):
             g = it + j
@@ -261,6 +313,7 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
             mbarrier.arrive(v_empty.index(prev), count=1)
             acc = acc * gl.convert_layout(alpha, rows_o)[:, None]
             p = gl.convert_layout(p_f32.to(dtype), p_layout)
+        _stamp(trace, wg, local, 4, offs_n0, TRACE)
         mbarrier.arrive(q_free.index(wg), count=1)  # every product with Q has been waited for
 
         # Last section: the P V product of the last block.
@@ -272,6 +325,7 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
         _ws_pass_turn(turn_bars, wg, PINGPONG)
         acc, _ = warpgroup_mma_wait(num_outstanding=0, deps=[o_token, p])
         mbarrier.arrive(v_empty.index(last), count=1)
+        _stamp(trace, wg, local, 5, offs_n0, TRACE)
 
         empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
@@ -283,6 +337,8 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
                     + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
         gl.store(out_ptrs, out.to(dtype), mask=offs_mo[:, None] < SEQLEN_Q)
         gl.store(LSE + b.to(gl.int64) * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=offs_m < SEQLEN_Q)
+        _stamp(trace, wg, local, 6, offs_n0, TRACE)
+        _stamp_ns(trace, wg, local, 9, offs_n0, TRACE)
         it += n_blocks
         sec += n_blocks + 1
         local += 1
@@ -293,7 +349,7 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, BLOCK_N: gl.constexpr,
                         HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
     """Tiles of 128 query rows of one (batch, head): nbh = batch * nheads batch-heads of
     n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
     the tiles sharing a kv head run together; causal runs the longest first). Program p
@@ -333,17 +389,17 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
         (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
         (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                         v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D,
-                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV)),
+                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
     ],
                        [4, 1], [_WS_CONSUMER_REGS, 24])
 
@@ -405,7 +461,7 @@ def _row_view(t):
 
 
 def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=128, stages=2, pingpong=True,
-                                persistent=False, launch_group=None, kv_first=None, out=None, lse=None):
+                                persistent=False, launch_group=None, kv_first=None, out=None, lse=None, trace=None):
     """The warp-specialized forward: out [batch, seqlen_q, nheads, headdim] (q's dtype) and
     lse float32 [batch, nheads, seqlen_q] (natural log; +inf for a row that sees no key), as
     flash_fwd.flash_attn_forward returns them.
@@ -421,7 +477,10 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     decreasing length, which the snake order deals out evenly; launch groups cycle through
     the lengths group by group, and a static deal of them left programs 2x apart).
     kv_first: each tile's first K/V asked for before its Q (_ws_producer's Q_AFTER_FIRST_KV);
-    default: for persistent launches in launch groups, where it measured faster."""
+    default: for persistent launches in launch groups, where it measured faster.
+    trace: None, or an int64 CUDA tensor of at least trace_size(grid) elements that the
+    kernel fills with cycle-counter readings (_stamp; benchmarks/gluon_fwd_timeline.py reads
+    them); a separate compile."""
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k, nheads_k = k.shape[1], k.shape[2]
     if headdim not in (64, 128):
@@ -441,14 +500,25 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
     group = (0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group
     kv_first = persistent and group > 0 if kv_first is None else kv_first
-    # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
-    launch_kernel(_attn_fwd_ws_kernel, grid, (
-        q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),
-        nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:], *views[2][1:],
-        softmax_scale * LOG2E, batch * nheads, n_mblocks), dict(
-        BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-        LAUNCH_GROUP=group, Q_AFTER_FIRST_KV=bool(kv_first), num_warps=4, maxnreg=_WS_MAXNREG))
+    args = (q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+            lse.stride(1), nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
+            *views[2][1:], softmax_scale * LOG2E, batch * nheads, n_mblocks)
+    constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
+                      LAUNCH_GROUP=group, Q_AFTER_FIRST_KV=bool(kv_first), num_warps=4, maxnreg=_WS_MAXNREG)
+    if trace is None:
+        # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
+        launch_kernel(_attn_fwd_ws_kernel, grid, args, dict(constexprs, trace=None, TRACE=False))
+    else:
+        if trace.dtype != torch.int64 or not trace.is_cuda or trace.numel() < trace_size(grid[0]):
+            raise ValueError(f"trace must be an int64 CUDA tensor of at least {trace_size(grid[0])} elements")
+        _attn_fwd_ws_kernel[grid](*args, **constexprs, trace=trace, TRACE=True)
     return out, lse
+
+
+def trace_size(programs):
+    """Elements of a trace (flash_attn_forward_gluon_ws) for a grid of that many programs:
+    [programs, 3 partitions, TRACE_TILES tiles, TRACE_EVENTS events]."""
+    return programs * 3 * TRACE_TILES * TRACE_EVENTS
 
 
 @functools.lru_cache(maxsize=None)
