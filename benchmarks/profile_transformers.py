@@ -4,7 +4,9 @@ The Transformers benchmark measured modelaccel's time-to-first-token at 8192 tok
 above SDPA's, more than the attention kernels alone explain. This prefills a 4-layer model
 of the same shape with each implementation under torch.profiler and prints the CUDA kernels
 by total time, the total, and the wall time of the same call.
-Usage: python benchmarks/profile_transformers.py [SEQLEN ...]   (default 8192 512)
+Usage: python benchmarks/profile_transformers.py [[BATCHx]SEQLEN ...]   (default 8192 512)
+After both providers' tables, the kernels whose total time differs between them by more
+than 20 us, so a gap in the TTFT rows can be traced to the kernels that make it.
 """
 
 import sys
@@ -18,10 +20,11 @@ LAYERS = 4
 
 
 def main():
-    seqlens = [int(s) for s in sys.argv[1:]] or [8192, 512]
+    shapes = [tuple(int(n) for n in a.split("x")) if "x" in a else (1, int(a)) for a in sys.argv[1:]]
     model = build_model(llama_config(num_layers=LAYERS)).eval()
-    for seqlen in seqlens:
-        ids = make_ids(1, seqlen, model.config.vocab_size)
+    for batch, seqlen in shapes or [(1, 8192), (1, 512)]:
+        ids = make_ids(batch, seqlen, model.config.vocab_size)
+        totals = {}
         for provider in ("modelaccel", "sdpa"):
             set_attention(model, provider)
 
@@ -42,10 +45,18 @@ def main():
                 torch.cuda.synchronize()
             events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
             total_us = sum(e.self_device_time_total for e in events)
-            print(f"== seqlen {seqlen}, {provider}: wall {wall_ms:.2f} ms/call, CUDA kernels {total_us / 1e3:.2f} ms",
+            totals[provider] = {e.key: (e.self_device_time_total, e.count) for e in events}
+            print(f"== batch {batch}, seqlen {seqlen}, {provider}: wall {wall_ms:.2f} ms/call, CUDA kernels {total_us / 1e3:.2f} ms",
                   flush=True)
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
                 print(f"  {e.self_device_time_total / 1e3:8.3f} ms {e.count:4d}x  {e.key[:110]}")
+        print(f"-- batch {batch}, seqlen {seqlen}: kernels differing by > 20 us (modelaccel - sdpa)")
+        ma, sd = totals["modelaccel"], totals["sdpa"]
+        for key in sorted(set(ma) | set(sd), key=lambda k: -abs(ma.get(k, (0, 0))[0] - sd.get(k, (0, 0))[0])):
+            diff = ma.get(key, (0, 0))[0] - sd.get(key, (0, 0))[0]
+            if abs(diff) > 20:
+                print(f"  {diff / 1e3:+8.3f} ms  ma {ma.get(key, (0, 0))[1]:4d}x sdpa {sd.get(key, (0, 0))[1]:4d}x  "
+                      f"{key[:100]}")
 
 
 if __name__ == "__main__":

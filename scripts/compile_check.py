@@ -171,7 +171,7 @@ def print_candidate_usage():
 
 
 def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, launch_group=16,
-                         q_after_first_kv=False, trace=False):
+                         q_after_first_kv=False, trace=False, o_tma=None):
     """The warp-specialized Gluon forward prototype compiled for sm_90, bf16."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -181,12 +181,12 @@ def compile_gluon_ws_fwd(block_n, stages, pingpong, headdim=128, causal=True, la
     kernel = gluon_fwd._attn_fwd_ws_kernel
     constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
                       LAUNCH_GROUP=launch_group,
-                      Q_AFTER_FIRST_KV=q_after_first_kv, TRACE=trace)
+                      Q_AFTER_FIRST_KV=q_after_first_kv, TRACE=trace, O_TMA=stages == 2 if o_tma is None else o_tma)
     if not trace:
         constexprs["trace"] = None
     descriptors = {name: f"tensordesc<bf16[{rows},{headdim}],"
                          f"{gl.NVMMASharedLayout.get_default_for([rows, headdim], gl.bfloat16)!r}>"
-                   for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n))}
+                   for name, rows in (("q_desc", 64), ("k_desc", block_n), ("v_desc", block_n), ("o_desc", 64))}
     signature = {name: "constexpr" if name in constexprs else descriptors.get(name) or
                  {"O": "*bf16", "LSE": "*fp32", "qk_scale": "fp32", "trace": "*i64"}.get(name, "i32")
                  for name in kernel.arg_names}

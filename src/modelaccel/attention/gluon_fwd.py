@@ -36,6 +36,7 @@ from .launch import capability, cdiv, launch_kernel
 
 # triton 3.6 names the TMA load async_copy_global_to_shared; 3.9 only async_load.
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
 
 
 @gluon.jit
@@ -179,12 +180,13 @@ def _ws_pass_turn(turn_bars, wg: gl.constexpr, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
-def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready,
+def _ws_producer(wg: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, o_smem, q_bars, q_free, k_ready, v_ready,
                  k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                  NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                  V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                  HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                 LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
+                 LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr,
+                O_TMA: gl.constexpr):
     """Per tile of this program: Q for both warpgroups (each half once its warpgroup is done
     with the last tile's), then K and V block by block into the ring, which runs on across
     tiles (ring position `it`). A slot's K is refilled once both warpgroups have their
@@ -237,12 +239,13 @@ def _ws_load_q(q_desc, q_smem, q_bars, q_free, q_row0, q_col, local):
 
 
 @gluon.jit
-def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready,
+def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, o_smem, q_bars, q_free, k_ready, v_ready,
                 k_empty, v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                 NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                 V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N: gl.constexpr,
                 HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
+                LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr,
+                O_TMA: gl.constexpr):
     """Per tile of this program, query rows start_m + 64 wg ... + 63 against every key
     block: S_j and P_{j-1} V_{j-1} in flight together, the softmax of S_j under the second,
     the ring's slots released as their K or V is consumed, and this warpgroup's Q slot
@@ -330,26 +333,40 @@ def _ws_consume(wg: gl.constexpr, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem
         empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
         lse = gl.where(empty, float("inf"), (m_i + gl.log2(l_safe)) * 0.6931471805599453)
-        out = acc / gl.convert_layout(l_safe, rows_o)[:, None]
-        offs_mo = row0 + gl.arange(0, _WS_ROWS, layout=rows_o)
-        offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
-        out_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-                    + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
-        gl.store(out_ptrs, out.to(dtype), mask=offs_mo[:, None] < SEQLEN_Q)
+        out = (acc / gl.convert_layout(l_safe, rows_o)[:, None]).to(dtype)
+        if O_TMA and row0 + _WS_ROWS <= SEQLEN_Q:
+            # One bulk copy instead of 32-64 scattered stores a thread, which held the
+            # warpgroup 1.4-2.3 us a tile (benchmarks/gluon_fwd_timeline.py): the copy runs
+            # on while the next tile starts; the last one still reading this buffer is
+            # waited for first. A tile reaching past seqlen_q would write the next sequence's
+            # rows: it stores as below.
+            tma.store_wait(0)
+            o_smem.index(wg).store(out)
+            fence_async_shared()
+            _tma_store(o_desc, [b * SEQLEN_Q + row0, h * HEAD_D], o_smem.index(wg))
+        else:
+            offs_mo = row0 + gl.arange(0, _WS_ROWS, layout=rows_o)
+            offs_d = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+            out_ptrs = (O + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+                        + offs_mo[:, None].to(gl.int64) * stride_os + offs_d[None, :])
+            gl.store(out_ptrs, out, mask=offs_mo[:, None] < SEQLEN_Q)
         gl.store(LSE + b.to(gl.int64) * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=offs_m < SEQLEN_Q)
         _stamp(trace, wg, local, 6, offs_n0, TRACE)
         _stamp_ns(trace, wg, local, 9, offs_n0, TRACE)
         it += n_blocks
         sec += n_blocks + 1
         local += 1
+    if O_TMA:
+        tma.store_wait(0)  # the shared memory must outlive the copies reading it
 
 
 @gluon.jit
-def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, o_desc, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, BLOCK_N: gl.constexpr,
                         HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, PINGPONG: gl.constexpr,
-                        LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr):
+                        LAUNCH_GROUP: gl.constexpr, Q_AFTER_FIRST_KV: gl.constexpr, trace, TRACE: gl.constexpr,
+                O_TMA: gl.constexpr):
     """Tiles of 128 query rows of one (batch, head): nbh = batch * nheads batch-heads of
     n_mblocks tiles each, in launch order (_fwd_tile: heads fastest within launch groups, so
     the tiles sharing a kv head run together; causal runs the longest first). Program p
@@ -364,6 +381,10 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
     q_smem = gl.allocate_shared_memory(dtype, [2, _WS_ROWS, HEAD_D], q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    if O_TMA:  # each warpgroup's output tile goes out through shared memory by TMA (16 KB each)
+        o_smem = gl.allocate_shared_memory(dtype, [2, _WS_ROWS, HEAD_D], o_desc.layout)
+    else:
+        o_smem = q_smem  # unused
     q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     q_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     turn_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -385,21 +406,21 @@ def _attn_fwd_ws_kernel(q_desc, k_desc, v_desc, O, LSE, stride_ob, stride_os, st
     # Each partition gets its own tuple, written out: constexprs reach a partition as
     # constexprs only so (BLOCK_N sizes layouts).
     gl.warp_specialize([
-        (_ws_consume, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+        (_ws_consume, (0, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, o_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
-        (_ws_consume, (1, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE, O_TMA)),
+        (_ws_consume, (1, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, o_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                        v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, NHEADS,
                        GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H, K_COLS_H,
                        V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D, STAGES,
-                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
-        (_ws_producer, (0, q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, q_free, k_ready, v_ready, k_empty,
+                       CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE, O_TMA)),
+        (_ws_producer, (0, q_desc, k_desc, v_desc, o_desc, q_smem, k_smem, v_smem, o_smem, q_bars, q_free, k_ready, v_ready, k_empty,
                         v_empty, turn_bars, O, LSE, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                         NHEADS, GROUP, SEQLEN_Q, SEQLEN_K, Q_ROWS_B, Q_ROWS_H, Q_COLS_H, K_ROWS_B, K_ROWS_H,
                         K_COLS_H, V_ROWS_B, V_ROWS_H, V_COLS_H, qk_scale, nbh, n_mblocks, n_tiles, BLOCK_N, HEAD_D,
-                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE)),
+                        STAGES, CAUSAL, PINGPONG, LAUNCH_GROUP, Q_AFTER_FIRST_KV, trace, TRACE, O_TMA)),
     ],
                        [4, 1], [_WS_CONSUMER_REGS, 24])
 
@@ -500,11 +521,15 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
     grid = (min(n_tiles, _sm_count(q.device.index)) if persistent else n_tiles,)
     group = (0 if persistent else LAUNCH_GROUP) if launch_group is None else launch_group
     kv_first = persistent and group > 0 if kv_first is None else kv_first
-    args = (q_desc, k_desc, v_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
+    o_tma = _o_by_tma(out, headdim, block_n, stages)
+    o_desc = TensorDescriptor.from_tensor(out.view(batch * seqlen_q, nheads * headdim), [WS_ROWS, headdim],
+                                          q_desc.layout) if o_tma else q_desc
+    args = (q_desc, k_desc, v_desc, o_desc, out, lse, out.stride(0), out.stride(1), out.stride(2), lse.stride(0),
             lse.stride(1), nheads, nheads // nheads_k, seqlen_q, seqlen_k, *views[0][1:], *views[1][1:],
             *views[2][1:], softmax_scale * LOG2E, batch * nheads, n_mblocks)
     constexprs = dict(BLOCK_N=block_n, HEAD_D=headdim, STAGES=stages, CAUSAL=causal, PINGPONG=pingpong,
-                      LAUNCH_GROUP=group, Q_AFTER_FIRST_KV=bool(kv_first), num_warps=4, maxnreg=_WS_MAXNREG)
+                      LAUNCH_GROUP=group, Q_AFTER_FIRST_KV=bool(kv_first), O_TMA=o_tma, num_warps=4,
+                      maxnreg=_WS_MAXNREG)
     if trace is None:
         # launch_kernel: Triton's binder costs ~70-100 us a call on the GPU machine's host.
         launch_kernel(_attn_fwd_ws_kernel, grid, args, dict(constexprs, trace=None, TRACE=False))
@@ -513,6 +538,19 @@ def flash_attn_forward_gluon_ws(q, k, v, softmax_scale, causal=False, block_n=12
             raise ValueError(f"trace must be an int64 CUDA tensor of at least {trace_size(grid[0])} elements")
         _attn_fwd_ws_kernel[grid](*args, **constexprs, trace=trace, TRACE=True)
     return out, lse
+
+
+# Hopper's shared memory per block, less what barriers and layout conversions take.
+_SHARED_BYTES = 232448 - 2048
+
+
+def _o_by_tma(out, headdim, block_n, stages):
+    """Whether the output tiles can leave by TMA (the kernel's O_TMA): out contiguous as
+    [batch, seqlen, heads, headdim], 16-byte aligned, and room in shared memory for two
+    staging tiles beside Q and the K/V ring (at head dim 128: 2 stages, not 3)."""
+    ring = stages * 2 * block_n * headdim
+    staged = 2 * (2 * WS_ROWS * headdim) + ring  # Q, O
+    return out.is_contiguous() and out.data_ptr() % 16 == 0 and staged * out.element_size() <= _SHARED_BYTES
 
 
 def trace_size(programs):
