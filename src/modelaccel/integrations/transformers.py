@@ -52,6 +52,21 @@ def _explicit_mask_attention(q, k, v, mask, scaling, softcap, dropout, training)
     return (probs @ vf).transpose(1, 2).to(q.dtype)
 
 
+def _padding_attend_mask(mask, mask_len, seqlen_q, causal, window):
+    """bool [batch, 1, seqlen_q, seqlen_k], True = attend: the padding mask [batch, seqlen_k]
+    with the causal and window structure, query t sitting at mask column mask_len - seqlen_q + t."""
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    rows = torch.arange(mask_len - seqlen_q, mask_len, device=mask.device)[:, None]
+    allowed = mask[:, None, None, :]
+    if causal:
+        allowed = allowed & (cols <= rows)
+    if window[0] >= 0:
+        allowed = allowed & (cols >= rows - window[0])
+    if window[1] >= 0 and not causal:
+        allowed = allowed & (cols <= rows + window[1])
+    return allowed
+
+
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                       softcap=None, is_causal=None, **kwargs):
     """Transformers attention function backed by modelaccel's kernels.
@@ -100,9 +115,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out = flash_attn_func(q, k, v, **options)
     else:
         mask = attention_mask.bool()
+        mask_len = mask.shape[1]
         q_mask = mask[:, -seqlen_q:]  # the queries are the last tokens the mask covers
-        if mask.shape[1] < seqlen_k:  # static cache: slots past the mask are not filled yet
-            mask = torch.cat([mask, mask.new_zeros(batch, seqlen_k - mask.shape[1])], dim=1)
+        if mask_len < seqlen_k:  # static cache: slots past the mask are not filled yet
+            mask = torch.cat([mask, mask.new_zeros(batch, seqlen_k - mask_len)], dim=1)
+        if torch.compiler.is_compiling() and seqlen_q <= _DECODE_MAX_QUERIES:
+            # Packing reads the lengths back to the host: a graph break, and under generate's
+            # compiled static-cache step on the GPU a failure. A compiled decoding step with
+            # a padding mask spells the mask out instead: exact, and small at a few queries.
+            # Longer compiled calls still pack (a graph break): spelled out, their scores
+            # would take batch * heads * seqlen_q * seqlen_k floats.
+            allowed = _padding_attend_mask(mask, mask_len, seqlen_q, bool(causal), window)
+            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+            out = _explicit_mask_attention(q, k, v, allowed, scale, softcap, float(dropout), module.training)
+            return (out if out.dtype == in_dtype else out.to(in_dtype)), None
         q_packed, q_index, cu_q, max_q, _ = unpad_input(q, q_mask)
         k_packed, _, cu_k, max_k, _ = unpad_input(k, mask)
         v_packed = unpad_input(v, mask)[0]
@@ -111,16 +137,30 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
 
 
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """Transformers mask function: the 2D padding mask [batch, <= kv_length] (bool), or None
+    where nothing is padded and the mask covers every key, as flash-attn's mask preparation.
+    Under torch.compile a decoding step (q_length <= 16) keeps the mask without looking at
+    its values, which would break the graph; attention_forward spells it out."""
+    from transformers.masking_utils import flash_attention_mask
+
+    if attention_mask is not None and torch.compiler.is_compiling() and q_length <= _DECODE_MAX_QUERIES:
+        return attention_mask[:, -kv_length:]  # sliding-window layers see the last kv_length keys
+    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                attention_mask, **kwargs)
+
+
 def register():
     """Register attn_implementation="modelaccel" with Transformers (idempotent)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, attention_forward)
     try:  # the mask interface exists in Transformers >= 4.53
-        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.masking_utils import AttentionMaskInterface
     except ImportError:
         return
-    AttentionMaskInterface.register(NAME, flash_attention_mask)
+    AttentionMaskInterface.register(NAME, padding_mask)
 
 
 register()
