@@ -18,6 +18,7 @@ import torch
 
 from ..attention.interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..attention.padding import pad_input, unpad_input
+from ..attention.reference import visible_keys_mask
 
 NAME = "modelaccel"
 # Calls with at most this many query rows over a longer key sequence are decoding steps
@@ -50,21 +51,6 @@ def _explicit_mask_attention(q, k, v, mask, scaling, softcap, dropout, training)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with every key masked give 0
     probs = torch.nn.functional.dropout(probs, dropout, training)
     return (probs @ vf).transpose(1, 2).to(q.dtype)
-
-
-def _padding_attend_mask(mask, mask_len, seqlen_q, causal, window):
-    """bool [batch, 1, seqlen_q, seqlen_k], True = attend: the padding mask [batch, seqlen_k]
-    with the causal and window structure, query t sitting at mask column mask_len - seqlen_q + t."""
-    cols = torch.arange(mask.shape[1], device=mask.device)
-    rows = torch.arange(mask_len - seqlen_q, mask_len, device=mask.device)[:, None]
-    allowed = mask[:, None, None, :]
-    if causal:
-        allowed = allowed & (cols <= rows)
-    if window[0] >= 0:
-        allowed = allowed & (cols >= rows - window[0])
-    if window[1] >= 0 and not causal:
-        allowed = allowed & (cols <= rows + window[1])
-    return allowed
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -125,7 +111,9 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             # a padding mask spells the mask out instead: exact, and small at a few queries.
             # Longer compiled calls still pack (a graph break): spelled out, their scores
             # would take batch * heads * seqlen_q * seqlen_k floats.
-            allowed = _padding_attend_mask(mask, mask_len, seqlen_q, bool(causal), window)
+            # Query t sits at mask column mask_len - seqlen_q + t; keys past the mask are unfilled.
+            visible = visible_keys_mask(seqlen_q, mask_len, bool(causal), window, device=q.device)
+            allowed = mask[:, None, None, :] & torch.nn.functional.pad(visible, (0, seqlen_k - mask_len))
             scale = scaling if scaling is not None else q.shape[-1] ** -0.5
             out = _explicit_mask_attention(q, k, v, allowed, scale, softcap, float(dropout), module.training)
             return (out if out.dtype == in_dtype else out.to(in_dtype)), None
