@@ -13,7 +13,9 @@
 # the Gluon forward spends its time, from the kernel's trace), profile_tf
 # (benchmarks/profile_transformers.py on PROFILE_SHAPES, default "8x2048 8x512 1x2048": a
 # 4-layer prefill's kernels per attention implementation, and where they differ), generate
-# (benchmarks/generate_rows.py: the Transformers benchmark's generate rows alone), paged_probe (benchmarks/decode_paged_probe.py: paged
+# (benchmarks/generate_rows.py: the Transformers benchmark's generate rows alone), gaps
+# (benchmarks/prefill_gaps.py on GAPS_ROWS: GPU idle time, host time and syncs of the TTFT
+# and training rows per provider), paged_probe (benchmarks/decode_paged_probe.py: paged
 # against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
@@ -76,6 +78,7 @@ for part in $parts; do
                    "$out/gluon_bwd_dealt_probe.json" gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64G8K1T --rounds=5 \
                    --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
+    gaps) run prefill_gaps python3 benchmarks/prefill_gaps.py "$out/prefill_gaps.json" ${GAPS_ROWS:-} ;;
     generate) run generate python3 benchmarks/generate_rows.py "$out/generate_rows.json" ;;
     profile_tf) run profile_tf python3 benchmarks/profile_transformers.py ${PROFILE_SHAPES:-8x2048 8x512 1x2048} ;;
     timeline) run timeline python3 benchmarks/gluon_fwd_timeline.py "$out/gluon_fwd_timeline.json" ;;
