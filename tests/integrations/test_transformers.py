@@ -95,6 +95,37 @@ def test_static_cache_generation_matches_eager(device):
     assert torch.equal(ref, got)
 
 
+def test_static_cache_steps_see_one_mask_shape(monkeypatch, device):
+    # generate prepares a static cache's mask outside the compiled step; a mask that grew a
+    # column a step made every step a new input shape (a CUDA graph recorded per token).
+    from modelaccel.integrations import transformers as integration
+
+    shapes = []
+    real = integration.attention_forward
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        shapes.append(None if attention_mask is None else tuple(attention_mask.shape))
+        return real(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setattr(integration, "attention_forward", spy)
+    transformers.AttentionInterface.register(integration.NAME, spy)
+    try:
+        eager, ours = model_pair(family_configs()["llama"], device)
+        ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(12)).to(device)
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        with torch.no_grad():
+            ref = eager.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                 pad_token_id=0, cache_implementation="static")
+            got = ours.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, do_sample=False,
+                                pad_token_id=0, cache_implementation="static")
+    finally:
+        integration.register()
+    assert torch.equal(ref, got)
+    steps = [shape for shape in shapes if shape is not None and shape[-2] == 1]  # one query: decoding steps
+    assert len(steps) >= 2 * 4 and len(set(steps)) == 1 and len(steps[0]) == 4, shapes
+
+
 def test_training_step_gradients_match_eager(device):
     eager, ours = model_pair(family_configs()["llama"], device)
     eager.train()
@@ -110,9 +141,10 @@ def test_training_step_gradients_match_eager(device):
 def test_custom_4d_mask_falls_back_with_one_warning(device):
     from modelaccel.integrations import transformers as integration
 
-    q = torch.randn(1, 2, 5, 16, device=device)
-    k = torch.randn(1, 1, 7, 16, device=device)
-    mask = torch.rand(1, 1, 5, 7, generator=torch.Generator().manual_seed(5)).to(device) > 0.3
+    # 20 queries: past the decoding steps' 16, whose 4D masks take the same path unannounced
+    q = torch.randn(1, 2, 20, 16, device=device)
+    k = torch.randn(1, 1, 23, 16, device=device)
+    mask = torch.rand(1, 1, 20, 23, generator=torch.Generator().manual_seed(5)).to(device) > 0.3
     mask[..., 0] = True
 
     class Layer(torch.nn.Module):

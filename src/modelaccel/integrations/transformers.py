@@ -3,11 +3,13 @@
     import modelaccel.integrations.transformers  # registers (or call register())
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="modelaccel", dtype=torch.bfloat16)
 
-Registers an attention function with Transformers' AttentionInterface, and flash-attn's
-mask preparation with its AttentionMaskInterface, so models hand us either no mask (no
-padding: the causal/window structure goes to the kernel as flags) or the 2D padding mask,
-which we turn into a packed batch for flash_attn_varlen_func. Any other mask (a custom 4D
-one) takes a plain PyTorch path with a one-time warning: slower, never wrong.
+Registers an attention function with Transformers' AttentionInterface, and a mask function
+with its AttentionMaskInterface, so models hand us no mask (no padding: the causal/window
+structure goes to the kernel as flags), the 2D padding mask, which we turn into a packed
+batch for flash_attn_varlen_func, or, for decoding steps over a static cache or under
+torch.compile, SDPA's 4D mask of a fixed shape, which a few queries' plain attention takes.
+Any other 4D mask (a custom one) takes the plain PyTorch path with a one-time warning:
+slower, never wrong.
 
 `import modelaccel` does not import Transformers; only importing this module does.
 """
@@ -18,7 +20,6 @@ import torch
 
 from ..attention.interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..attention.padding import pad_input, unpad_input
-from ..attention.reference import visible_keys_mask
 
 NAME = "modelaccel"
 # Calls with at most this many query rows over a longer key sequence are decoding steps
@@ -36,21 +37,30 @@ def _warn_once(key, message):
 
 def _explicit_mask_attention(q, k, v, mask, scaling, softcap, dropout, training):
     """Attention under an arbitrary mask (bool: True = attend; float: added to the scores),
-    computed plainly in float32. q [b, sq, h, d], k/v [b, sk, hk, d] -> [b, sq, h, d]."""
-    group = q.shape[2] // k.shape[2]
-    qf = q.transpose(1, 2).float()
-    kf = k.transpose(1, 2).float().repeat_interleave(group, dim=1)
-    vf = v.transpose(1, 2).float().repeat_interleave(group, dim=1)
-    scores = qf @ kf.transpose(-1, -2) * scaling
+    computed plainly in float32. q [b, sq, h, d], k/v [b, sk, hk, d], mask broadcastable to
+    [b, h, sq, sk] -> [b, sq, h, d]. Each K/V head meets its group of query heads in one
+    product, so K and V are never repeated per query head (a decoding step over a long
+    static cache would copy them `group` times a layer)."""
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k, nheads_k = k.shape[1], k.shape[2]
+    group = nheads // nheads_k
+    # [b, hk, group * sq, d]: query heads of one K/V head side by side
+    qf = q.float().reshape(batch, seqlen_q, nheads_k, group, headdim).permute(0, 2, 3, 1, 4)
+    qf = qf.reshape(batch, nheads_k, group * seqlen_q, headdim)
+    kf, vf = (t.float().transpose(1, 2) for t in (k, v))
+    scores = (qf @ kf.transpose(-1, -2) * scaling).view(batch, nheads_k, group, seqlen_q, seqlen_k)
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
+    mask = mask.expand(batch, nheads, seqlen_q, seqlen_k).view(batch, nheads_k, group, seqlen_q, seqlen_k)
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
         scores = scores + mask.float()
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with every key masked give 0
     probs = torch.nn.functional.dropout(probs, dropout, training)
-    return (probs @ vf).transpose(1, 2).to(q.dtype)
+    out = probs.view(batch, nheads_k, group * seqlen_q, seqlen_k) @ vf
+    out = out.view(batch, nheads_k, group, seqlen_q, headdim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, seqlen_q, nheads, headdim).to(q.dtype)
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -79,8 +89,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                    softcap=float(softcap or 0.0))
 
     if attention_mask is not None and attention_mask.dim() != 2:
-        _warn_once("mask", f"modelaccel attention got a {attention_mask.dim()}D attention mask it cannot hand to "
-                           "its kernels; computing attention in plain PyTorch for such calls")
+        # Decoding steps over a static cache or under torch.compile get a 4D mask from
+        # padding_mask; at <= 16 queries the plain path is small and is the one we choose.
+        if seqlen_q > _DECODE_MAX_QUERIES:
+            _warn_once("mask", f"modelaccel attention got a {attention_mask.dim()}D attention mask it cannot hand "
+                               "to its kernels; computing attention in plain PyTorch for such calls")
         # A 4D mask already holds the causal and window structure.
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5
         out = _explicit_mask_attention(q, k, v, attention_mask, scale, softcap, float(dropout), module.training)
@@ -105,18 +118,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         q_mask = mask[:, -seqlen_q:]  # the queries are the last tokens the mask covers
         if mask_len < seqlen_k:  # static cache: slots past the mask are not filled yet
             mask = torch.cat([mask, mask.new_zeros(batch, seqlen_k - mask_len)], dim=1)
-        if torch.compiler.is_compiling() and seqlen_q <= _DECODE_MAX_QUERIES:
-            # Packing reads the lengths back to the host: a graph break, and under generate's
-            # compiled static-cache step on the GPU a failure. A compiled decoding step with
-            # a padding mask spells the mask out instead: exact, and small at a few queries.
-            # Longer compiled calls still pack (a graph break): spelled out, their scores
-            # would take batch * heads * seqlen_q * seqlen_k floats.
-            # Query t sits at mask column mask_len - seqlen_q + t; keys past the mask are unfilled.
-            visible = visible_keys_mask(seqlen_q, mask_len, bool(causal), window, device=q.device)
-            allowed = mask[:, None, None, :] & torch.nn.functional.pad(visible, (0, seqlen_k - mask_len))
-            scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-            out = _explicit_mask_attention(q, k, v, allowed, scale, softcap, float(dropout), module.training)
-            return (out if out.dtype == in_dtype else out.to(in_dtype)), None
         q_packed, q_index, cu_q, max_q, _ = unpad_input(q, q_mask)
         k_packed, _, cu_k, max_k, _ = unpad_input(k, mask)
         v_packed = unpad_input(v, mask)[0]
@@ -127,16 +128,26 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """Transformers mask function: the 2D padding mask [batch, <= kv_length] (bool), or None
-    where nothing is padded and the mask covers every key, as flash-attn's mask preparation.
-    Under torch.compile a decoding step (q_length <= 16) keeps the mask without looking at
-    its values, which would break the graph; attention_forward spells it out."""
-    from transformers.masking_utils import flash_attention_mask
+    """Transformers mask function: the 2D padding mask [batch, kv_length] (bool), or None
+    where nothing is padded, as flash-attn's mask preparation; for a decoding step (q_length
+    <= 16) over a static cache or under torch.compile, SDPA's 4D bool mask [batch, 1,
+    q_length, kv_length] instead.
 
-    if attention_mask is not None and torch.compiler.is_compiling() and q_length <= _DECODE_MAX_QUERIES:
-        return attention_mask[:, -kv_length:]  # sliding-window layers see the last kv_length keys
-    return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
-                                attention_mask, **kwargs)
+    Why 4D there: generate prepares a static cache's mask outside its compiled step, and the
+    2D mask grows by a column a step while the cache does not (flash-attn's preparation keeps
+    it short to tell filled slots from empty ones), so every step was a new input shape: a
+    new CUDA graph recorded per token. SDPA's mask has the cache's length, carries padding,
+    causality and the sliding window, and is made without reading the mask's values (which
+    would break a compiled graph)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if attention_mask is not None and q_length <= _DECODE_MAX_QUERIES and (
+            torch.compiler.is_compiling() or attention_mask.shape[-1] < kv_length):
+        kwargs["allow_is_causal_skip"] = False
+        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size, q_length, kv_length, q_offset, kv_offset,
+                                                    mask_function, attention_mask, **kwargs)
+    return ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"](batch_size, q_length, kv_length, q_offset, kv_offset,
+                                                             mask_function, attention_mask, **kwargs)
 
 
 def register():
