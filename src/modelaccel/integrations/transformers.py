@@ -15,6 +15,7 @@ slower, never wrong.
 """
 
 import warnings
+import weakref
 
 import torch
 
@@ -26,6 +27,10 @@ NAME = "modelaccel"
 # (or speculative-decoding verifies) and go to the split-KV kernel.
 _DECODE_MAX_QUERIES = 16
 _warned = set()
+# Static-cache masks padding_mask found unpadded, by id (a weak reference confirms the
+# tensor): a model hands the same mask object to every layer, so a prefill into a static
+# cache skips packing with one check of the mask's values, not one a layer.
+_unpadded_masks = {}
 
 
 def _warn_once(key, message):
@@ -81,6 +86,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     in_dtype = q.dtype
     batch, seqlen_q = q.shape[:2]
+    if attention_mask is not None and not torch.compiler.is_compiling() and _is_unpadded(attention_mask):
+        # a static cache's filled slots, nothing padded: those keys alone, unpacked
+        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
+        attention_mask = None
     seqlen_k = k.shape[1]
     window = (-1, -1)
     if sliding_window is not None and seqlen_k > sliding_window:
@@ -128,26 +137,48 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """Transformers mask function: the 2D padding mask [batch, kv_length] (bool), or None
-    where nothing is padded, as flash-attn's mask preparation; for a decoding step (q_length
-    <= 16) over a static cache or under torch.compile, SDPA's 4D bool mask [batch, 1,
-    q_length, kv_length] instead.
+    """Transformers mask function. As flash-attn's mask preparation: None where nothing is
+    padded (the kernels take causality and the window as flags), else the 2D padding mask
+    [batch, kv_length] (bool), which attention_forward packs. Two cases differ:
 
-    Why 4D there: generate prepares a static cache's mask outside its compiled step, and the
-    2D mask grows by a column a step while the cache does not (flash-attn's preparation keeps
-    it short to tell filled slots from empty ones), so every step was a new input shape: a
-    new CUDA graph recorded per token. SDPA's mask has the cache's length, carries padding,
-    causality and the sliding window, and is made without reading the mask's values (which
-    would break a compiled graph)."""
+    - A static cache holds kv_length slots of which only the first q_offset + q_length
+      (less kv_offset) are filled; flags alone would let queries see the empty ones. A
+      prefill (> 16 queries) gets the 2D mask of the filled slots (made of ones where
+      nothing is padded, noted as unpadded so that attention_forward takes those keys
+      unpacked, with one look at the mask's values here rather than one a layer).
+    - A decoding step (<= 16 queries) over a static cache, or under torch.compile with a
+      mask, gets Transformers' SDPA mask: 4D bool [batch, 1, q_length, kv_length] or None,
+      with padding, causality and window, made without reading the mask's values (which
+      would break a compiled graph) and of one shape every step (flash-attn's 2D mask
+      grows a column a step: generate's compiled step recorded a CUDA graph per token).
+    """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-    if attention_mask is not None and q_length <= _DECODE_MAX_QUERIES and (
-            torch.compiler.is_compiling() or attention_mask.shape[-1] < kv_length):
-        kwargs["allow_is_causal_skip"] = False
-        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](batch_size, q_length, kv_length, q_offset, kv_offset,
-                                                    mask_function, attention_mask, **kwargs)
-    return ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"](batch_size, q_length, kv_length, q_offset, kv_offset,
-                                                             mask_function, attention_mask, **kwargs)
+    compiling = torch.compiler.is_compiling()
+    short_mask = attention_mask is not None and attention_mask.shape[-1] < kv_length
+    # A static layer's offset is a tensor (Transformers keeps it one to spare compiled graphs
+    # a read), which also keeps the answer the same once the cache is full.
+    static = short_mask or isinstance(q_offset, torch.Tensor) or q_offset + q_length - kv_offset < kv_length
+    args = (batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
+    if (q_length <= _DECODE_MAX_QUERIES and (static or (compiling and attention_mask is not None))) \
+            or (static and compiling):
+        if static:  # SDPA's None means its is_causal, aligned top-left; our kernels align bottom-right
+            kwargs["allow_is_causal_skip"] = False
+        return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+    mask = ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"](*args, **kwargs)
+    if static:
+        filled = int(q_offset) + q_length - int(kv_offset)
+        if mask is None:
+            # only its shape is read (attention_forward), so it may live on the CPU
+            mask = torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+        if bool(mask.all()):
+            _unpadded_masks[id(mask)] = weakref.ref(mask, lambda _, key=id(mask): _unpadded_masks.pop(key, None))
+    return mask
+
+
+def _is_unpadded(mask):
+    ref = _unpadded_masks.get(id(mask))
+    return ref is not None and ref() is mask
 
 
 def register():
