@@ -7,7 +7,8 @@ Usage: python benchmarks/generate_rows.py OUT.json
 import json
 import sys
 
-from modelaccel.bench.transformers_bench import GENERATE_CACHES, build_model, llama_config, run_generate_row
+from modelaccel.bench.transformers_bench import (GENERATE_CACHES, build_model, collect_metadata, llama_config,
+                                                 run_generate_row)
 
 
 def main():
@@ -17,7 +18,7 @@ def main():
         print(row["cache"], {p: ms and round(ms, 2) for p, ms in row["ms"].items()}, "tokens equal to sdpa's:",
               row["tokens_match_sdpa"], "errors:", row["errors"], flush=True)
     with open(sys.argv[1], "w") as f:
-        json.dump(rows, f, indent=1, default=str)
+        json.dump(dict(collect_metadata(), rows=rows), f, indent=1, default=str)
 
 
 if __name__ == "__main__":

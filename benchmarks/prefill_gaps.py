@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from modelaccel.bench.transformers_bench import build_model, llama_config, make_ids, set_attention
+from modelaccel.bench.transformers_bench import build_model, collect_metadata, llama_config, make_ids, set_attention
 
 PROVIDERS = ("modelaccel", "sdpa")
 ROUNDS = 7
@@ -84,7 +84,8 @@ def sync_count(call):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
-    found = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)]
+    # "called a synchronizing CUDA operation"; the mode's own prototype notice is no sync
+    found = [str(w.message).splitlines()[0][:120] for w in caught if "called a synchronizing" in str(w.message)]
     return len(found), sorted(set(found))[:5]
 
 
@@ -92,7 +93,7 @@ def main():
     out_path = sys.argv[1]
     rows = sys.argv[2:] or ["ttft:8x2048", "ttft:1x512", "train:4096"]
     model = build_model(llama_config()).eval()
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
+    results = dict(collect_metadata(), rounds=ROUNDS, rows=[])
     for spec in rows:
         kind, shape = spec.split(":")
         batch, seqlen = (int(n) for n in shape.split("x")) if "x" in shape else (1, int(shape))
