@@ -23,7 +23,8 @@
 # in turn at 1K, 2K and the 48-head row: the dealt one ran two rows 16-23% slow once) only
 # when named; GLUON_BWD_ARGS narrows the gluon_bwd sweep
 # (benchmarks/gluon_bwd.py's arguments after OUT.json). A device call
-# has a time limit, so the parts can go in separate calls. PYTEST_ARGS narrows the tests
+# has a time limit, so the parts can go in separate calls. TRANSFORMERS_ARGS=--no-generate leaves the generate rows out of part
+# transformers (part generate runs them alone). PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).
@@ -65,7 +66,7 @@ for part in $parts; do
     varlen) run bench_varlen python3 -m modelaccel bench attention --varlen --suite "$suite" --out "$out" ;;
     train) run train python3 -m modelaccel bench train --out "$out" ;;
     decode) run bench_decode python3 -m modelaccel bench decode-attention --suite "$suite" --out "$out" ;;
-    transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ;;
+    transformers) run bench_transformers python3 -m modelaccel bench transformers --suite "$suite" --out "$out" ${TRANSFORMERS_ARGS:-} ;;
     gluon) run bench_gluon python3 benchmarks/gluon_fwd.py "$out/gluon_fwd.json" ;;
     profile_bwd) run profile_bwd python3 benchmarks/profile_bwd.py "$out/profile_bwd.json" ;;
     bwd_host) run bwd_host python3 benchmarks/profile_host.py bwd ;;

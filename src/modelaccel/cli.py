@@ -252,7 +252,7 @@ def cmd_bench_transformers(args):
         return run_transformers_smoke()
     from modelaccel.bench import transformers_bench
 
-    return transformers_bench.main(suite=args.suite, out_dir=args.out)
+    return transformers_bench.main(suite=args.suite, out_dir=args.out, generate=not args.no_generate)
 
 
 def _add_out_argument(parser, files):
@@ -334,6 +334,9 @@ def build_parser():
     hf.add_argument("--suite", choices=("default", "quick"), default="default",
                     help="default: all 6 TTFT rows and the training step; quick: 512 tokens at batch 1 and the "
                          "training step with 2 layers")
+    hf.add_argument("--no-generate", action="store_true",
+                    help="leave out the generate rows (no target; ~5 minutes on an H200): "
+                         "benchmarks/generate_rows.py runs them alone")
     _add_out_argument(hf, "JSON, markdown and PNG")
     hf.set_defaults(func=cmd_bench_transformers)
     return parser

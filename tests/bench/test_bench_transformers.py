@@ -182,6 +182,19 @@ def test_cli_arguments_and_help(capsys):
     assert "--suite" in out and "Llama-3-8B" in out
 
 
+def test_no_generate_reaches_the_benchmark(monkeypatch):
+    from modelaccel import cli
+    from modelaccel.bench import transformers_bench
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(transformers_bench, "main", lambda **kwargs: seen.update(kwargs) or 0)
+    for argv, generate in ((["bench", "transformers", "--no-generate"], False), (["bench", "transformers"], True)):
+        args = build_parser().parse_args(argv)
+        assert cli.cmd_bench_transformers(args) == 0
+        assert seen["generate"] is generate
+
+
 def test_time_rounds_interleaves_providers_and_stops_each_on_its_budget():
     order = []
     active = []

@@ -480,8 +480,10 @@ def collect_metadata():
     return meta
 
 
-def run_benchmark(suite="default", providers=PROVIDERS, log=print):
-    """Build the model, run the suite's TTFT rows, then the training step; returns the result dict:
+def run_benchmark(suite="default", providers=PROVIDERS, log=print, generate=True):
+    """Build the model, run the suite's TTFT rows, the generate rows (unless generate=False:
+    they alone take ~5 minutes on an H200, benchmarks/generate_rows.py runs them apart), then
+    the training step; returns the result dict:
     {"metadata", "suite", "providers", "model", "ttft": [rows], "train": {"layers", "note", "attempts",
     "rows"}, "targets": {"ttft", "train", "ok"}}."""
     ttft_shapes, train_layers = SUITES[suite]
@@ -504,9 +506,10 @@ def run_benchmark(suite="default", providers=PROVIDERS, log=print):
         log(format_row(row, providers))
         result["ttft"].append(row)
 
-    log(f"== generate: ms per decoding step after a {GENERATE_PROMPT}-token prompt (no target)")
+    if generate:
+        log(f"== generate: ms per decoding step after a {GENERATE_PROMPT}-token prompt (no target)")
     result["generate"] = []
-    for cache in GENERATE_CACHES if suite == "default" else GENERATE_CACHES[:1]:
+    for cache in (GENERATE_CACHES if suite == "default" else GENERATE_CACHES[:1]) if generate else ():
         row = run_generate_row(model, cache, providers=providers, log=log)
         log(format_generate_row(row, providers))
         result["generate"].append(row)
@@ -707,11 +710,11 @@ def write_results(result, out_dir, tag=""):
     return report.write_files(result, out_dir, "transformers", tag, format_markdown, plot_results)
 
 
-def main(suite="default", out_dir=os.path.join("benchmarks", "results")):
+def main(suite="default", out_dir=os.path.join("benchmarks", "results"), generate=True):
     """The GPU benchmark: run, print, write; exit code 1 if modelaccel mismatched SDPA or failed
     other than by running out of memory (missed speed targets are reported, not an error)."""
     log = lambda line: print(line, flush=True)  # noqa: E731
-    result = run_benchmark(suite, log=log)
+    result = run_benchmark(suite, log=log, generate=generate)
     print()
     for line in format_summary(result):
         print(line)
