@@ -147,6 +147,19 @@ def test_static_cache_prefill_without_padding_is_not_packed(monkeypatch, device)
     assert not packed
 
 
+def test_cross_attention_keys_are_not_taken_for_a_static_cache():
+    # Cross-attention also has more keys than queries at offset 0; only a causal mask
+    # function makes that a static cache's empty slots.
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    from modelaccel.integrations import transformers as integration
+
+    args = dict(batch_size=2, q_length=20, kv_length=30, q_offset=0, kv_offset=0, attention_mask=None)
+    assert integration.padding_mask(mask_function=bidirectional_mask_function, **args) is None
+    mask = integration.padding_mask(mask_function=causal_mask_function, **args)
+    assert mask.shape == (2, 20) and integration._is_unpadded(mask)
+
+
 def test_static_cache_steps_see_one_mask_shape(monkeypatch, device):
     # generate prepares a static cache's mask outside the compiled step; a mask that grew a
     # column a step made every step a new input shape (a CUDA graph recorded per token).

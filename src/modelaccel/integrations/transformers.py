@@ -158,7 +158,10 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     short_mask = attention_mask is not None and attention_mask.shape[-1] < kv_length
     # A static layer's offset is a tensor (Transformers keeps it one to spare compiled graphs
     # a read), which also keeps the answer the same once the cache is full.
-    static = short_mask or isinstance(q_offset, torch.Tensor) or q_offset + q_length - kv_offset < kv_length
+    # Fewer filled slots than keys means a static cache only for a causal mask: cross-attention
+    # (bidirectional) has kv_length > q_length at offset 0 as well.
+    static = short_mask or isinstance(q_offset, torch.Tensor) or (
+        q_offset + q_length - kv_offset < kv_length and _hides_later_keys(mask_function))
     args = (batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
     if (q_length <= _DECODE_MAX_QUERIES and (static or (compiling and attention_mask is not None))) \
             or (static and compiling):
@@ -174,6 +177,18 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         if bool(mask.all()):
             _unpadded_masks[id(mask)] = weakref.ref(mask, lambda _, key=id(mask): _unpadded_masks.pop(key, None))
     return mask
+
+
+def _hides_later_keys(mask_function):
+    """Whether a Transformers mask function hides key 1 from query 0 (causal ones do). It
+    is index-based: asked of CPU scalars, it answers without touching the model's device."""
+    if mask_function is None:
+        return False
+    zero, one = torch.tensor(0), torch.tensor(1)
+    try:
+        return not bool(mask_function(zero, zero, zero, one))
+    except Exception:  # noqa: BLE001 - a custom function that cannot be asked: treat it as not causal
+        return False
 
 
 def _is_unpadded(mask):
