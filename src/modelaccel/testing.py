@@ -206,3 +206,21 @@ class NoPlans(dict):
 
     def get(self, key, default=None):
         return NO_PLAN
+
+
+def assert_greedy_agrees(ref, got_sequences, prompt_len, near_tie):
+    """Greedy generations that may part only at a near tie: `ref` is the reference model's
+    generate output (return_dict_in_generate, output_scores), got_sequences [batch,
+    prompt_len + new] the tested model's tokens. Each row has the same tokens, or its first
+    differing one is where the reference's own top-1 logit led its top-2 by less than
+    near_tie (after it the two continue different texts)."""
+    assert got_sequences.shape == ref.sequences.shape
+    for row in range(ref.sequences.shape[0]):
+        differ = (ref.sequences[row, prompt_len:] != got_sequences[row, prompt_len:]).nonzero()
+        if differ.numel() == 0:
+            continue
+        step = differ[0].item()
+        top2 = ref.scores[step][row].float().topk(2).values
+        margin = (top2[0] - top2[1]).item()
+        assert margin < near_tie, (f"row {row} differs at new token {step}, where the reference's top-1 leads "
+                                   f"top-2 by {margin:.3f} (not a near tie)")

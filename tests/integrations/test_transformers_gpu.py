@@ -25,6 +25,8 @@ same run.
 import pytest
 import torch
 
+from modelaccel import testing
+
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.gpu
@@ -132,20 +134,7 @@ def _generate(model, impl, ids, mask, **options):
 def _check_identical(ref, got):
     """Token ids identical; if not, the first divergence must be a near tie in eager's scores
     (random weights give flat logits; see the module docstring), else the test fails."""
-    ref_ids, got_ids = ref.sequences, got.sequences
-    assert ref_ids.shape == got_ids.shape
-    if torch.equal(ref_ids, got_ids):
-        return
-    for row in range(ref_ids.shape[0]):
-        diff = (ref_ids[row] != got_ids[row]).nonzero()
-        if diff.numel() == 0:
-            continue
-        pos = diff[0].item()
-        step = pos - PROMPT_LEN
-        top2 = ref.scores[step][row].float().topk(2).values
-        margin = (top2[0] - top2[1]).item()
-        assert margin < NEAR_TIE, (f"row {row} differs at position {pos} (new token {step}), where eager's top-1 "
-                                   f"leads top-2 by {margin:.3f} (not a near tie)")
+    testing.assert_greedy_agrees(ref, got.sequences, PROMPT_LEN, NEAR_TIE)
 
 
 def test_greedy_generation_identical_to_eager(fp32_scaled):

@@ -163,8 +163,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     static = short_mask or isinstance(q_offset, torch.Tensor) or (
         q_offset + q_length - kv_offset < kv_length and _hides_later_keys(mask_function))
     args = (batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask)
-    if (q_length <= _DECODE_MAX_QUERIES and (static or (compiling and attention_mask is not None))) \
-            or (static and compiling):
+    decoding = q_length <= _DECODE_MAX_QUERIES
+    if (static and (decoding or compiling)) or (decoding and compiling and attention_mask is not None):
         if static:  # SDPA's None means its is_causal, aligned top-left; our kernels align bottom-right
             kwargs["allow_is_causal_skip"] = False
         return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
