@@ -4,7 +4,9 @@ The Transformers benchmark measured modelaccel's time-to-first-token at 8192 tok
 above SDPA's, more than the attention kernels alone explain. This prefills a 4-layer model
 of the same shape with each implementation under torch.profiler and prints the CUDA kernels
 by total time, the total, and the wall time of the same call.
-Usage: python benchmarks/profile_transformers.py [[BATCHx]SEQLEN ...]   (default 8192 512)
+Usage: python benchmarks/profile_transformers.py [[train][BATCHx]SEQLEN ...]   (default 8192 512)
+A shape prefixed with "train" profiles the Transformers benchmark's training step instead
+(forward with labels + backward into parameter grads), as train1x4096.
 After both providers' tables, the kernels whose total time differs between them by more
 than 20 us, so a gap in the TTFT rows can be traced to the kernels that make it.
 """
@@ -19,16 +21,29 @@ from modelaccel.bench.transformers_bench import build_model, llama_config, make_
 LAYERS = 4
 
 
+def parse_shape(arg):
+    train = arg.startswith("train")
+    arg = arg.removeprefix("train")
+    batch, seqlen = arg.split("x") if "x" in arg else (1, arg)
+    return train, int(batch), int(seqlen)
+
+
 def main():
-    shapes = [tuple(int(n) for n in a.split("x")) if "x" in a else (1, int(a)) for a in sys.argv[1:]]
+    shapes = [parse_shape(a) for a in sys.argv[1:]]
     model = build_model(llama_config(num_layers=LAYERS)).eval()
-    for batch, seqlen in shapes or [(1, 8192), (1, 512)]:
+    for train, batch, seqlen in shapes or [(False, 1, 8192), (False, 1, 512)]:
         ids = make_ids(batch, seqlen, model.config.vocab_size)
+        model.train(train)
+        model.requires_grad_(train)
         totals = {}
         for provider in ("modelaccel", "sdpa"):
             set_attention(model, provider)
 
             def prefill():
+                if train:
+                    model.zero_grad(set_to_none=True)
+                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                    return None
                 with torch.inference_mode():
                     return model(input_ids=ids, logits_to_keep=1).logits
 
@@ -46,11 +61,11 @@ def main():
             events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
             total_us = sum(e.self_device_time_total for e in events)
             totals[provider] = {e.key: (e.self_device_time_total, e.count) for e in events}
-            print(f"== batch {batch}, seqlen {seqlen}, {provider}: wall {wall_ms:.2f} ms/call, CUDA kernels {total_us / 1e3:.2f} ms",
+            print(f"== {'train ' if train else ''}batch {batch}, seqlen {seqlen}, {provider}: wall {wall_ms:.2f} ms/call, CUDA kernels {total_us / 1e3:.2f} ms",
                   flush=True)
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
                 print(f"  {e.self_device_time_total / 1e3:8.3f} ms {e.count:4d}x  {e.key[:110]}")
-        print(f"-- batch {batch}, seqlen {seqlen}: kernels differing by > 20 us (modelaccel - sdpa)")
+        print(f"-- {'train ' if train else ''}batch {batch}, seqlen {seqlen}: kernels differing by > 20 us (modelaccel - sdpa)")
         ma, sd = totals["modelaccel"], totals["sdpa"]
         for key in sorted(set(ma) | set(sd), key=lambda k: -abs(ma.get(k, (0, 0))[0] - sd.get(k, (0, 0))[0])):
             diff = ma.get(key, (0, 0))[0] - sd.get(key, (0, 0))[0]
