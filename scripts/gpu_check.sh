@@ -15,7 +15,8 @@
 # 4-layer prefill's kernels per attention implementation, and where they differ), generate
 # (benchmarks/generate_rows.py: the Transformers benchmark's generate rows alone), gaps
 # (benchmarks/prefill_gaps.py on GAPS_ROWS: GPU idle time, host time and syncs of the TTFT
-# and training rows per provider), paged_probe (benchmarks/decode_paged_probe.py: paged
+# and training rows per provider), clocks (benchmarks/clock_probe.py on CLOCK_ROWS: the same
+# rows' forward/backward ms, kernel classes, SM clock and power per provider), paged_probe (benchmarks/decode_paged_probe.py: paged
 # against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
@@ -80,6 +81,7 @@ for part in $parts; do
                    --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
     gaps) run prefill_gaps python3 benchmarks/prefill_gaps.py "$out/prefill_gaps.json" ${GAPS_ROWS:-} ;;
+    clocks) run clocks python3 benchmarks/clock_probe.py "$out/clock_probe.json" ${CLOCK_ROWS:-} ;;
     generate) run generate python3 benchmarks/generate_rows.py "$out/generate_rows.json" ;;
     profile_tf) run profile_tf python3 benchmarks/profile_transformers.py ${PROFILE_SHAPES:-8x2048 8x512 1x2048} ;;
     timeline) run timeline python3 benchmarks/gluon_fwd_timeline.py "$out/gluon_fwd_timeline.json" ;;
