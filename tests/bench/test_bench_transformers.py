@@ -212,7 +212,8 @@ def test_time_rounds_interleaves_providers_and_stops_each_on_its_budget():
     calls["broken"] = (calls["broken"][0], broken)
     timings, errors = bench.time_rounds(calls, clock, warmup=1, min_reps=3, max_reps=6, budget_ms=100.0)
     assert set(errors) == {"broken"} and "boom" in str(errors["broken"])
-    # One warm-up call each, then rounds: slow stops at 100 ms of timed calls (2 calls) but
-    # runs to min_reps; fast runs on alone to max_reps.
+    # One warm-up call each, then rounds that start one provider further on each time
+    # (broken's turn to start counts, though it left): slow stops at 100 ms of timed calls
+    # (2 calls) but runs to min_reps; fast runs on alone to max_reps.
     assert timings == {"fast": (1.0, 6), "slow": (50.0, 3)}
-    assert order == ["fast", "slow"] + ["fast", "slow"] * 3 + ["fast"] * 3
+    assert order == ["fast", "slow"] + ["fast", "slow", "slow", "fast", "fast", "slow"] + ["fast"] * 3

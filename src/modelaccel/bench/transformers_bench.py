@@ -162,7 +162,7 @@ def wall_clock(fn):
 def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS, max_reps=MAX_REPS,
                 budget_ms=BUDGET_MS):
     """Time several providers' calls in rounds: each round times one call of every provider
-    still running, in turn, so a drift of the GPU's clocks or of the host's load between
+    still running, in turn, starting one provider further on each round, so a drift of the GPU's clocks or of the host's load between
     rounds falls on every provider alike (timed one provider after the other, the same
     model's TTFT moved by 1-2% between runs: more than the differences measured).
 
@@ -194,9 +194,15 @@ def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS,
         t = times[name]
         return len(t) < min_reps or (len(t) < max_reps and sum(t) < budget_ms)
 
+    names = list(calls)
+    turn = 0
     while any(running(name) for name in times):
-        for name in [n for n in times if running(n)]:
+        # Each round starts one provider further on: the GPU runs these rows at its power
+        # cap (~690 W, SM clock 1600-1700 MHz on the H200, benchmarks/clock_probe.py), so a
+        # call's clock depends on what ran before it, and no provider keeps one place.
+        for name in [n for n in names[turn:] + names[:turn] if n in times and running(n)]:
             call(name, timed=True)
+        turn = (turn + 1) % len(names)
     return {name: (statistics.median(t), len(t)) for name, t in times.items()}, errors
 
 
