@@ -72,11 +72,14 @@ SUITES = {
 TARGET_BETTER_FROM = 2048
 
 # Timing: WARMUP_CALLS untimed calls, then at least MIN_REPS timed ones, more while the
-# timed total stays under BUDGET_MS, at most MAX_REPS; the median counts.
+# timed total stays under BUDGET_MS, at most MAX_REPS; the median counts. The batch-8 rows
+# run at the H200's power cap, where one call moves by +-1% against the next
+# (benchmarks/clock_probe.py); 4-5 calls of the 2048-token row (a 2 s budget) moved its
+# ratio by more than the 0.5% the attention kernels make, so the budget is 6 s.
 WARMUP_CALLS = 1
 MIN_REPS = 3
 MAX_REPS = 20
-BUDGET_MS = 2000.0
+BUDGET_MS = 6000.0
 SEED = 0
 # Above this relative error of the last-position logits against SDPA's, a modelaccel row
 # counts as a mismatch (bf16 noise through 32 random layers is far below it).
