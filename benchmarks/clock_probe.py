@@ -25,9 +25,10 @@ import time
 
 import torch
 
-from modelaccel.bench.transformers_bench import build_model, collect_metadata, llama_config, make_ids, set_attention
+from modelaccel.bench.transformers_bench import (build_model, collect_metadata, llama_config, make_ids, prefill_logits,
+                                                 set_attention, training_loss)
+from prefill_gaps import PROVIDERS, parse_row  # the same rows, written the same way
 
-PROVIDERS = ("modelaccel", "sdpa")
 ROUNDS = 6
 BLOCK_CALLS = 4
 SAMPLE_S = 0.02
@@ -96,15 +97,13 @@ def make_call(model, kind, batch, seqlen):
     if kind == "ttft":
         def call():
             events[0].record()
-            with torch.inference_mode():
-                model(input_ids=ids, logits_to_keep=1)
+            prefill_logits(model, ids)
             events[1].record()
             events[2].record()
     else:
         def call():
-            model.zero_grad(set_to_none=True)
             events[0].record()
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = training_loss(model, ids)
             events[1].record()
             loss.backward()
             events[2].record()
@@ -171,12 +170,6 @@ def run_row(model, kind, batch, seqlen):
     model.requires_grad_(False)
     model.eval()
     return {"kind": kind, "batch": batch, "seqlen": seqlen, "rounds": rounds, "median": summary}
-
-
-def parse_row(arg):
-    kind, shape = arg.split(":")
-    batch, seqlen = shape.split("x") if "x" in shape else (1, shape)
-    return kind, int(batch), int(seqlen)
 
 
 def main():

@@ -21,24 +21,29 @@ import warnings
 
 import torch
 
-from modelaccel.bench.transformers_bench import build_model, collect_metadata, llama_config, make_ids, set_attention
+from modelaccel.bench.transformers_bench import (build_model, collect_metadata, llama_config, make_ids, prefill_logits,
+                                                 set_attention, training_loss)
 
 PROVIDERS = ("modelaccel", "sdpa")
 ROUNDS = 7
 
 
+def parse_row(spec):
+    """ROW (ttft:BATCHxSEQLEN or train:[BATCHx]SEQLEN) -> (kind, batch, seqlen)."""
+    kind, shape = spec.split(":")
+    batch, seqlen = shape.split("x") if "x" in shape else (1, shape)
+    return kind, int(batch), int(seqlen)
+
+
 def row_call(model, kind, batch, seqlen):
     ids = make_ids(batch, seqlen, model.config.vocab_size)
     if kind == "ttft":
-        def call():
-            with torch.inference_mode():
-                return model(input_ids=ids, logits_to_keep=1).logits
-    else:
-        def call():
-            model.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            return loss.detach()
+        return lambda: prefill_logits(model, ids)
+
+    def call():
+        loss = training_loss(model, ids)
+        loss.backward()
+        return loss.detach()
     return call
 
 
@@ -95,8 +100,7 @@ def main():
     model = build_model(llama_config()).eval()
     results = dict(collect_metadata(), rounds=ROUNDS, rows=[])
     for spec in rows:
-        kind, shape = spec.split(":")
-        batch, seqlen = (int(n) for n in shape.split("x")) if "x" in shape else (1, int(shape))
+        kind, batch, seqlen = parse_row(spec)
         if kind == "train":
             model.train()
             model.requires_grad_(True)

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from modelaccel.bench.transformers_bench import build_model, llama_config, make_ids, set_attention
+from modelaccel.bench.transformers_bench import (build_model, llama_config, make_ids, prefill_logits, set_attention,
+                                                 training_loss)
 
 LAYERS = 4
 
@@ -41,11 +42,8 @@ def main():
 
             def prefill():
                 if train:
-                    model.zero_grad(set_to_none=True)
-                    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                    return None
-                with torch.inference_mode():
-                    return model(input_ids=ids, logits_to_keep=1).logits
+                    return training_loss(model, ids).backward()
+                return prefill_logits(model, ids)
 
             for _ in range(3):
                 prefill()

@@ -16,16 +16,16 @@
 # (benchmarks/generate_rows.py: the Transformers benchmark's generate rows alone), gaps
 # (benchmarks/prefill_gaps.py on GAPS_ROWS: GPU idle time, host time and syncs of the TTFT
 # and training rows per provider), clocks (benchmarks/clock_probe.py on CLOCK_ROWS: the same
-# rows' forward/backward ms, kernel classes, SM clock and power per provider), paged_probe (benchmarks/decode_paged_probe.py: paged
-# against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
+# rows' forward/backward ms, kernel classes, SM clock and power per provider), paged_probe
+# (benchmarks/decode_paged_probe.py: paged against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
 # (the dealt dq_tma launch, its atomic twin and the per-tile dq_tma launch timed five times
 # in turn at 1K, 2K and the 48-head row: the dealt one ran two rows 16-23% slow once) only
 # when named; GLUON_BWD_ARGS narrows the gluon_bwd sweep
 # (benchmarks/gluon_bwd.py's arguments after OUT.json). A device call
-# has a time limit, so the parts can go in separate calls. TRANSFORMERS_ARGS=--no-generate leaves the generate rows out of part
-# transformers (part generate runs them alone). PYTEST_ARGS narrows the tests
+# has a time limit, so the parts can go in separate calls. TRANSFORMERS_ARGS=--no-generate
+# leaves the generate rows out of part transformers (part generate runs them alone). PYTEST_ARGS narrows the tests
 # (test paths, e.g. PYTEST_ARGS=tests/attention/test_flash_bwd_gpu.py); SUITE=quick runs the benchmarks' smoke rows.
 # Writes logs, junit XML and the benchmarks' JSON/markdown/PNG into OUTDIR. Pass
 # MODELACCEL_COMMIT when the tree has no .git (the device copy has none).

@@ -165,9 +165,10 @@ def wall_clock(fn):
 def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS, max_reps=MAX_REPS,
                 budget_ms=BUDGET_MS):
     """Time several providers' calls in rounds: each round times one call of every provider
-    still running, in turn, starting one provider further on each round, so a drift of the GPU's clocks or of the host's load between
+    still running, in turn, so a drift of the GPU's clocks or of the host's load between
     rounds falls on every provider alike (timed one provider after the other, the same
-    model's TTFT moved by 1-2% between runs: more than the differences measured).
+    model's TTFT moved by 1-2% between runs: more than the differences measured). Each round
+    starts one provider further on, so none always follows the same one.
 
     calls: {name: (switch, fn)}; switch() makes the model use that provider, fn() is the
     call. After `warmup` untimed calls each, a provider takes part until it has min_reps
@@ -311,6 +312,20 @@ def _fill_checks(row, outputs, providers):
             row["check"][p] = {"rel_err": err, "status": "ok" if err <= CHECK_REL_ERR else "mismatch"}
 
 
+def prefill_logits(model, ids):
+    """The TTFT call: one forward over the prompt, logits of the last position only (as
+    generate's prefill) -> [batch, 1, vocab]."""
+    with torch.inference_mode():
+        return model(input_ids=ids, logits_to_keep=1).logits
+
+
+def training_loss(model, ids):
+    """The training step's forward: parameter grads cleared, the language-model loss of ids
+    as their own labels (the caller runs its backward)."""
+    model.zero_grad(set_to_none=True)
+    return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+
 def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, clock=cuda_clock, device=None, log=print, timing=None):
     """TTFT of one (batch, prompt length) for every provider on the same ids; see the module doc.
     clock(fn) gives one call's ms (cuda_clock; wall_clock or a stub without a GPU); timing:
@@ -321,9 +336,8 @@ def run_ttft_row(model, batch, seqlen, providers=PROVIDERS, clock=cuda_clock, de
     outputs = {}
 
     def prefill():
-        with torch.inference_mode():
-            logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
-            return logits, logits.argmax(-1)
+        logits = prefill_logits(model, ids)[:, -1]
+        return logits, logits.argmax(-1)
 
     for provider in providers:
         out = _first_call(row, model, provider, prefill, device, log)
@@ -395,8 +409,7 @@ def run_train_row(model, seqlen=TRAIN_SEQLEN, batch=TRAIN_BATCH, providers=PROVI
     outputs = {}
 
     def step():
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss = training_loss(model, ids)
         loss.backward()
         return loss.detach()
 
