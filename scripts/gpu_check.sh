@@ -16,7 +16,9 @@
 # (benchmarks/generate_rows.py: the Transformers benchmark's generate rows alone), gaps
 # (benchmarks/prefill_gaps.py on GAPS_ROWS: GPU idle time, host time and syncs of the TTFT
 # and training rows per provider), clocks (benchmarks/clock_probe.py on CLOCK_ROWS: the same
-# rows' forward/backward ms, kernel classes, SM clock and power per provider), paged_probe
+# rows' forward/backward ms, kernel classes, SM clock and power per provider), host_call
+# (benchmarks/host_attention_call.py: host time of one attention call and of a 1-layer
+# forward, ours against SDPA's), paged_probe
 # (benchmarks/decode_paged_probe.py: paged against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
@@ -80,6 +82,7 @@ for part in $parts; do
                    "$out/gluon_bwd_dealt_probe.json" gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64G8K1T --rounds=5 \
                    --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
+    host_call) run host_call python3 benchmarks/host_attention_call.py "$out/host_attention_call.json" ;;
     gaps) run prefill_gaps python3 benchmarks/prefill_gaps.py "$out/prefill_gaps.json" ${GAPS_ROWS:-} ;;
     clocks) run clocks python3 benchmarks/clock_probe.py "$out/clock_probe.json" ${CLOCK_ROWS:-} ;;
     generate) run generate python3 benchmarks/generate_rows.py "$out/generate_rows.json" ;;
