@@ -1,6 +1,7 @@
 """The GPU-free parts of the Transformers benchmark: suites, targets, rows, reports, CLI."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -215,5 +216,50 @@ def test_time_rounds_interleaves_providers_and_stops_each_on_its_budget():
     # One warm-up call each, then rounds that start one provider further on each time
     # (broken's turn to start counts, though it left): slow stops at 100 ms of timed calls
     # (2 calls) but runs to min_reps; fast runs on alone to max_reps.
-    assert timings == {"fast": (1.0, 6), "slow": (50.0, 3)}
+    assert timings == {"fast": [1.0] * 6, "slow": [50.0] * 3}
     assert order == ["fast", "slow"] + ["fast", "slow", "slow", "fast", "fast", "slow"] + ["fast"] * 3
+
+
+def test_the_compared_pair_is_timed_apart_from_eager():
+    """modelaccel and SDPA alternate in rounds of their own (ABBA); eager comes after them,
+    on its shorter budget, so none of the pair's calls follows one of eager's."""
+    order, active = [], []
+    cost = {"modelaccel": 10.0, "sdpa": 10.0, "eager": 30.0}
+
+    def clock(fn):
+        fn()
+        order.append(active[-1])
+        return cost[active[-1]]
+
+    class Model:
+        config = type("Config", (), {"_attn_implementation": None})()
+
+        def set_attn_implementation(self, provider):
+            active.append(provider)
+            self.config._attn_implementation = provider
+
+    row = bench._empty_row("ttft", 1, 512, 32, PROVIDERS)
+    timing = dict(warmup=0, min_reps=2, max_reps=100, budget_ms=40.0, context_budget_ms=60.0)
+    bench._time_providers(row, Model(), PROVIDERS, lambda: None, clock, timing, lambda _: None)
+    assert order == ["modelaccel", "sdpa", "sdpa", "modelaccel", "modelaccel", "sdpa", "sdpa", "modelaccel",
+                     "eager", "eager"]
+    assert row["reps"] == {"modelaccel": 4, "sdpa": 4, "eager": 2}
+    assert row["times_ms"]["eager"] == [30.0, 30.0] and row["ms"]["sdpa"] == 10.0
+
+
+def test_ratio_interval_brackets_the_ratio_and_narrows_with_calls():
+    import random
+
+    rng = random.Random(1)
+    few = {"modelaccel": [99 + rng.random() * 2 for _ in range(5)], "sdpa": [100 + rng.random() * 2 for _ in range(5)]}
+    many = {p: [t + rng.random() * 2 for _ in range(80)] for p, t in (("modelaccel", 99), ("sdpa", 100))}
+    for times in (few, many):
+        low, high = bench.ratio_interval(times)
+        r = statistics.median(times["modelaccel"]) / statistics.median(times["sdpa"])
+        assert low <= r <= high
+    assert bench.ratio_interval(many)[1] - bench.ratio_interval(many)[0] \
+        < bench.ratio_interval(few)[1] - bench.ratio_interval(few)[0]
+    assert bench.ratio_interval(many)[1] < 1.0  # 1% apart, 80 calls each: resolved
+    assert bench.ratio_interval({"modelaccel": [1.0, 2.0], "sdpa": [1.0, 2.0, 3.0]}) is None
+    row = make_row(ms={"modelaccel": 1.0, "sdpa": 1.0})
+    assert row["ratio_ci95"] is None  # no calls recorded

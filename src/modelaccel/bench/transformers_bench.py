@@ -17,8 +17,10 @@ Two measurements:
   full 32-layer model with its gradients and activations, the step is measured on a model
   with fewer layers (`TRAIN_FALLBACK_LAYERS`), and the result says so.
 
-Times are medians of CUDA-event timings after untimed warm-up calls, the providers timed in
-interleaved rounds (`time_rounds`). A
+Times are medians of CUDA-event timings after untimed warm-up calls. modelaccel and SDPA, the
+pair the targets compare, are timed in interleaved rounds of their own (`time_rounds`), each
+row's ratio with a bootstrap 95% interval; eager, far behind where it fits, is timed after them
+with a shorter budget, so no call of the pair follows one of eager's. A
 provider that runs out of memory gets no number and its reason (eager attention
 materializes the scores and runs out at long prompts); memory is freed between rows.
 Before timing, each provider's last-position logits are compared with SDPA's (relative
@@ -39,6 +41,7 @@ TRITON_INTERPRET=1) runs a tiny CPU smoke test of the same code paths instead.
 
 import gc
 import os
+import random
 import statistics
 import sys
 import time
@@ -73,13 +76,20 @@ TARGET_BETTER_FROM = 2048
 
 # Timing: WARMUP_CALLS untimed calls, then at least MIN_REPS timed ones, more while the
 # timed total stays under BUDGET_MS, at most MAX_REPS; the median counts. The batch-8 rows
-# run at the H200's power cap, where one call moves by +-1% against the next
-# (benchmarks/clock_probe.py); 4-5 calls of the 2048-token row (a 2 s budget) moved its
-# ratio by more than the 0.5% the attention kernels make, so the budget is 6 s.
+# and the training step run at the H200's power cap, where one call moves by +-1% against
+# the next (benchmarks/clock_probe.py), more than the 0.5% the attention kernels make: the
+# compared pair gets 15 s of calls a row (~30 of the 2048-token batch-8 prefill, 400 of the
+# host-bound 512-token batch-1 one), eager CONTEXT_BUDGET_MS. Timed in one set of rounds
+# with the pair, eager preceded modelaccel's calls twice as often as SDPA's.
+COMPARED = ("modelaccel", BASELINE)
 WARMUP_CALLS = 1
 MIN_REPS = 3
-MAX_REPS = 20
-BUDGET_MS = 6000.0
+MAX_REPS = 400
+BUDGET_MS = 15000.0
+CONTEXT_BUDGET_MS = 2000.0
+# generate rows (no target) time two generate calls per provider and cache
+GENERATE_BUDGET_MS = 6000.0
+CI_RESAMPLES = 2000
 SEED = 0
 # Above this relative error of the last-position logits against SDPA's, a modelaccel row
 # counts as a mismatch (bf16 noise through 32 random layers is far below it).
@@ -172,8 +182,8 @@ def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS,
 
     calls: {name: (switch, fn)}; switch() makes the model use that provider, fn() is the
     call. After `warmup` untimed calls each, a provider takes part until it has min_reps
-    timings and either max_reps or budget_ms of timed calls. Returns ({name: (median ms,
-    timed calls)}, {name: exception}) for the providers whose calls raised."""
+    timings and either max_reps or budget_ms of timed calls. Returns ({name: [ms of each
+    timed call]}, {name: exception}) for the providers whose calls raised."""
     times = {name: [] for name in calls}
     errors = {}
 
@@ -207,7 +217,20 @@ def time_rounds(calls, clock=cuda_clock, warmup=WARMUP_CALLS, min_reps=MIN_REPS,
         for name in [n for n in names[turn:] + names[:turn] if n in times and running(n)]:
             call(name, timed=True)
         turn = (turn + 1) % len(names)
-    return {name: (statistics.median(t), len(t)) for name, t in times.items()}, errors
+    return times, errors
+
+
+def ratio_interval(times, provider="modelaccel", baseline=BASELINE, resamples=CI_RESAMPLES, seed=SEED):
+    """95% percentile-bootstrap interval [low, high] of median(provider's calls) over
+    median(baseline's), each provider's calls resampled on their own; None with fewer than
+    3 calls of either. times: {name: [ms of each call]}."""
+    mine, theirs = times.get(provider), times.get(baseline)
+    if not mine or not theirs or min(len(mine), len(theirs)) < 3:
+        return None
+    rng = random.Random(seed)
+    ratios = sorted(statistics.median(rng.choices(mine, k=len(mine)))
+                    / statistics.median(rng.choices(theirs, k=len(theirs))) for _ in range(resamples))
+    return [ratios[int(0.025 * resamples)], ratios[int(0.975 * resamples) - 1]]
 
 
 def _oom_types():
@@ -264,7 +287,7 @@ def make_ids(batch, seqlen, vocab_size, device=None, seed=SEED):
 
 def _empty_row(kind, batch, seqlen, layers, providers):
     return {"kind": kind, "batch": batch, "seqlen": seqlen, "tokens": batch * seqlen, "layers": layers,
-            "ms": {p: None for p in providers}, "reps": {p: None for p in providers},
+            "ms": {p: None for p in providers}, "reps": {p: None for p in providers}, "times_ms": {},
             "peak_gib": {p: None for p in providers}, "errors": {},
             "check": {p: None for p in providers if p != BASELINE}}
 
@@ -288,12 +311,24 @@ def _first_call(row, model, provider, run_once, device, log):
 
 
 def _time_providers(row, model, providers, run_once, clock, timing, log):
-    """Time run_once() for `providers` in interleaved rounds (time_rounds, with `timing`'s
-    settings) into row["ms"] and row["reps"]; failures go to row["errors"]."""
-    calls = {p: ((lambda p=p: set_attention(model, p)), run_once) for p in providers}
-    timings, errors = time_rounds(calls, clock, **(timing or {}))
-    for p, (ms, reps) in timings.items():
-        row["ms"][p], row["reps"][p] = ms, reps
+    """Time run_once() for `providers` into row["ms"] (median), row["reps"] and
+    row["times_ms"] (every call): the COMPARED pair in interleaved rounds of its own
+    (time_rounds, with `timing`'s settings), then the others in theirs with
+    CONTEXT_BUDGET_MS (or timing's "context_budget_ms"). Failures go to row["errors"]."""
+    timing = dict(timing or {})
+    context_budget = timing.pop("context_budget_ms", CONTEXT_BUDGET_MS)
+    context = dict(timing, budget_ms=context_budget)
+    samples, errors = {}, {}
+    for group, settings in (([p for p in providers if p in COMPARED], timing),
+                            ([p for p in providers if p not in COMPARED], context)):
+        if group:
+            calls = {p: ((lambda p=p: set_attention(model, p)), run_once) for p in group}
+            got, failed = time_rounds(calls, clock, **settings)
+            samples.update(got)
+            errors.update(failed)
+    for p, times in samples.items():
+        row["ms"][p], row["reps"][p] = statistics.median(times), len(times)
+        row["times_ms"][p] = [round(t, 4) for t in times]
     for p, exc in errors.items():
         row["errors"][p] = failure_reason(exc)
         log(f"  {p}: {row['errors'][p]}")
@@ -361,7 +396,7 @@ def run_generate_row(model, cache="dynamic", batch=1, prompt=GENERATE_PROMPT, ne
     device = device or DEVICE
     row = _empty_row("generate", batch, prompt, model.config.num_hidden_layers, providers)
     row.update(cache=cache, new_tokens=new_tokens, generate_ms={}, tokens_match_sdpa={})
-    del row["check"]
+    del row["check"], row["times_ms"]
     ids = make_ids(batch, prompt, model.config.vocab_size, device)
     options = {} if cache == "dynamic" else {"cache_implementation": cache}
 
@@ -380,7 +415,8 @@ def run_generate_row(model, cache="dynamic", batch=1, prompt=GENERATE_PROMPT, ne
     medians = {}
     for n in (1, 1 + new_tokens):
         timed = _empty_row("generate", batch, prompt, row["layers"], providers)
-        _time_providers(timed, model, list(tokens), generate(n), clock, timing, log)
+        _time_providers(timed, model, list(tokens), generate(n), clock, dict({"budget_ms": GENERATE_BUDGET_MS},
+                                                                              **(timing or {})), log)
         row["errors"].update(timed["errors"])
         for p, ms in timed["ms"].items():
             if ms is not None:
@@ -456,6 +492,7 @@ def evaluate_target(row):
 
 def annotate(row):
     row["ratio_vs_sdpa"] = ratio(row)
+    row["ratio_ci95"] = ratio_interval(row["times_ms"])
     row["eager_ratio_vs_sdpa"] = ratio(row, "eager")
     row["target"] = evaluate_target(row)
     return row
@@ -495,10 +532,12 @@ def collect_metadata():
     meta = attention_metadata()
     meta.pop("do_bench", None)
     meta["transformers"] = transformers.__version__
-    meta["timing"] = {"method": "CUDA events, median; providers timed in interleaved rounds (one call each "
-                                "per round) after an untimed first call", "warmup_calls": WARMUP_CALLS,
-                      "min_reps": MIN_REPS,
-                      "max_reps": MAX_REPS, "budget_ms": BUDGET_MS}
+    meta["timing"] = {"method": "CUDA events, median; modelaccel and sdpa timed in interleaved rounds (one "
+                                "call each per round, each round starting one provider further on) after an "
+                                "untimed first call, eager apart after them; ratio_ci95: percentile bootstrap "
+                                "of the ratio of medians", "warmup_calls": WARMUP_CALLS, "min_reps": MIN_REPS,
+                      "max_reps": MAX_REPS, "budget_ms": BUDGET_MS, "context_budget_ms": CONTEXT_BUDGET_MS,
+                      "generate_budget_ms": GENERATE_BUDGET_MS, "ci_resamples": CI_RESAMPLES}
     return meta
 
 
@@ -585,6 +624,11 @@ def _ratio_text(value):
     return f"{value:.3f}" if value is not None else "-"
 
 
+def _interval_text(row):
+    interval = row.get("ratio_ci95")
+    return f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "-"
+
+
 def _target_text(target):
     verdict = "PASS" if target["pass"] else "FAIL"
     return f"{verdict} ({target['rule']})"
@@ -593,14 +637,14 @@ def _target_text(target):
 def format_header(providers):
     cells = [f"{'kind':>5}", f"{'layers':>6}", f"{'batch':>5}", f"{'seqlen':>6}"]
     cells += [f"{p + ' ms':>{_W}}" for p in providers]
-    return " ".join(cells) + f" | {'ma/sdpa':>8} | target"
+    return " ".join(cells) + f" | {'ma/sdpa':>8} | {'95% interval':>12} | target"
 
 
 def format_row(row, providers):
     cells = [f"{row['kind']:>5}", f"{row['layers']:>6}", f"{row['batch']:>5}", f"{row['seqlen']:>6}"]
     cells += [f"{_ms_text(row, p):>{_W}}" for p in providers]
     target = _target_text(row["target"]) if "target" in row else ""
-    return " ".join(cells) + f" | {_ratio_text(ratio(row)):>8} | {target}"
+    return " ".join(cells) + f" | {_ratio_text(ratio(row)):>8} | {_interval_text(row):>12} | {target}"
 
 
 def format_generate_row(row, providers):
@@ -653,10 +697,10 @@ def format_markdown(result):
               "TTFT: one forward over the prompt producing the first token (`logits_to_keep=1`, as `generate`'s "
               "prefill). Training step: forward with labels + backward, parameter gradients only, no optimizer, "
               "no gradient checkpointing. Times in ms (median); ma/sdpa is modelaccel's time over SDPA's "
-              "(below 1: modelaccel is faster); check is the relative error of modelaccel's last-position "
+              "(below 1: modelaccel is faster), with a 95% bootstrap interval; check is the relative error of modelaccel's last-position "
               "logits (TTFT) or loss (training) against SDPA's.", ""]
-    header = ["kind", "layers", "batch", "seqlen"] + [f"{p} ms" for p in providers] + ["ma/sdpa", "check",
-                                                                                       "target"]
+    header = ["kind", "layers", "batch", "seqlen"] + [f"{p} ms" for p in providers] + ["ma/sdpa", "95% interval",
+                                                                                       "check", "target"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---:|" * (len(header) - 1) + "---|"]
     rows = result["ttft"] + result["train"]["rows"]
     notes = []
@@ -664,7 +708,7 @@ def format_markdown(result):
         check = r["check"].get("modelaccel")
         cells = [r["kind"], str(r["layers"]), str(r["batch"]), str(r["seqlen"])]
         cells += [_ms_text(r, p) for p in providers]
-        cells += [_ratio_text(r.get("ratio_vs_sdpa")), f"{check['rel_err']:.1e}" if check else "-",
+        cells += [_ratio_text(r.get("ratio_vs_sdpa")), _interval_text(r), f"{check['rel_err']:.1e}" if check else "-",
                   _target_text(r["target"])]
         lines.append("| " + " | ".join(cells) + " |")
         notes += [f"- {r['kind']} (batch {r['batch']}, seqlen {r['seqlen']}) {p}: {why}" for p, why in r["errors"].items()]
