@@ -3,10 +3,11 @@
 The batch-1 512-token TTFT row is host-bound (prefill_gaps.py: host time = GPU time, 9 of
 its 24 ms idle), so what our attention function costs the host, against
 sdpa_attention_forward's, decides it. Here both are called as a Llama-3-8B layer calls them
-(q [1, 32, 512, 128], k/v [1, 8, 512, 128] seen through transposes, no mask, causal), under
+(prefill: q [1, 32, 512, 128], k/v [1, 8, 512, 128] seen through transposes, no mask,
+causal; a decoding step: one query over 513 cached keys), under
 inference_mode, while the GPU is held busy by torch.cuda._sleep: the wall clock of N calls
-/ N is host time alone. The same for a 1-layer model's whole forward (embedding, one
-layer, norm, lm_head on one position), so the attention's share of a layer shows.
+/ N is host time alone. (A whole layer cannot be timed so: Transformers' forward waits on
+the GPU once, which the first run here measured as 51 ms a forward.)
 Usage: python benchmarks/host_attention_call.py OUT.json   (us per call: median of 7 runs)
 """
 
@@ -17,7 +18,7 @@ import time
 
 import torch
 
-from modelaccel.bench.transformers_bench import build_model, collect_metadata, llama_config, make_ids, set_attention
+from modelaccel.bench.transformers_bench import build_model, collect_metadata, llama_config, set_attention
 
 PROVIDERS = ("modelaccel", "sdpa")
 CALLS = 200  # one kernel each: far fewer than the launches the GPU queues before blocking
@@ -49,20 +50,24 @@ def main():
     out_path = sys.argv[1]
     model = build_model(llama_config(1)).eval().requires_grad_(False)
     attn = model.model.layers[0].self_attn
-    seqlen = 512
-    q = torch.randn(1, seqlen, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    k, v = (torch.randn(1, seqlen, 8, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2) for _ in range(2))
-    ids = make_ids(1, seqlen, model.config.vocab_size)
-    results = dict(collect_metadata(), calls={"attention": CALLS, "forward": 20}, runs=RUNS, rows={})
-    for provider in PROVIDERS:
-        set_attention(model, provider)
-        fn = AttentionInterface()[provider]
-        with torch.inference_mode():
-            call, _ = host_us(lambda: fn(attn, q, k, v, None, scaling=attn.scaling))
-            # ~40 kernels a forward: 20 of them stay within the GPU's queue of pending launches
-            forward, _ = host_us(lambda: model(input_ids=ids, logits_to_keep=1), calls=20)
-        results["rows"][provider] = {"attention_call_us": call, "one_layer_forward_us": forward}
-        print(f"{provider:10s} attention call {call:6.1f} us   1-layer model forward {forward:7.1f} us", flush=True)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    # prefill: the projections' [b, s, h, d] seen through a transpose; decoding step: one
+    # query over a dynamic cache's 513 keys (torch.cat's contiguous [b, h, s, d]); every
+    # layer of a step sees that same length, so all but the first replay
+    calls = {"prefill 1 x 512": (torch.randn(1, 512, 32, 128, **bf16).transpose(1, 2),
+                                 *(torch.randn(1, 512, 8, 128, **bf16).transpose(1, 2) for _ in range(2))),
+             "decode 1 x 513": (torch.randn(1, 1, 32, 128, **bf16).transpose(1, 2),
+                                *(torch.randn(1, 8, 513, 128, **bf16) for _ in range(2)))}
+    results = dict(collect_metadata(), calls=CALLS, runs=RUNS, rows={})
+    for name, (q, k, v) in calls.items():
+        for provider in PROVIDERS:
+            set_attention(model, provider)
+            fn = AttentionInterface()[provider]
+            with torch.inference_mode():
+                call, samples = host_us(lambda: fn(attn, q, k, v, None, scaling=attn.scaling))
+            results["rows"].setdefault(name, {})[provider] = {"attention_call_us": call, "runs_us": samples}
+            print(f"{name:16s} {provider:10s} attention call {call:6.1f} us  "
+                  f"(runs: {' '.join(f'{s:.1f}' for s in samples)})", flush=True)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
 

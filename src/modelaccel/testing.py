@@ -50,6 +50,7 @@ def fresh_replays(monkeypatch, tuner):
     monkeypatch.setattr(tuner, "choose", settled_on_first)
     monkeypatch.setattr(interface, "_plans", {})
     monkeypatch.setattr(interface, "_plan_attempts", {})
+    monkeypatch.setattr(interface, "_heads_first_plans", {})
     return count_calls(monkeypatch, replay.Plan, "run")
 
 

@@ -155,3 +155,24 @@ def test_repeated_inference_calls_are_replayed_and_correct(layout, monkeypatch):
         assert_attention_close(out, ref_lse, ref_out, ref_lse, q.dtype)  # flash_attn_func returns no lse
     # The first call (or two, in a process whose first launch this is) takes the full path.
     assert len(replays) >= 2
+
+
+def test_heads_first_calls_replay_from_their_own_layout_and_are_correct(monkeypatch):
+    """flash_attn_heads_first (the Transformers integration's call) replays a repeated
+    inference call straight from the [b, h, s, d] tensors: each call still matches the
+    reference on fresh inputs, outputs poisoned, for Transformers' layout and a contiguous
+    one (another class, with other strides)."""
+    from modelaccel.attention import flash_fwd, interface
+
+    replays = fresh_replays(monkeypatch, flash_fwd._tuner)
+    for contiguous in (False, False, False, True, True, True):
+        if contiguous:
+            query, key, value = (randn(2, h, 300, 128, dtype=torch.bfloat16) for h in (16, 4, 4))
+        else:
+            query, key, value = (randn(2, 300, h, 128, dtype=torch.bfloat16).transpose(1, 2) for h in (16, 4, 4))
+        torch.empty(2, 300, 16, 128, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))  # poison a block
+        out = interface.flash_attn_heads_first(query, key, value, causal=True)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        ref_out, ref_lse = reference_per_head(q, k, v, softmax_scale=128 ** -0.5, causal=True)
+        assert_attention_close(out, ref_lse, ref_out, ref_lse, q.dtype)
+    assert len(interface._heads_first_plans) == 2 and len(replays) >= 4

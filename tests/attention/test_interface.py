@@ -206,6 +206,73 @@ def test_a_tma_launch_is_replayed_with_descriptors_over_the_new_tensors(kernel, 
 
 
 # ---------------------------------------------------------------------------------------
+# Heads-first calls (Transformers' [b, h, s, d] tensors): replayed from their own layout
+
+
+def heads_first(nheads=4, nheads_k=2, seqlen=48, dtype=torch.float16, contiguous=False):
+    """q/k/v as a Transformers layer hands them over: [b, h, s, d] seen through a transpose
+    of the projections' [b, s, h, d] output (or made [b, h, s, d] contiguous)."""
+    shapes = [(2, seqlen, h, 32) for h in (nheads, nheads_k, nheads_k)]
+    if contiguous:
+        return [torch.randn(b, h, s, d, dtype=dtype) for b, s, h, d in shapes]
+    return [torch.randn(shape, dtype=dtype).transpose(1, 2) for shape in shapes]
+
+
+@pytest.mark.parametrize("tma", [False, True])
+def test_a_heads_first_replay_passes_what_the_direct_path_passes(kernel, monkeypatch, tma):
+    monkeypatch.setattr(interface, "_heads_first_plans", {})
+    monkeypatch.setattr(flash_fwd, "tma_usable", lambda *tensors: tma)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_func")
+    interface.flash_attn_heads_first(*heads_first(), causal=True)  # Triton's path: a plan, adopted
+    query, key, value = heads_first()
+    out = interface.flash_attn_heads_first(query, key, value, causal=True)
+    assert len(full_calls) == 1 and out.shape == (2, 48, 4, 32)
+    assert [entry[0] for entry in kernel.log] == ["triton", "direct"]
+    replayed = kernel.log[-1][1]
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    out_direct, _ = flash_fwd.flash_attn_forward(q, k, v, 32 ** -0.5, True)
+    direct = kernel.log[-1][1]
+    # The replay hands the launcher the heads-first tensors, the direct path their
+    # transposes: one memory each, and the strides the kernel reads are the numbers.
+    got = roles([replayed], dict(q=query, k=key, v=value, out=out))
+    want = roles([direct], dict(q=q, k=k, v=v, out=out_direct))
+    assert got == want
+    for got_arg, want_arg in zip(replayed, direct):
+        if not isinstance(want_arg, (torch.Tensor, *launch._DESCRIPTOR_TYPES)):
+            assert got_arg == want_arg and type(got_arg) is type(want_arg)
+
+
+@pytest.mark.parametrize("change", ["contiguous", "shape", "dtype", "causal", "window", "grad", "dropout"])
+def test_a_heads_first_change_takes_flash_attn_func(kernel, monkeypatch, change):
+    monkeypatch.setattr(interface, "_heads_first_plans", {})
+    for _ in range(2):
+        interface.flash_attn_heads_first(*heads_first(), causal=True)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_func")
+    interface.flash_attn_heads_first(*heads_first(), causal=True)
+    assert len(full_calls) == 0  # replayed from the heads-first plan
+    tensors, options = heads_first(), dict(causal=True)
+    if change == "contiguous":  # [b, h, s, d] contiguous: the same shapes, other strides
+        tensors = heads_first(contiguous=True)
+    elif change == "shape":
+        tensors = heads_first(seqlen=40)
+    elif change == "dtype":
+        tensors = heads_first(dtype=torch.bfloat16)
+    elif change == "causal":
+        options = dict(causal=False)
+    elif change == "window":
+        options = dict(options, window_size=(8, 0))
+    elif change == "grad":
+        tensors = [t.requires_grad_() for t in tensors]
+    else:
+        options = dict(options, dropout_p=0.1)
+    if change in ("grad", "dropout"):  # the training path's kernels are not these stand-ins
+        monkeypatch.setattr(interface, "FlashAttnFunc", types.SimpleNamespace(
+            apply=lambda q, *args: (torch.zeros(q.shape, dtype=q.dtype), None)))
+    out = interface.flash_attn_heads_first(*tensors, **options)
+    assert len(full_calls) == 1 and out.shape == (2, tensors[0].shape[2], 4, 32)
+
+
+# ---------------------------------------------------------------------------------------
 # The backward pass of a training call
 
 _BACKWARD_KERNELS = {(flash_bwd, "_attn_bwd_dq_kernel"), (flash_bwd, "_attn_bwd_dkdv_kernel"),

@@ -222,7 +222,7 @@ def test_models_really_call_the_kernels(monkeypatch, device):
     from modelaccel.integrations import transformers as integration
 
     calls = []
-    for name in ("flash_attn_func", "flash_attn_varlen_func"):
+    for name in ("flash_attn_heads_first", "flash_attn_varlen_func"):
         real = getattr(integration, name)
         monkeypatch.setattr(integration, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     _, ours = model_pair(family_configs()["llama"], device)
@@ -232,7 +232,7 @@ def test_models_really_call_the_kernels(monkeypatch, device):
     with torch.no_grad():
         ours(ids)
         ours(ids, attention_mask=mask)
-    assert calls.count("flash_attn_func") == 2 and calls.count("flash_attn_varlen_func") == 2  # 2 layers each
+    assert calls.count("flash_attn_heads_first") == 2 and calls.count("flash_attn_varlen_func") == 2  # 2 layers each
 
 
 def test_bert_encoder_with_padding_matches_eager(device):

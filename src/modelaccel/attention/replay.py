@@ -37,6 +37,12 @@ class Plan:
         self.results = results  # slots of the call's results
         self.device = device  # the device index whose stream the launches go to
 
+    def reads_inputs_in_launches_only(self, n_inputs):
+        """Whether the first n_inputs slots reach only launches (their data pointers), never a
+        copy (which would read them by shape): then tensors of another layout over the same
+        memory, seen through the strides the launches were recorded with, can be the inputs."""
+        return all(step[0] != "copy" or step[2] >= n_inputs for step in self.steps)
+
     def run(self, inputs):
         """The recorded call's results for new `inputs` (same shapes, strides, alignment and
         dtypes as the recorded call's, on the same device)."""

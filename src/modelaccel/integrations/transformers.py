@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ..attention.interface import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from ..attention.interface import flash_attn_heads_first, flash_attn_varlen_func, flash_attn_with_kvcache
 from ..attention.padding import pad_input, unpad_input
 
 NAME = "modelaccel"
@@ -83,14 +83,13 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         (attn_output [batch, seqlen_q, nheads, headdim], None): no attention weights.
     """
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    in_dtype = q.dtype
-    batch, seqlen_q = q.shape[:2]
+    in_dtype = query.dtype
+    batch, seqlen_q = query.shape[0], query.shape[2]
     if attention_mask is not None and not torch.compiler.is_compiling() and _is_unpadded(attention_mask):
         # a static cache's filled slots, nothing padded: those keys alone, unpacked
-        k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
+        key, value = key[:, :, :attention_mask.shape[1]], value[:, :, :attention_mask.shape[1]]
         attention_mask = None
-    seqlen_k = k.shape[1]
+    seqlen_k = key.shape[2]
     window = (-1, -1)
     if sliding_window is not None and seqlen_k > sliding_window:
         window = (sliding_window - 1, sliding_window - 1)
@@ -104,7 +103,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             _warn_once("mask", f"modelaccel attention got a {attention_mask.dim()}D attention mask it cannot hand "
                                "to its kernels; computing attention in plain PyTorch for such calls")
         # A 4D mask already holds the causal and window structure.
-        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = _explicit_mask_attention(q, k, v, attention_mask, scale, softcap, float(dropout), module.training)
         return out, None
     if in_dtype not in (torch.float16, torch.bfloat16):
@@ -112,16 +112,18 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         # casts the same way.
         target = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled() else torch.bfloat16
         _warn_once(("dtype", in_dtype), f"modelaccel attention computes in {target}; the model runs in {in_dtype}")
-        q, k, v = (t.to(target) for t in (q, k, v))
+        query, key, value = (t.to(target) for t in (query, key, value))
     if attention_mask is None and seqlen_q <= _DECODE_MAX_QUERIES and seqlen_k > seqlen_q \
             and not torch.compiler.is_compiling() \
-            and not (torch.is_grad_enabled() and q.requires_grad):
+            and not (torch.is_grad_enabled() and query.requires_grad):
         # A decoding step over the cache: the split-KV kernel fills the GPU even at batch 1.
         options.pop("dropout_p")
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlen_k, **options)
     elif attention_mask is None:
-        out = flash_attn_func(q, k, v, **options)
+        out = flash_attn_heads_first(query, key, value, **options)
     else:
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         mask = attention_mask.bool()
         mask_len = mask.shape[1]
         q_mask = mask[:, -seqlen_q:]  # the queries are the last tokens the mask covers
