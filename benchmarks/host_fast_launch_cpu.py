@@ -117,7 +117,7 @@ def main():
     # marked as not replayable, show the full path. The backward's graph is made under each.
     for plans in ("replayed", "full path"):
         if plans == "full path":
-            interface._plans = NoPlans()
+            interface._plans = interface._heads_first_plans = NoPlans()
         out = modelaccel.flash_attn_func(qg, kg, vg, causal=True)
         calls["training forward"] = lambda: modelaccel.flash_attn_func(qg, kg, vg, causal=True)
         calls["backward through autograd"] = lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)

@@ -196,3 +196,24 @@ def test_repeated_decoding_steps_are_replayed_and_correct(layout, monkeypatch):
     out.fill_(float("nan"))
     graph.replay()
     check(out, lse, *inputs)
+
+
+def test_heads_first_decoding_steps_replay_and_are_correct(monkeypatch):
+    """flash_attn_with_kvcache_heads_first (the Transformers integration's decoding call over
+    a dynamic cache): the layers of a step after the first replay straight from the [b, h,
+    s, d] tensors with one shared lengths tensor; each matches the reference on fresh inputs
+    (outputs poisoned), and the next step's length is a class of its own."""
+    from modelaccel.attention import decode, interface
+
+    replays = fresh_replays(monkeypatch, decode._tuner)
+    monkeypatch.setattr(interface, "_full_lengths", {})
+    for length in (700, 700, 700, 701, 701):
+        gen = torch.Generator().manual_seed(length)
+        query = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+        key, value = (torch.randn(2, 8, length, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+        torch.empty(2, 1, 32, 128, dtype=torch.bfloat16, device="cuda").fill_(float("nan"))  # poison a block
+        out = interface.flash_attn_with_kvcache_heads_first(query, key, value, causal=True)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        ref_out, ref_lse = reference(q, k, v, torch.full((2,), length, dtype=torch.int32, device="cuda"))
+        assert_attention_close(out, ref_lse, ref_out, ref_lse, q.dtype)
+    assert len(interface._heads_first_plans) == 2 and len(replays) >= 3

@@ -479,6 +479,70 @@ def test_a_decoding_change_that_can_alter_the_launch_takes_the_full_path(decode_
     assert len(full_calls) == 2
 
 
+def heads_first_step(length=40, batch=2, strided_q=False):
+    """A decoding step as a Transformers layer hands it over: one query [b, h, 1, d] (the
+    projection's [b, 1, h, d] transposed; strided_q: a slice of a wider one) over a dynamic
+    cache's full [b, hk, s, d]."""
+    if strided_q:
+        q = torch.randn(batch, 4, 1, 64, dtype=torch.float16)[..., :32]
+    else:
+        q = torch.randn(batch, 1, 4, 32, dtype=torch.float16).transpose(1, 2)
+    return (q, *(torch.randn(batch, 2, length, 32, dtype=torch.float16) for _ in range(2)))
+
+
+def test_a_heads_first_decoding_replay_passes_what_the_full_path_passes(decode_kernels, monkeypatch):
+    monkeypatch.setattr(interface, "_heads_first_plans", {})
+    monkeypatch.setattr(interface, "_full_lengths", {})
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_with_kvcache")
+    fills = count_calls(monkeypatch, interface.torch, "full")
+    calls = []
+    for round in ("recorded", "replayed", "replayed"):
+        query, key, value = heads_first_step()
+        start = len(decode_kernels)
+        out = interface.flash_attn_with_kvcache_heads_first(query, key, value, causal=True)
+        assert out.shape == (2, 1, 4, 32)
+        calls.append([entry[-1] for entry in decode_kernels[start:]])
+    assert len(full_calls) == 1
+    assert len(fills) == 2  # the full path's lengths, then one shared by the replays
+    lengths = calls[1][0][_decode_position("CACHE_SEQLENS")]
+    assert lengths.dtype == torch.int32 and lengths.tolist() == [40, 40]
+    assert calls[2][0][_decode_position("CACHE_SEQLENS")] is lengths
+    # The full path over the transposes, by the same kernels: the same roles and numbers.
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    start = len(decode_kernels)
+    monkeypatch.setattr(interface, "_plans", NoPlans())
+    out_full = interface.flash_attn_with_kvcache(q, k, v, cache_seqlens=40, causal=True)
+    direct = [entry[-1] for entry in decode_kernels[start:]]
+    # (the lengths are an "other" int32 [2] in both: the shared one, the full path's own)
+    assert roles(calls[2], dict(q=query, k_cache=key, v_cache=value, out=out)) \
+        == roles(direct, dict(q=q, k_cache=k, v_cache=v, out=out_full))
+
+
+def _decode_position(name):
+    from modelaccel.attention import decode
+
+    return 9 + decode._decode_split_kernel.arg_names.index(name)
+
+
+@pytest.mark.parametrize("change", ["length", "query strides", "causal", "window"])
+def test_a_heads_first_decoding_change_takes_the_full_path(decode_kernels, monkeypatch, change):
+    monkeypatch.setattr(interface, "_heads_first_plans", {})
+    for _ in range(2):
+        interface.flash_attn_with_kvcache_heads_first(*heads_first_step(), causal=True)
+    full_calls = count_calls(monkeypatch, interface, "flash_attn_with_kvcache")
+    tensors, options = heads_first_step(), dict(causal=True)
+    if change == "length":  # the next step of a dynamic cache
+        tensors = heads_first_step(length=41)
+    elif change == "query strides":
+        tensors = heads_first_step(strided_q=True)
+    elif change == "causal":
+        options = dict(causal=False)
+    else:
+        options = dict(options, window_size=(8, 0))
+    interface.flash_attn_with_kvcache_heads_first(*tensors, **options)
+    assert len(full_calls) == 1
+
+
 def test_a_fused_decoding_replay_zeroes_a_fresh_counter_each_call(direct_path, monkeypatch):
     """The fused launch (the last split program merges) counts finished splits in a zeroed
     int32 buffer: a replay must hand each launch a fresh zeroed one, not the last call's."""

@@ -334,8 +334,9 @@ def test_decoding_steps_use_the_split_kv_kernel(monkeypatch, device):
     from modelaccel.integrations import transformers as integration
 
     calls = []
-    real = integration.flash_attn_with_kvcache
-    monkeypatch.setattr(integration, "flash_attn_with_kvcache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = integration.flash_attn_with_kvcache_heads_first
+    monkeypatch.setattr(integration, "flash_attn_with_kvcache_heads_first",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     eager, ours = model_pair(family_configs()["mistral"], device)
     ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(9)).to(device)
     with torch.no_grad():

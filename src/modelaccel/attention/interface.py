@@ -447,7 +447,7 @@ def flash_attn_heads_first(query, key, value, dropout_p=0.0, softmax_scale=None,
                     key.dtype, value.dtype, query.data_ptr() % 16, key.data_ptr() % 16, value.data_ptr() % 16,
                     softmax_scale, causal, window_size, softcap, triton.runtime.driver.active.get_current_device())
         plan = _heads_first_plans.get(plan_key)
-        if plan is not None and not _grad_needed(query, key, value) and launch._no_launch_hooks():
+        if plan and not _grad_needed(query, key, value) and launch._no_launch_hooks():
             return plan.run((query, key, value))[0]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
@@ -455,6 +455,71 @@ def flash_attn_heads_first(query, key, value, dropout_p=0.0, softmax_scale=None,
     if replayable and not _grad_needed(q, k, v):
         plan = _plans.get(_replay_key(q, k, v, 0.0, softmax_scale, causal, window_size, softcap, None, False))
         if plan and plan.reads_inputs_in_launches_only(3):
+            if len(_heads_first_plans) >= _PLANS_MAX:
+                _heads_first_plans.clear()
+            _heads_first_plans[plan_key] = plan
+    return out
+
+
+# int32 [batch] lengths of full caches, by (batch, length, device index): the layers of one
+# decoding step share one, so a replayed step launches no fill of its own a layer. Only
+# kernels read them; never made or kept while a CUDA graph is being captured.
+_full_lengths = {}
+_FULL_LENGTHS_MAX = 8
+
+
+def _full_cache_lengths(batch, length, device):
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    key = (batch, length, device.index)
+    lengths = None if capturing else _full_lengths.get(key)
+    if lengths is None:
+        lengths = torch.full((batch,), length, dtype=torch.int32, device=device)
+        if not capturing:
+            if len(_full_lengths) >= _FULL_LENGTHS_MAX:
+                _full_lengths.clear()
+            _full_lengths[key] = lengths
+    return lengths
+
+
+def flash_attn_with_kvcache_heads_first(query, key_cache, value_cache, softmax_scale=None, causal=False,
+                                        window_size=(-1, -1), softcap=0.0):
+    """A decoding step over full heads-first caches (Transformers' dynamic cache): as
+    flash_attn_with_kvcache(query.transpose(1, 2), key_cache.transpose(1, 2),
+    value_cache.transpose(1, 2), cache_seqlens=key_cache.shape[2], ...).
+
+    Args:
+        query: [batch, nheads, seqlen_q, headdim]; key_cache, value_cache: [batch, nheads_k,
+            seqlen_k, headdim], every row filled (any strides with a unit last one), fp16
+            or bf16.
+        softmax_scale, causal, window_size, softcap: as flash_attn_with_kvcache's.
+    Returns:
+        out [batch, seqlen_q, nheads, headdim]. A call that repeats an earlier one's shapes,
+        strides, alignment, dtypes, device and options (the later layers of a decoding step)
+        replays its launches straight from these tensors; with every row full, the lengths
+        need no check against the cache.
+    """
+    replayable = (launch._fast_launch and type(query) is torch.Tensor and type(key_cache) is torch.Tensor
+                  and type(value_cache) is torch.Tensor and type(window_size) is tuple
+                  and type(softmax_scale) in _SCALAR_TYPES and type(softcap) in _SCALAR_TYPES
+                  and type(causal) in _SCALAR_TYPES and not torch.compiler.is_compiling())
+    batch, length = query.shape[0], key_cache.shape[2]
+    if replayable:
+        plan_key = ("kvcache", query.shape, query.stride(), key_cache.shape, key_cache.stride(), value_cache.shape,
+                    value_cache.stride(), query.dtype, key_cache.dtype, value_cache.dtype, query.data_ptr() % 16,
+                    key_cache.data_ptr() % 16, value_cache.data_ptr() % 16, softmax_scale, causal, window_size,
+                    softcap, triton.runtime.driver.active.get_current_device())
+        plan = _heads_first_plans.get(plan_key)
+        if plan and launch._no_launch_hooks():
+            return plan.run((query, key_cache, value_cache, _full_cache_lengths(batch, length, query.device)))[0]
+    q, k, v = (t.transpose(1, 2) for t in (query, key_cache, value_cache))
+    # An int length: checked on the host, never read back from the GPU; the plan's lengths
+    # input is then a full-length int32 [batch] tensor, as _full_cache_lengths makes.
+    out = flash_attn_with_kvcache(q, k, v, cache_seqlens=length, softmax_scale=softmax_scale, causal=causal,
+                                  window_size=window_size, softcap=softcap)
+    if replayable:
+        plan = _plans.get(_kvcache_replay_key(q, k, v, None, None, length, None, None, None, softmax_scale, causal,
+                                              window_size, softcap, None, 0))
+        if plan and plan.reads_inputs_in_launches_only(4):
             if len(_heads_first_plans) >= _PLANS_MAX:
                 _heads_first_plans.clear()
             _heads_first_plans[plan_key] = plan

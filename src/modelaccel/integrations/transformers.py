@@ -19,7 +19,8 @@ import weakref
 
 import torch
 
-from ..attention.interface import flash_attn_heads_first, flash_attn_varlen_func, flash_attn_with_kvcache
+from ..attention.interface import (flash_attn_heads_first, flash_attn_varlen_func,
+                                   flash_attn_with_kvcache_heads_first)
 from ..attention.padding import pad_input, unpad_input
 
 NAME = "modelaccel"
@@ -118,8 +119,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             and not (torch.is_grad_enabled() and query.requires_grad):
         # A decoding step over the cache: the split-KV kernel fills the GPU even at batch 1.
         options.pop("dropout_p")
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-        out = flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlen_k, **options)
+        out = flash_attn_with_kvcache_heads_first(query, key, value, **options)
     elif attention_mask is None:
         out = flash_attn_heads_first(query, key, value, **options)
     else:
