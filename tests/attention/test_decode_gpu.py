@@ -207,7 +207,7 @@ def test_heads_first_decoding_steps_replay_and_are_correct(monkeypatch):
 
     replays = fresh_replays(monkeypatch, decode._tuner)
     monkeypatch.setattr(interface, "_full_lengths", {})
-    for length in (700, 700, 700, 701, 701):
+    for length in (700, 700, 700, 700, 701, 701, 701):
         gen = torch.Generator().manual_seed(length)
         query = torch.randn(2, 1, 32, 128, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
         key, value = (torch.randn(2, 8, length, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
@@ -216,4 +216,6 @@ def test_heads_first_decoding_steps_replay_and_are_correct(monkeypatch):
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
         ref_out, ref_lse = reference(q, k, v, torch.full((2,), length, dtype=torch.int32, device="cuda"))
         assert_attention_close(out, ref_lse, ref_out, ref_lse, q.dtype)
+    # A class's first call takes the full path (its first two, where it is the first launch
+    # of a kernel in the process: Triton's own path, not recorded); the rest replay.
     assert len(interface._heads_first_plans) == 2 and len(replays) >= 3
