@@ -416,11 +416,36 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     return out
 
 
-# Plans of flash_attn_func calls made through flash_attn_heads_first, by the heads-first
-# tensors' own layout: a repeated inference call skips the transposes and the checks of
-# flash_attn_func's key (~15 us of a 62 us Transformers attention call on the GPU machine's
-# host, where SDPA's takes 30 us: benchmarks/host_attention_call.py).
+# Plans of flash_attn_func and flash_attn_with_kvcache calls made through the heads-first
+# entry points below (the Transformers integration's), by the heads-first tensors' own
+# layout: a repeated inference call skips the transposes and the checks of the other keys.
+# On the GPU machine's host (benchmarks/host_attention_call.py) our prefill layer call took
+# 61.8 us against SDPA's 30.2 before (c07df93), 30.5 against 39.4 with them (ec0db91, another
+# machine); a decoding step's 106 against 41 (e02317a), 69 against 29 (ec0db91).
 _heads_first_plans = {}
+
+
+def _heads_first_key(kind, query, key, value, softmax_scale, causal, window_size, softcap):
+    """The key of a heads-first call's plan, or None where none can apply: the three
+    tensors' layouts, the options and the current device (what flash_attn_func's and
+    flash_attn_with_kvcache's keys fix, read off the heads-first tensors)."""
+    if (not launch._fast_launch or type(query) is not torch.Tensor or type(key) is not torch.Tensor
+            or type(value) is not torch.Tensor or type(window_size) is not tuple
+            or type(softmax_scale) not in _SCALAR_TYPES or type(softcap) not in _SCALAR_TYPES
+            or type(causal) not in _SCALAR_TYPES or torch.compiler.is_compiling()):
+        return None
+    return (kind, query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
+            key.dtype, value.dtype, query.data_ptr() % 16, key.data_ptr() % 16, value.data_ptr() % 16, softmax_scale,
+            causal, window_size, softcap, triton.runtime.driver.active.get_current_device())
+
+
+def _adopt_heads_first(plan_key, plan, n_inputs):
+    """Keep `plan` (made by the call over the transposes) for heads-first calls of plan_key,
+    where its inputs reach launches only."""
+    if plan and plan.reads_inputs_in_launches_only(n_inputs):
+        if len(_heads_first_plans) >= _PLANS_MAX:
+            _heads_first_plans.clear()
+        _heads_first_plans[plan_key] = plan
 
 
 def flash_attn_heads_first(query, key, value, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -438,26 +463,18 @@ def flash_attn_heads_first(query, key, value, dropout_p=0.0, softmax_scale=None,
         replays its launches straight from these tensors (the kernels read the memory
         through strides fixed by that layout).
     """
-    replayable = (launch._fast_launch and not dropout_p and type(query) is torch.Tensor and type(key) is torch.Tensor
-                  and type(value) is torch.Tensor and type(window_size) is tuple
-                  and type(softmax_scale) in _SCALAR_TYPES and type(softcap) in _SCALAR_TYPES
-                  and type(causal) in _SCALAR_TYPES and not torch.compiler.is_compiling())
-    if replayable:
-        plan_key = (query.shape, query.stride(), key.shape, key.stride(), value.shape, value.stride(), query.dtype,
-                    key.dtype, value.dtype, query.data_ptr() % 16, key.data_ptr() % 16, value.data_ptr() % 16,
-                    softmax_scale, causal, window_size, softcap, triton.runtime.driver.active.get_current_device())
+    plan_key = None if dropout_p else _heads_first_key("dense", query, key, value, softmax_scale, causal, window_size,
+                                                       softcap)
+    if plan_key is not None:
         plan = _heads_first_plans.get(plan_key)
         if plan and not _grad_needed(query, key, value) and launch._no_launch_hooks():
             return plan.run((query, key, value))[0]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                           window_size=window_size, softcap=softcap)
-    if replayable and not _grad_needed(q, k, v):
-        plan = _plans.get(_replay_key(q, k, v, 0.0, softmax_scale, causal, window_size, softcap, None, False))
-        if plan and plan.reads_inputs_in_launches_only(3):
-            if len(_heads_first_plans) >= _PLANS_MAX:
-                _heads_first_plans.clear()
-            _heads_first_plans[plan_key] = plan
+    if plan_key is not None and not _grad_needed(q, k, v):
+        _adopt_heads_first(plan_key, _plans.get(_replay_key(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
+                                                            None, False)), 3)
     return out
 
 
@@ -498,16 +515,9 @@ def flash_attn_with_kvcache_heads_first(query, key_cache, value_cache, softmax_s
         replays its launches straight from these tensors; with every row full, the lengths
         need no check against the cache.
     """
-    replayable = (launch._fast_launch and type(query) is torch.Tensor and type(key_cache) is torch.Tensor
-                  and type(value_cache) is torch.Tensor and type(window_size) is tuple
-                  and type(softmax_scale) in _SCALAR_TYPES and type(softcap) in _SCALAR_TYPES
-                  and type(causal) in _SCALAR_TYPES and not torch.compiler.is_compiling())
     batch, length = query.shape[0], key_cache.shape[2]
-    if replayable:
-        plan_key = ("kvcache", query.shape, query.stride(), key_cache.shape, key_cache.stride(), value_cache.shape,
-                    value_cache.stride(), query.dtype, key_cache.dtype, value_cache.dtype, query.data_ptr() % 16,
-                    key_cache.data_ptr() % 16, value_cache.data_ptr() % 16, softmax_scale, causal, window_size,
-                    softcap, triton.runtime.driver.active.get_current_device())
+    plan_key = _heads_first_key("kvcache", query, key_cache, value_cache, softmax_scale, causal, window_size, softcap)
+    if plan_key is not None:
         plan = _heads_first_plans.get(plan_key)
         if plan and launch._no_launch_hooks():
             return plan.run((query, key_cache, value_cache, _full_cache_lengths(batch, length, query.device)))[0]
@@ -516,13 +526,10 @@ def flash_attn_with_kvcache_heads_first(query, key_cache, value_cache, softmax_s
     # input is then a full-length int32 [batch] tensor, as _full_cache_lengths makes.
     out = flash_attn_with_kvcache(q, k, v, cache_seqlens=length, softmax_scale=softmax_scale, causal=causal,
                                   window_size=window_size, softcap=softcap)
-    if replayable:
-        plan = _plans.get(_kvcache_replay_key(q, k, v, None, None, length, None, None, None, softmax_scale, causal,
-                                              window_size, softcap, None, 0))
-        if plan and plan.reads_inputs_in_launches_only(4):
-            if len(_heads_first_plans) >= _PLANS_MAX:
-                _heads_first_plans.clear()
-            _heads_first_plans[plan_key] = plan
+    if plan_key is not None:
+        _adopt_heads_first(plan_key, _plans.get(_kvcache_replay_key(q, k, v, None, None, length, None, None, None,
+                                                                    softmax_scale, causal, window_size, softcap, None,
+                                                                    0)), 4)
     return out
 
 
