@@ -463,16 +463,17 @@ def flash_attn_heads_first(query, key, value, dropout_p=0.0, softmax_scale=None,
         replays its launches straight from these tensors (the kernels read the memory
         through strides fixed by that layout).
     """
-    plan_key = None if dropout_p else _heads_first_key("dense", query, key, value, softmax_scale, causal, window_size,
-                                                       softcap)
+    # Training calls (autograd) and dropout are never replayed here: no key to build for them.
+    plan_key = None if dropout_p or _grad_needed(query, key, value) else _heads_first_key(
+        "dense", query, key, value, softmax_scale, causal, window_size, softcap)
     if plan_key is not None:
         plan = _heads_first_plans.get(plan_key)
-        if plan and not _grad_needed(query, key, value) and launch._no_launch_hooks():
+        if plan and launch._no_launch_hooks():
             return plan.run((query, key, value))[0]
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = flash_attn_func(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                           window_size=window_size, softcap=softcap)
-    if plan_key is not None and not _grad_needed(q, k, v):
+    if plan_key is not None:
         _adopt_heads_first(plan_key, _plans.get(_replay_key(q, k, v, 0.0, softmax_scale, causal, window_size, softcap,
                                                             None, False)), 3)
     return out
