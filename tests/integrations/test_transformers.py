@@ -292,22 +292,70 @@ def test_compiled_model_forward_has_no_graph_breaks(device):
         torch.testing.assert_close(compiled(ids, use_cache=False).logits, ours(ids, use_cache=False).logits)
 
 
-def test_compiled_forward_with_a_padding_mask_matches_eager(device):
-    # A compiled prefill of a padded batch packs it (a graph break at the mask, not fullgraph).
-    eager, ours = model_pair(family_configs()["mistral"], device)
-    ids = torch.randint(1, 97, (2, 14), generator=torch.Generator().manual_seed(10)).to(device)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_compiled_forward_with_a_padding_mask_has_no_graph_breaks(monkeypatch, family, device):
+    # A padded prefill packs the batch inside one opaque op (fullgraph: a graph break would
+    # raise). Mistral: its sliding window (8) is shorter than the 20 tokens.
+    from modelaccel.integrations import transformers as integration
+
+    launches = testing.count_calls(monkeypatch, integration, "flash_attn_forward")
+    eager, ours = model_pair(family_configs()[family], device)
+    ids = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(10)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0  # left padding
     torch._dynamo.reset()
-    compiled = torch.compile(ours, backend="aot_eager")
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         got = compiled(ids, attention_mask=mask, use_cache=False).logits
-        kernels = ours(ids, attention_mask=mask, use_cache=False).logits  # the varlen kernel's path
+        assert len(launches) == 2  # the op's forward kernel, once a layer
+        kernels = ours(ids, attention_mask=mask, use_cache=False).logits  # the varlen kernel's path, uncompiled
         ref = eager(ids, attention_mask=mask, use_cache=False).logits
     real = mask.bool()
-    for logits in (got, kernels):
-        assert ((logits[real] - ref[real]).norm() / ref[real].norm()).item() < 2e-2
-    assert ((got[real] - kernels[real]).norm() / kernels[real].norm()).item() < 2e-2
+    assert ((kernels[real] - ref[real]).norm() / ref[real].norm()).item() < 2e-2
+    torch.testing.assert_close(got[real], kernels[real], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_training_step_with_padding_matches_eager(monkeypatch, device):
+    from modelaccel.integrations import transformers as integration
+
+    backward_launches = testing.count_calls(monkeypatch, integration, "flash_attn_backward")
+    eager, ours = model_pair(family_configs()["llama"], device)
+    eager.train()
+    ours.train()
+    ids = torch.randint(1, 97, (2, 20), generator=torch.Generator().manual_seed(12)).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, -6:] = 0  # right padding, as training batches are padded; pads carry no label
+    labels = ids.masked_fill(mask == 0, -100)
+    torch._dynamo.reset()
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    compiled(ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+    eager(ids, attention_mask=mask, labels=labels, use_cache=False).loss.backward()
+    assert len(backward_launches) == 2
+    for (name, p_ref), p_got in zip(eager.named_parameters(), ours.parameters()):
+        rel = ((p_got.grad - p_ref.grad).norm() / p_ref.grad.norm().clamp_min(1e-12)).item()
+        assert rel < 5e-2, (name, rel)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (3, 3)])
+@pytest.mark.parametrize("static_slots", [0, 4])
+def test_spelled_out_padding_mask_is_the_packed_attention(window, static_slots, device):
+    # The compiled path's fallback (dropout in training, or no kernels) must attend exactly
+    # as the packed kernels do: each sequence's real tokens, aligned bottom-right.
+    from modelaccel.integrations import transformers as integration
+
+    q, k, v = testing.random_qkv(3, 7, 12 + static_slots, 4, 2, 16, torch.bfloat16, device, seed=13)
+    k_mask = torch.ones(3, 12 + static_slots, dtype=torch.bool, device=device)
+    k_mask[0, :4] = False  # left padding
+    k_mask[1, 9:] = False  # right padding
+    if static_slots:
+        k_mask[:, 12:] = False  # unfilled static-cache slots past the mask
+    q_mask = k_mask[:, 5:12]
+    options = dict(softmax_scale=0.25, causal=True, window_size=window, softcap=0.0)
+    packed = integration._attention_over_padding(q, k, v, q_mask, k_mask, **options)
+    keep = integration._padding_to_4d(q_mask, k_mask, options)
+    spelled = integration._explicit_mask_attention(q, k, v, keep, 0.25, None, 0.0, False)
+    torch.testing.assert_close(spelled.float(), packed.float(), rtol=2e-2, atol=2e-2)
+    assert spelled[~q_mask].abs().max().item() == 0 and packed[~q_mask].abs().max().item() == 0
 
 
 def test_compiled_static_cache_generation_of_a_padded_batch_matches_eager(device):

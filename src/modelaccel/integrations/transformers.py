@@ -6,8 +6,9 @@
 Registers an attention function with Transformers' AttentionInterface, and a mask function
 with its AttentionMaskInterface, so models hand us no mask (no padding: the causal/window
 structure goes to the kernel as flags), the 2D padding mask, which we turn into a packed
-batch for flash_attn_varlen_func, or, for decoding steps over a static cache or under
-torch.compile, SDPA's 4D mask of a fixed shape, which a few queries' plain attention takes.
+batch for flash_attn_varlen_func (under torch.compile inside one custom op, so the graph
+does not break there), or, for decoding steps over a static cache or under torch.compile,
+SDPA's 4D mask of a fixed shape, which a few queries' plain attention takes.
 Any other 4D mask (a custom one) takes the plain PyTorch path with a one-time warning:
 slower, never wrong.
 
@@ -19,7 +20,9 @@ import weakref
 
 import torch
 
-from ..attention.interface import (flash_attn_heads_first, flash_attn_varlen_func,
+from ..attention.flash_bwd import flash_attn_backward
+from ..attention.flash_fwd import flash_attn_forward
+from ..attention.interface import (_use_triton, flash_attn_heads_first, flash_attn_varlen_func,
                                    flash_attn_with_kvcache_heads_first)
 from ..attention.padding import pad_input, unpad_input
 
@@ -129,12 +132,114 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         q_mask = mask[:, -seqlen_q:]  # the queries are the last tokens the mask covers
         if mask_len < seqlen_k:  # static cache: slots past the mask are not filled yet
             mask = torch.cat([mask, mask.new_zeros(batch, seqlen_k - mask_len)], dim=1)
-        q_packed, q_index, cu_q, max_q, _ = unpad_input(q, q_mask)
-        k_packed, _, cu_k, max_k, _ = unpad_input(k, mask)
-        v_packed = unpad_input(v, mask)[0]
-        out_packed = flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, max_q, max_k, **options)
-        out = pad_input(out_packed, q_index, batch, seqlen_q)
+        if not torch.compiler.is_compiling():
+            out = _attention_over_padding(q, k, v, q_mask, mask, **options)
+        elif (options["dropout_p"] and module.training) or not _use_triton(q):
+            # The ops run no dropout (its seed would have to reach the backward) and need the
+            # kernels (a GPU or the interpreter): else the same attention, spelled out.
+            keep = _padding_to_4d(q_mask, mask, options)
+            out = _explicit_mask_attention(q, k, v, keep, options["softmax_scale"] or query.shape[-1] ** -0.5, softcap,
+                                           options["dropout_p"], module.training)
+        else:
+            scale = options["softmax_scale"] or query.shape[-1] ** -0.5
+            out = _attention_over_padding_op(q, k, v, q_mask, mask, float(scale), options["causal"],
+                                             *options["window_size"], options["softcap"])[0]
     return (out if out.dtype == in_dtype else out.to(in_dtype)), None
+
+
+def _attention_over_padding(q, k, v, q_mask, k_mask, dropout_p=0.0, softmax_scale=None, causal=True,
+                            window_size=(-1, -1), softcap=0.0):
+    """A padded batch's attention through flash_attn_varlen_func: q [b, sq, h, d], k/v [b, sk,
+    hk, d], q_mask bool [b, sq] and k_mask bool [b, sk] (True = real token) -> [b, sq, h, d],
+    zeros at padded queries."""
+    batch, seqlen_q = q.shape[:2]
+    (q_p, k_p, v_p), q_index, _, packing = _packed(q, k, v, q_mask, k_mask)
+    out_p = flash_attn_varlen_func(q_p, k_p, v_p, **packing, dropout_p=dropout_p, softmax_scale=softmax_scale,
+                                   causal=causal, window_size=window_size, softcap=softcap)
+    return pad_input(out_p, q_index, batch, seqlen_q)
+
+
+def _padding_to_4d(q_mask, k_mask, options):
+    """The bool [b, 1, sq, sk] mask of _attention_over_padding: each real query sees the real
+    keys under the causal and window structure, aligned bottom-right within its sequence as
+    the varlen kernels align it (query i of n real ones against m real keys sits at key
+    m - n + i); padded queries see nothing (their output is 0)."""
+    q_pos = q_mask.cumsum(1) - 1 + (k_mask.sum(1, keepdim=True) - q_mask.sum(1, keepdim=True))  # [b, sq]
+    k_pos = k_mask.cumsum(1) - 1  # [b, sk]: each real key's index among the real ones
+    rows, cols = q_pos[:, None, :, None], k_pos[:, None, None, :]
+    allowed = q_mask[:, None, :, None] & k_mask[:, None, None, :]
+    left, right = options["window_size"]
+    if options["causal"]:
+        right = 0
+    if right >= 0:
+        allowed = allowed & (cols <= rows + right)
+    if left >= 0:
+        allowed = allowed & (cols >= rows - left)
+    return allowed
+
+
+# Under torch.compile the packing (its sizes depend on the mask's values) runs inside opaque
+# ops, so the graph does not break at the attention call: out has q's shape, and the
+# log-sum-exp the backward needs is kept padded, [b, sq, h].
+@torch.library.custom_op("modelaccel::attention_over_padding", mutates_args=())
+def _attention_over_padding_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mask: torch.Tensor,
+                               k_mask: torch.Tensor, softmax_scale: float, causal: bool, window_left: int,
+                               window_right: int, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen_q = q.shape[:2]
+    (q_p, k_p, v_p), q_index, _, packing = _packed(q, k, v, q_mask, k_mask)
+    out_p, lse_p = flash_attn_forward(q_p, k_p, v_p, softmax_scale, causal, (window_left, window_right), softcap,
+                                      **packing)
+    return pad_input(out_p, q_index, batch, seqlen_q), pad_input(lse_p.t(), q_index, batch, seqlen_q)
+
+
+@_attention_over_padding_op.register_fake
+def _(q, k, v, q_mask, k_mask, softmax_scale, causal, window_left, window_right, softcap):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("modelaccel::attention_over_padding_bwd", mutates_args=())
+def _attention_over_padding_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   out: torch.Tensor, lse: torch.Tensor, q_mask: torch.Tensor, k_mask: torch.Tensor,
+                                   softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                                   softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    (q_p, k_p, v_p), q_index, k_index, packing = _packed(q, k, v, q_mask, k_mask)
+    dout_p, out_p, lse_p = (t.reshape(batch * seqlen_q, *t.shape[2:]).index_select(0, q_index)
+                            for t in (dout, out, lse))
+    dq, dk, dv = flash_attn_backward(dout_p, q_p, k_p, v_p, out_p, lse_p.t().contiguous(), softmax_scale, causal,
+                                     (window_left, window_right), softcap, **packing)
+    return (pad_input(dq, q_index, batch, seqlen_q), pad_input(dk, k_index, batch, seqlen_k),
+            pad_input(dv, k_index, batch, seqlen_k))
+
+
+@_attention_over_padding_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, q_mask, k_mask, softmax_scale, causal, window_left, window_right, softcap):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _packed(q, k, v, q_mask, k_mask):
+    """The packed q, k, v of a padded batch, the real tokens' flat indices and the kernels'
+    cu_seqlens / max_seqlen arguments."""
+    q_p, q_index, cu_q, max_q, _ = unpad_input(q, q_mask)
+    k_p, k_index, cu_k, max_k, _ = unpad_input(k, k_mask)
+    v_p = unpad_input(v, k_mask)[0]
+    packing = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
+    return (q_p, k_p, v_p), q_index, k_index, packing
+
+
+def _attention_over_padding_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:3], *output, *inputs[3:5])
+    ctx.options = inputs[5:]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _attention_over_padding_backward(ctx, dout, dlse):
+    grads = _attention_over_padding_bwd_op(dout.contiguous(), *ctx.saved_tensors, *ctx.options)
+    return (*grads, *([None] * 7))
+
+
+_attention_over_padding_op.register_autograd(_attention_over_padding_backward,
+                                             setup_context=_attention_over_padding_setup_context)
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -170,6 +275,10 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
         if static:  # SDPA's None means its is_causal, aligned top-left; our kernels align bottom-right
             kwargs["allow_is_causal_skip"] = False
         return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
+    if compiling and attention_mask is not None and not static:
+        # Flash-attn's preparation asks whether anything is padded, a branch on the mask's
+        # values that breaks a compiled graph; an unpadded batch packs to itself.
+        return attention_mask[:, -kv_length:].bool()
     mask = ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_2"](*args, **kwargs)
     if static:
         filled = int(q_offset) + q_length - int(kv_offset)
