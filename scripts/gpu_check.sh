@@ -18,7 +18,8 @@
 # and training rows per provider), clocks (benchmarks/clock_probe.py on CLOCK_ROWS: the same
 # rows' forward/backward ms, kernel classes, SM clock and power per provider), host_call
 # (benchmarks/host_attention_call.py: host time of one attention call and of a 1-layer
-# forward, ours against SDPA's), paged_probe
+# forward, ours against SDPA's), integrations_on_cuda (all of tests/integrations, the CPU
+# suite's tests included, on the GPU: generate there compiles static-cache steps), paged_probe
 # (benchmarks/decode_paged_probe.py: paged against contiguous decoding, pages in order and scattered) and dq_tma (the GPU tests of the
 # Gluon backward's dQ-by-TMA-reduce launches (DQ_TMA_TESTS: their pytest -k), then those
 # launches against their atomic twins in benchmarks/gluon_bwd.py, untuned) and dealt_probe
@@ -82,6 +83,8 @@ for part in $parts; do
                    "$out/gluon_bwd_dealt_probe.json" gluon_s2q64pG8K1S,gluon_s2q64pG8K1ST,gluon_s2q64G8K1T --rounds=5 \
                    --rows=16x16x16x1024,2x48x48x1024,8x16x16x2048 ;;
     paged_probe) run paged_probe python3 benchmarks/decode_paged_probe.py "$out/decode_paged_probe.json" ;;
+    integrations_on_cuda) run integrations_on_cuda env MODELACCEL_TUNING=${MODELACCEL_TUNING:-off} python3 -m pytest -q \
+                            -p no:cacheprovider -rfE --durations=15 --junitxml="$out/integrations_on_cuda.xml" tests/integrations ;;
     host_call) run host_call python3 benchmarks/host_attention_call.py "$out/host_attention_call.json" ;;
     gaps) run prefill_gaps python3 benchmarks/prefill_gaps.py "$out/prefill_gaps.json" ${GAPS_ROWS:-} ;;
     clocks) run clocks python3 benchmarks/clock_probe.py "$out/clock_probe.json" ${CLOCK_ROWS:-} ;;
